@@ -1,0 +1,149 @@
+"""The ``twostage`` command line.
+
+    twostage run CONFIG [--set a.b=v ...] [--store URI] [--json]
+    twostage ls [STAGE] [--store URI]
+    twostage show KEY [--store URI]
+    twostage verify KEY... | --all [--store URI]
+
+Exit status: 0 success, 1 a stage failed or an artifact is corrupt, 2 a bad config or argument.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from pipeline.config import ConfigError
+from pipeline.store import Store, StoreError
+
+DEFAULT_STORE = "artifacts"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"twostage: config error: {e}", file=sys.stderr)
+        return 2
+    except StoreError as e:
+        print(f"twostage: {e}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="twostage", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a pipeline file (finished stages are reused)")
+    run.add_argument("config", help="pipeline YAML file")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value, e.g. steps.data.image_size=32 (repeatable)")
+    run.add_argument("--store", help="artifact store path or URI (overrides the file's store)")
+    run.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
+    run.set_defaults(func=_cmd_run)
+
+    store_help = f"artifact store path or URI (default: $TWOSTAGE_STORE or {DEFAULT_STORE})"
+    ls = sub.add_parser("ls", help="list committed artifacts")
+    ls.add_argument("stage", nargs="?", help="only this stage type")
+    ls.add_argument("--store", help=store_help)
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=_cmd_ls)
+
+    show = sub.add_parser("show", help="print an artifact's manifest")
+    show.add_argument("key", help="key or unique key prefix (stage/key also accepted)")
+    show.add_argument("--store", help=store_help)
+    show.set_defaults(func=_cmd_show)
+
+    verify = sub.add_parser("verify", help="check every file of artifacts against their manifests")
+    verify.add_argument("keys", nargs="*", help="keys or unique key prefixes")
+    verify.add_argument("--all", action="store_true", help="verify every artifact in the store")
+    verify.add_argument("--store", help=store_help)
+    verify.set_defaults(func=_cmd_verify)
+    return parser
+
+
+def _store(args) -> Store:
+    return Store(args.store or os.environ.get("TWOSTAGE_STORE") or DEFAULT_STORE)
+
+
+def _cmd_run(args) -> int:
+    from pipeline.runner import run_pipeline
+    from pipeline.spec import load_pipeline
+
+    pipeline = load_pipeline(args.config, args.overrides, args.store)
+    result = run_pipeline(pipeline)
+    if args.json:
+        print(json.dumps(result.summary(), indent=2))
+    else:
+        print(f"run {result.run_id}: {'ok' if result.ok else 'FAILED'} in {result.seconds:.1f}s")
+        for s in result.steps:
+            line = f"  {s.name:<16} {s.stage:<18} {s.status:<8} {s.key[:12]}  {s.seconds:7.1f}s"
+            print(line + (f"  {s.error}" if s.error else ""))
+        print(f"run directory: {result.run_dir}")
+    return 0 if result.ok else 1
+
+
+def _size(artifact) -> int:
+    return sum(f["size"] for f in artifact.files.values())
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _cmd_ls(args) -> int:
+    artifacts = _store(args).list(args.stage)
+    if args.json:
+        rows = [{"stage": a.stage, "key": a.key, "created": a.manifest.get("created"),
+                 "bytes": _size(a), "inputs": a.manifest.get("inputs", {})} for a in artifacts]
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not artifacts:
+        print("no artifacts")
+        return 0
+    print(f"{'STAGE':<18} {'KEY':<12}  {'CREATED':<20} {'SIZE':>9}  INPUTS")
+    for a in artifacts:
+        inputs = ", ".join(
+            f"{slot}={','.join(k[:12] for k in (ref if isinstance(ref, list) else [ref]))}"
+            for slot, ref in sorted(a.manifest.get("inputs", {}).items())
+        )
+        print(f"{a.stage:<18} {a.key[:12]}  {a.manifest.get('created', ''):<20} "
+              f"{_human(_size(a)):>9}  {inputs or '-'}")
+    return 0
+
+
+def _cmd_show(args) -> int:
+    artifact = _store(args).find(args.key)
+    print(json.dumps({"uri": artifact.uri, **artifact.manifest}, indent=2))
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    store = _store(args)
+    if args.all == bool(args.keys):
+        print("twostage verify: give KEY... or --all", file=sys.stderr)
+        return 2
+    artifacts = store.list() if args.all else [store.find(k) for k in args.keys]
+    bad = 0
+    for artifact in artifacts:
+        problems = artifact.verify()
+        name = f"{artifact.stage}/{artifact.key[:12]}"
+        if problems:
+            bad += 1
+            for p in problems:
+                print(f"CORRUPT {name}: {p}")
+        else:
+            print(f"ok      {name}: {len(artifact.files)} files, {_human(_size(artifact))}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

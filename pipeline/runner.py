@@ -1,0 +1,302 @@
+"""Runs a validated pipeline: cached steps are reused, the rest run as Ray tasks.
+
+The runner is a thin layer on Ray Core (Ray Workflows is gone in Ray 2.60): every step whose
+artifact is not committed yet becomes one Ray task with the resources the step asks for and
+``max_retries`` for system failures (a killed worker, a lost node). Application errors are not
+retried; they fail the step with its message, and the steps that depend on it are not run.
+Independent steps run in parallel. When every step is cached Ray is not even started.
+
+Each run writes ``<runs_dir>/<run_id>/run.json`` (config, keys, versions, timings) and
+``metrics.json``, and copies the PNG files of the run's artifacts next to them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import secrets
+import shutil
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import to_dict
+from pipeline.spec import Pipeline, Step, input_keys
+from pipeline.store import Store
+
+__version__ = "0.1.0"
+HEARTBEAT_SECONDS = 30.0
+
+
+@dataclass
+class StepResult:
+    name: str
+    stage: str
+    status: str  # ran | cached | resumed | failed
+    key: str
+    uri: str
+    seconds: float = 0.0
+    error: str | None = None
+    node: str | None = None
+    metrics: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        out = {"name": self.name, "stage": self.stage, "status": self.status, "key": self.key,
+               "seconds": round(self.seconds, 3), "uri": self.uri}
+        if self.error:
+            out["error"] = self.error
+        if self.node:
+            out["node"] = self.node
+        return out
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    run_dir: Path
+    steps: list[StepResult]
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return all(s.status != "failed" for s in self.steps)
+
+    def summary(self) -> dict:
+        return {"run_id": self.run_id, "run_dir": str(self.run_dir),
+                "status": "ok" if self.ok else "failed", "seconds": round(self.seconds, 3),
+                "stages": [s.summary() for s in self.steps]}
+
+
+def _say(message: str) -> None:
+    print(f"[twostage] {message}", file=sys.stderr, flush=True)
+
+
+def run_pipeline(pipeline: Pipeline) -> RunResult:
+    """Runs every step of `pipeline` that is not cached; returns the per-step results."""
+    start = time.time()
+    store = Store(pipeline.store)
+    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{pipeline.name}-{secrets.token_hex(3)}"
+    run_dir = Path(pipeline.runs_dir).expanduser().resolve() / run_id
+    results: dict[str, StepResult] = {}
+    todo = []
+    for name, step in pipeline.steps.items():
+        if store.get(step.stage, step.key) is not None:
+            results[name] = StepResult(name, step.stage, "cached", step.key,
+                                       store.uri_of(step.stage, step.key))
+            _say(f"{name} ({step.stage}) cached {step.key[:12]}")
+        else:
+            todo.append(name)
+    if todo:
+        results.update(_run_on_ray(pipeline, store, todo, results))
+    ordered = [results[name] for name in pipeline.steps]
+    result = RunResult(run_id, run_dir, ordered, time.time() - start)
+    _write_run_dir(pipeline, store, result)
+    return result
+
+
+def _run_on_ray(pipeline: Pipeline, store: Store, todo: list[str], done: dict) -> dict:
+    import ray
+
+    started_here = False
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
+        if pipeline.ray.address:
+            kwargs["address"] = pipeline.ray.address
+        elif pipeline.ray.num_cpus and not os.environ.get("RAY_ADDRESS"):
+            kwargs["num_cpus"] = pipeline.ray.num_cpus
+        ray.init(**kwargs)
+        started_here = True
+    try:
+        return _schedule(ray, pipeline, store, todo, done)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _schedule(ray, pipeline: Pipeline, store: Store, todo: list[str], done: dict) -> dict:
+    execute = ray.remote(_execute_step)
+    results: dict[str, StepResult] = {}
+    pending = list(todo)
+    inflight: dict[Any, tuple[str, float]] = {}
+    by_key: dict[str, str] = {}  # two steps with one key run once
+    cwd = os.getcwd()
+
+    def finished(name: str) -> StepResult | None:
+        return results.get(name) or done.get(name)
+
+    while pending or inflight:
+        for name in list(pending):
+            step = pipeline.steps[name]
+            deps = [finished(d) for d in step.deps()]
+            failed = [d for d, r in zip(step.deps(), deps, strict=True) if r is not None and r.status == "failed"]
+            if failed:
+                pending.remove(name)
+                results[name] = StepResult(name, step.stage, "failed", step.key,
+                                           store.uri_of(step.stage, step.key),
+                                           error=f"not run: input step {failed[0]!r} failed")
+                _say(f"{name} ({step.stage}) skipped: input {failed[0]} failed")
+                continue
+            if any(r is None for r in deps) or step.key in by_key:
+                continue
+            pending.remove(name)
+            by_key[step.key] = name
+            options = _task_options(step)
+            ref = execute.options(**options).remote(
+                name, step.stage, to_dict(step.config), input_keys(step, pipeline),
+                store.spec, step.key, cwd,
+            )
+            inflight[ref] = (name, time.time())
+            _say(f"{name} ({step.stage}) started {step.key[:12]}")
+        if not inflight:
+            continue
+        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=HEARTBEAT_SECONDS)
+        if not ready:
+            running = ", ".join(f"{n} {time.time() - t0:.0f}s" for n, t0 in inflight.values())
+            _say(f"running: {running}")
+            continue
+        ref = ready[0]
+        name, t0 = inflight.pop(ref)
+        step = pipeline.steps[name]
+        uri = store.uri_of(step.stage, step.key)
+        try:
+            outcome = ray.get(ref)
+        except Exception as e:  # worker died more often than max_retries, node lost, ...
+            outcome = {"status": "failed", "error": f"{type(e).__name__}: {_first_line(e)}"}
+        result = StepResult(name, step.stage, outcome["status"], step.key, uri,
+                            seconds=outcome.get("seconds", time.time() - t0),
+                            error=outcome.get("error"), node=outcome.get("node"),
+                            metrics=outcome.get("metrics", {}))
+        results[name] = result
+        del by_key[step.key]
+        for other in list(pending):
+            if pipeline.steps[other].key == step.key and result.status != "failed":
+                pending.remove(other)
+                results[other] = StepResult(other, step.stage, "cached", step.key, uri)
+        if result.status == "failed":
+            _say(f"{name} ({step.stage}) FAILED: {result.error}")
+        else:
+            _say(f"{name} ({step.stage}) {result.status} in {result.seconds:.1f}s")
+    return results
+
+
+def _task_options(step: Step) -> dict:
+    res = step.resources
+    options = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus,
+               "max_retries": step.max_retries, "retry_exceptions": False,
+               "name": f"twostage:{step.name}"}
+    if res.memory_gb:
+        options["memory"] = int(res.memory_gb * 2**30)
+    if res.custom:
+        options["resources"] = dict(res.custom)
+    return options
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[-1] if text else repr(e)
+
+
+def _execute_step(name: str, stage: str, config: dict, inputs: dict, store_uri: str, key: str,
+                  cwd: str) -> dict:
+    """Runs one step inside a Ray worker: open inputs, run the stage, commit its output."""
+    import stages
+    from pipeline.config import from_dict
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
+    if os.path.isdir(cwd):
+        os.chdir(cwd)  # relative data paths mean the same as on the driver (same machine)
+    node = _node_id()
+    start = time.time()
+    try:
+        store = Store(store_uri)
+        if store.get(stage, key) is not None:  # another run committed it meanwhile
+            return {"status": "cached", "seconds": time.time() - start, "node": node}
+        module = stages.load(stage)
+        typed = from_dict(module.Config, config, f"steps.{name}")
+        opened = {
+            slot: [store.open(*ref) for ref in refs] if isinstance(refs, list) else store.open(*refs)
+            for slot, refs in inputs.items()
+        }
+        with store.staging(stage, key) as out:
+            metrics = module.run(typed, opened, out) or {}
+            seconds = time.time() - start
+            status = "resumed" if metrics.get("resumed_from_step") else "ran"
+            manifest = {
+                "config": config,
+                "inputs": {slot: ([r[1] for r in refs] if isinstance(refs, list) else refs[1])
+                           for slot, refs in inputs.items()},
+                "metrics": metrics,
+                "seconds": round(seconds, 3),
+                "versions": _versions(module),
+                "host": socket.gethostname(),
+                "node": node,
+            }
+            store.commit(stage, key, out, manifest)
+        return {"status": status, "seconds": seconds, "node": node, "metrics": metrics}
+    except Exception as e:
+        logging.getLogger("twostage").error("%s (%s) failed:\n%s", name, stage,
+                                            traceback.format_exc())
+        return {"status": "failed", "error": f"{type(e).__name__}: {e}",
+                "seconds": time.time() - start, "node": node}
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return None
+
+
+def _versions(module=None) -> dict:
+    versions = {"twostage": __version__, "python": platform.python_version()}
+    if module is not None:
+        versions["stage"] = module.VERSION
+    for name in ("ray", "torch", "pyarrow", "transformers"):
+        mod = sys.modules.get(name)
+        if mod is not None:
+            versions[name] = getattr(mod, "__version__", "?")
+    return versions
+
+
+def _write_run_dir(pipeline: Pipeline, store: Store, result: RunResult) -> None:
+    run_dir = result.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics, copied = {}, set()
+    for step_result in result.steps:
+        if step_result.status == "failed":
+            continue
+        artifact = store.get(step_result.stage, step_result.key)
+        if artifact is None:
+            continue
+        metrics[step_result.name] = artifact.metrics
+        for name in sorted(artifact.files):
+            if not name.endswith(".png") or "/" in name:
+                continue
+            target = name if name not in copied else f"{step_result.name}_{name}"
+            copied.add(name)
+            shutil.copyfile(artifact.local_path(name), run_dir / target)
+    record = {
+        "run_id": result.run_id,
+        "pipeline": pipeline.name,
+        "store": store.uri,
+        "status": "ok" if result.ok else "failed",
+        "seconds": round(result.seconds, 3),
+        "config": pipeline.raw,
+        "steps": {
+            s.name: {**s.summary(), "config": to_dict(pipeline.steps[s.name].config),
+                     "inputs": pipeline.steps[s.name].inputs}
+            for s in result.steps
+        },
+        "versions": _versions(),
+        "host": socket.gethostname(),
+    }
+    (run_dir / "run.json").write_text(json.dumps(record, indent=2, default=str))
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))

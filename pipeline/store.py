@@ -1,0 +1,381 @@
+"""Content-addressed artifact store on a local path or any pyarrow filesystem URI (e.g. S3).
+
+Layout: ``<store>/<stage>/<key>/`` holds one committed artifact: its files and ``_MANIFEST.json``.
+The manifest lists every file with its size and sha256, plus the stage config, input keys,
+versions and metrics. An artifact exists only once its manifest does.
+
+Commit protocol:
+- local paths: the stage writes into ``<store>/.staging/<unique>/``, the manifest is written
+  last, then the whole directory is renamed to ``<stage>/<key>`` in one atomic step. If another
+  writer got there first the rename fails and the late copy is discarded: racing runs never
+  leave a mixed artifact.
+- object stores (no atomic rename): the files are uploaded under a fresh attempt prefix
+  ``<stage>/<key>/<attempt>/`` and the manifest, naming that prefix as ``data_dir``, is put
+  last. A manifest only ever points at one complete attempt, so racing writers cannot mix
+  files either; the loser's attempt prefix is left behind as garbage.
+
+Readers verify size and sha256 of every file they read and raise `CorruptArtifactError` naming
+the file on any mismatch.
+
+Keys are sha256 over the canonical JSON of (stage type, stage version, stage config, input keys).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+MANIFEST = "_MANIFEST.json"
+MANIFEST_FORMAT = 1
+_CHUNK = 4 << 20
+
+
+class StoreError(RuntimeError):
+    """The store cannot be opened or an artifact is missing."""
+
+
+class CorruptArtifactError(StoreError):
+    """A stored file does not match its manifest (size or checksum) or the manifest is unreadable."""
+
+
+def artifact_key(stage: str, version: str, config: dict, inputs: dict[str, Any]) -> str:
+    """The content address of a stage output.
+
+    Args:
+        stage: Stage type name (e.g. ``ingest``).
+        version: The stage implementation's version string; bump it when outputs change.
+        config: The stage's full config as plain data (defaults filled in).
+        inputs: Input slot -> artifact key (or list of keys).
+
+    Returns:
+        64 hex digits.
+    """
+    payload = {"stage": stage, "version": version, "config": config, "inputs": inputs}
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _is_local(uri: str) -> bool:
+    scheme = urlparse(uri).scheme
+    return scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt")
+
+
+@dataclass
+class Artifact:
+    """A committed artifact: its manifest and verified access to its files."""
+
+    store: Store
+    stage: str
+    key: str
+    manifest: dict
+
+    @property
+    def uri(self) -> str:
+        return self.store.uri_of(self.stage, self.key)
+
+    @property
+    def files(self) -> dict[str, dict]:
+        return self.manifest["files"]
+
+    @property
+    def metrics(self) -> dict:
+        return self.manifest.get("metrics", {})
+
+    @property
+    def config(self) -> dict:
+        return self.manifest.get("config", {})
+
+    def _fs_path(self, name: str) -> str:
+        data_dir = self.manifest.get("data_dir", "")
+        return "/".join(p for p in (self.store.dir_of(self.stage, self.key), data_dir, name) if p)
+
+    def _entry(self, name: str) -> dict:
+        if name not in self.files:
+            raise StoreError(
+                f"{self.stage}/{self.key[:12]}: no file {name!r} in artifact "
+                f"(has: {', '.join(sorted(self.files)) or 'nothing'})"
+            )
+        return self.files[name]
+
+    def read_bytes(self, name: str) -> bytes:
+        """Reads one file, verifying its size and sha256 against the manifest."""
+        entry = self._entry(name)
+        path = self._fs_path(name)
+        try:
+            with self.store.fs.open_input_stream(path) as f:
+                data = f.read()
+        except (FileNotFoundError, OSError) as e:
+            raise CorruptArtifactError(f"{path}: listed in the manifest but unreadable ({e})") from e
+        _check(path, len(data), hashlib.sha256(data).hexdigest(), entry)
+        return data
+
+    def local_path(self, name: str) -> Path:
+        """A verified local path to one file (downloaded to a cache for remote stores)."""
+        entry = self._entry(name)
+        if self.store.local:
+            path = Path(self._fs_path(name))
+            if not path.is_file():
+                raise CorruptArtifactError(f"{path}: listed in the manifest but missing")
+            _check(str(path), path.stat().st_size, sha256_file(path), entry)
+            return path
+        cache = _cache_dir() / self.stage / self.key
+        target = cache / name
+        if target.is_file() and target.stat().st_size == entry["size"]:
+            if sha256_file(target) == entry["sha256"]:
+                return target
+        data = self.read_bytes(name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+        return target
+
+    def verify(self) -> list[str]:
+        """Checks every file; returns the list of problems (empty when intact)."""
+        problems = []
+        for name in sorted(self.files):
+            try:
+                if self.store.local:
+                    self.local_path(name)
+                else:
+                    self.read_bytes(name)
+            except StoreError as e:
+                problems.append(str(e))
+        return problems
+
+
+def _check(path: str, size: int, digest: str, entry: dict) -> None:
+    if size != entry["size"]:
+        raise CorruptArtifactError(
+            f"{path}: size {size} bytes does not match the manifest's {entry['size']} "
+            "(truncated or overwritten file)"
+        )
+    if digest != entry["sha256"]:
+        raise CorruptArtifactError(f"{path}: sha256 does not match the manifest (corrupted file)")
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("TWOSTAGE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "twostage"
+    )
+    return Path(root)
+
+
+class Store:
+    """An artifact store rooted at a local path or a pyarrow filesystem URI.
+
+    Args:
+        uri: A local path (relative paths resolve against the current directory) or a URI
+            pyarrow understands, e.g. ``s3://bucket/prefix`` (endpoint and credentials from the
+            usual AWS environment variables, or ``?endpoint_override=host:port&scheme=http``).
+    """
+
+    def __init__(self, uri: str):
+        import pyarrow.fs as pafs
+
+        self.local = _is_local(uri)
+        if self.local:
+            path = uri[len("file://") :] if uri.startswith("file://") else uri
+            self.root = str(Path(path).expanduser().resolve())
+            self.uri = self.spec = self.root
+            self.fs = pafs.LocalFileSystem()
+        else:
+            try:
+                self.fs, root = pafs.FileSystem.from_uri(uri)
+            except Exception as e:  # pyarrow raises several types here
+                raise StoreError(f"store {uri!r}: cannot open ({e})") from e
+            self.root = root.rstrip("/")
+            self.uri = uri.split("?", 1)[0].rstrip("/")
+            self.spec = uri  # with its query (endpoint, scheme), for workers to reopen
+
+    def dir_of(self, stage: str, key: str) -> str:
+        return f"{self.root}/{stage}/{key}"
+
+    def uri_of(self, stage: str, key: str) -> str:
+        return f"{self.uri}/{stage}/{key}"
+
+    # ----- reading -------------------------------------------------------------------------
+
+    def _read_manifest(self, stage: str, key: str) -> dict | None:
+        path = f"{self.dir_of(stage, key)}/{MANIFEST}"
+        try:
+            with self.fs.open_input_stream(path) as f:
+                raw = f.read()
+        except (FileNotFoundError, OSError):
+            return None
+        try:
+            manifest = json.loads(raw)
+            if manifest.get("format") != MANIFEST_FORMAT or "files" not in manifest:
+                raise ValueError("not a twostage manifest")
+        except ValueError as e:
+            raise CorruptArtifactError(f"{path}: unreadable manifest ({e})") from e
+        return manifest
+
+    def get(self, stage: str, key: str) -> Artifact | None:
+        """The committed artifact, or None if there is none."""
+        manifest = self._read_manifest(stage, key)
+        return None if manifest is None else Artifact(self, stage, key, manifest)
+
+    def open(self, stage: str, key: str) -> Artifact:
+        """The committed artifact; raises StoreError when it does not exist."""
+        artifact = self.get(stage, key)
+        if artifact is None:
+            raise StoreError(f"no committed artifact {stage}/{key} in {self.uri}")
+        return artifact
+
+    def list(self, stage: str | None = None) -> list[Artifact]:
+        """All committed artifacts, oldest first (optionally of one stage type)."""
+        stages = [stage] if stage else self._children(self.root)
+        found = []
+        for name in stages:
+            if name.startswith(".") or name.startswith("_"):
+                continue
+            for key in self._children(f"{self.root}/{name}"):
+                try:
+                    artifact = self.get(name, key)
+                except CorruptArtifactError:
+                    continue
+                if artifact is not None:
+                    found.append(artifact)
+        return sorted(found, key=lambda a: a.manifest.get("created", ""))
+
+    def find(self, key_prefix: str) -> Artifact:
+        """The one artifact whose key starts with `key_prefix` (accepts ``stage/key`` too)."""
+        stage = None
+        if "/" in key_prefix:
+            stage, key_prefix = key_prefix.rsplit("/", 1)
+        if len(key_prefix) < 4:
+            raise StoreError(f"key prefix {key_prefix!r} is too short (give at least 4 characters)")
+        matches = [a for a in self.list(stage) if a.key.startswith(key_prefix)]
+        if not matches:
+            raise StoreError(f"no artifact with key {key_prefix!r} in {self.uri}")
+        if len(matches) > 1:
+            names = ", ".join(f"{a.stage}/{a.key[:12]}" for a in matches[:5])
+            raise StoreError(f"key prefix {key_prefix!r} is ambiguous: {names}")
+        return matches[0]
+
+    def _children(self, path: str) -> list[str]:
+        import pyarrow.fs as pafs
+
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        except OSError:
+            return []
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+    # ----- writing -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def staging(self, stage: str, key: str):
+        """A fresh local directory for a stage to write its outputs into.
+
+        On a local store it lives under ``<store>/.staging`` so the commit is a rename on one
+        file system; for object stores it is a local temporary directory. Removed on exit
+        unless it was committed (renamed away).
+        """
+        if self.local:
+            base = Path(self.root) / ".staging"
+            base.mkdir(parents=True, exist_ok=True)
+            path = Path(tempfile.mkdtemp(prefix=f"{stage}-{key[:12]}-", dir=base))
+        else:
+            path = Path(tempfile.mkdtemp(prefix=f"twostage-{stage}-{key[:12]}-"))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def commit(self, stage: str, key: str, staged: Path, manifest: dict) -> tuple[Artifact, bool]:
+        """Commits the files in `staged` as artifact ``stage/key``.
+
+        Args:
+            stage: Stage type.
+            key: Artifact key.
+            staged: Local directory holding the output files (from `staging`).
+            manifest: Extra manifest fields (config, inputs, metrics, ...); files are added here.
+
+        Returns:
+            (artifact, won): `won` is False when another writer committed the key first, in
+            which case its artifact is returned and ours discarded.
+        """
+        files = {}
+        for path in sorted(p for p in staged.rglob("*") if p.is_file()):
+            rel = path.relative_to(staged).as_posix()
+            if rel == MANIFEST:
+                raise StoreError(f"stage output may not contain a file named {MANIFEST}")
+            files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+        full = {
+            "format": MANIFEST_FORMAT,
+            "stage": stage,
+            "key": key,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **manifest,
+            "files": files,
+        }
+        existing = self.get(stage, key)
+        if existing is not None:
+            return existing, False
+        if self.local:
+            return self._commit_local(stage, key, staged, full)
+        return self._commit_remote(stage, key, staged, full)
+
+    def _commit_local(self, stage, key, staged, manifest):
+        manifest["data_dir"] = ""
+        _write_json_atomic(staged / MANIFEST, manifest)
+        final = Path(self.dir_of(stage, key))
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(staged, final)
+        except OSError:
+            existing = self.get(stage, key)
+            if existing is None:
+                raise StoreError(
+                    f"{final} exists but holds no committed artifact; remove it and rerun"
+                ) from None
+            return existing, False
+        staged.mkdir()  # the staging context removes it again
+        return Artifact(self, stage, key, manifest), True
+
+    def _commit_remote(self, stage, key, staged, manifest):
+        attempt = f"attempt-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        manifest["data_dir"] = attempt
+        base = f"{self.dir_of(stage, key)}/{attempt}"
+        for rel in manifest["files"]:
+            with open(staged / rel, "rb") as src, self.fs.open_output_stream(f"{base}/{rel}") as dst:
+                shutil.copyfileobj(src, dst, _CHUNK)
+        existing = self.get(stage, key)
+        if existing is not None:
+            self.fs.delete_dir(base)
+            return existing, False
+        with self.fs.open_output_stream(f"{self.dir_of(stage, key)}/{MANIFEST}") as f:
+            f.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
+        return Artifact(self, stage, key, manifest), True
+
+    # ----- scratch space for resumable stages ----------------------------------------------
+
+    def scratch_uri(self, stage: str, key: str) -> str:
+        """Where a stage may keep resumable state (checkpoints) for one key."""
+        return f"{self.uri}/_scratch/{stage}/{key}"
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)

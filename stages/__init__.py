@@ -1,0 +1,69 @@
+"""Pipeline stages. A stage is a module with this shape (see `Stage`):
+
+- ``VERSION``: a string; bump it when the stage's outputs change for the same config;
+- ``Config``: a frozen dataclass holding every option with its default;
+- ``INPUTS``: input slot -> `Input` (which stage types it accepts, one or many artifacts);
+- ``run(config, inputs, out) -> dict``: reads its input artifacts, writes files into the local
+  directory ``out`` and returns JSON-able metrics. It knows nothing of Ray scheduling; the
+  pipeline places it on resources and commits ``out`` to the artifact store.
+- optionally ``fingerprint(config) -> str | None``: a cheap summary of external data the stage
+  reads (file sizes and times), folded into the artifact key so changed source files are not
+  served from cache.
+
+Built-in stages are named by type (``ingest``); a user's own stage by its module path
+(``mypackage.my_stage``), importable on every Ray node.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Protocol
+
+BUILTIN = {
+    "ingest": "stages.ingest",
+    "image_stats": "stages.image_stats",
+}
+
+
+@dataclass(frozen=True)
+class Input:
+    """An input slot of a stage.
+
+    Args:
+        kinds: Stage types whose artifacts the slot accepts (empty: any).
+        many: The slot takes a list of artifacts.
+        required: The pipeline must wire this slot.
+    """
+
+    kinds: tuple[str, ...] = ()
+    many: bool = False
+    required: bool = True
+
+
+class Stage(Protocol):
+    VERSION: str
+    INPUTS: dict[str, Input]
+    Config: type
+
+    def run(self, config: Any, inputs: dict[str, Any], out: Path) -> dict: ...
+
+
+def load(stage: str) -> ModuleType:
+    """Imports a stage module by built-in type name or module path.
+
+    Raises:
+        ImportError: with a message naming the stage.
+    """
+    module_name = BUILTIN.get(stage, stage)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        known = ", ".join(sorted(BUILTIN))
+        raise ImportError(f"unknown stage {stage!r} (built-in: {known}; or a module path)") from e
+    missing = [a for a in ("VERSION", "Config", "INPUTS", "run") if not hasattr(module, a)]
+    if missing:
+        raise ImportError(f"stage module {module_name!r} lacks {', '.join(missing)}")
+    return module

@@ -1,0 +1,152 @@
+"""The image table: the artifact format the ingest stage writes and image-reading stages read.
+
+Parquet files ``images-00000.parquet``, ... with one row per image:
+
+- ``id`` (int64): stable image id, unique within the table;
+- ``label`` (int16, nullable): class index, null when unlabelled;
+- ``split`` (string): ``train``, ``val`` or ``test``;
+- ``image`` (binary): raw uint8 pixels, row-major ``h w c``.
+
+The file metadata key ``twostage.image_table`` holds `ImageTableMeta` as JSON (height, width,
+channels, class names, schema version), so plain ``pyarrow.parquet.read_table`` can read and
+reshape the pixels without this project installed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 1
+META_KEY = b"twostage.image_table"
+SPLITS = ("train", "val", "test")
+
+ARROW_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.int64(), nullable=False),
+        pa.field("label", pa.int16(), nullable=True),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ImageTableMeta:
+    """Metadata stored in every image-table Parquet file."""
+
+    height: int
+    width: int
+    channels: int
+    class_names: list[str] = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> ImageTableMeta:
+        data = json.loads(raw)
+        return cls(**data)
+
+
+@dataclass
+class ImageTable:
+    """An image table in memory. ``images`` is uint8 ``n h w c``; ``labels`` uses -1 for none."""
+
+    meta: ImageTableMeta
+    ids: np.ndarray
+    labels: np.ndarray
+    splits: np.ndarray
+    images: np.ndarray
+
+    def split(self, name: str) -> ImageTable:
+        mask = self.splits == name
+        return ImageTable(self.meta, self.ids[mask], self.labels[mask], self.splits[mask],
+                          self.images[mask])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def write_image_table(
+    out: Path, table: ImageTable, rows_per_file: int = 50_000, prefix: str = "images"
+) -> list[str]:
+    """Writes `table` as Parquet files into directory `out`; returns the file names."""
+    meta = table.meta
+    n = len(table)
+    names = []
+    for part, start in enumerate(range(0, max(n, 1), rows_per_file)):
+        stop = min(start + rows_per_file, n)
+        labels = table.labels[start:stop]
+        pixels = np.ascontiguousarray(table.images[start:stop]).reshape(stop - start, -1)
+        arrow = pa.table(
+            {
+                "id": pa.array(table.ids[start:stop], pa.int64()),
+                "label": pa.array(labels, pa.int16(), mask=labels < 0),
+                "split": pa.array(table.splits[start:stop].tolist(), pa.string()),
+                "image": pa.array([row.tobytes() for row in pixels], pa.binary()),
+            },
+            schema=ARROW_SCHEMA.with_metadata({META_KEY: meta.to_json()}),
+        )
+        name = f"{prefix}-{part:05d}.parquet"
+        pq.write_table(arrow, out / name, compression="zstd", use_dictionary=["split", "label"])
+        names.append(name)
+    return names
+
+
+def read_image_table(artifact, splits: tuple[str, ...] | None = None) -> ImageTable:
+    """Reads an image-table artifact (verifying checksums) into memory.
+
+    Args:
+        artifact: A committed `pipeline.store.Artifact` written by the ingest stage.
+        splits: Keep only these splits (default: all).
+    """
+    parts = sorted(n for n in artifact.files if n.endswith(".parquet"))
+    if not parts:
+        raise ValueError(f"{artifact.uri}: holds no Parquet files; is it an image table?")
+    tables, meta = [], None
+    for name in parts:
+        table = pq.read_table(pa.BufferReader(artifact.read_bytes(name)))
+        raw = (table.schema.metadata or {}).get(META_KEY)
+        if raw is None:
+            raise ValueError(f"{artifact.uri}/{name}: no {META_KEY.decode()} metadata")
+        meta = ImageTableMeta.from_json(raw)
+        if meta.schema_version != SCHEMA_VERSION:
+            raise ValueError(
+                f"{artifact.uri}/{name}: image table schema version {meta.schema_version}, "
+                f"this twostage reads {SCHEMA_VERSION}"
+            )
+        if splits is not None:
+            table = table.filter(pc.is_in(table["split"], pa.array(list(splits))))
+        tables.append(table)
+    return table_from_arrow(pa.concat_tables(tables), meta)
+
+
+def table_from_arrow(table: pa.Table, meta: ImageTableMeta) -> ImageTable:
+    """Converts an Arrow image table to numpy arrays."""
+    n = table.num_rows
+    shape = (n, meta.height, meta.width, meta.channels)
+    image_col = table["image"].combine_chunks()
+    buffer = image_col.buffers()[2]
+    offset = image_col.offset
+    pixels = meta.height * meta.width * meta.channels
+    flat = np.frombuffer(buffer, np.uint8)
+    offsets = np.frombuffer(image_col.buffers()[1], np.int32)[offset : offset + n + 1]
+    if n and not np.all(np.diff(offsets) == pixels):
+        raise ValueError(f"image column holds rows of the wrong size (expected {pixels} bytes)")
+    images = flat[offsets[0] : offsets[0] + n * pixels].reshape(shape) if n else np.zeros(shape, np.uint8)
+    labels = pc.fill_null(table["label"], -1).to_numpy().astype(np.int64)
+    return ImageTable(
+        meta=meta,
+        ids=table["id"].to_numpy().astype(np.int64),
+        labels=labels,
+        splits=np.asarray(table["split"].to_pylist(), dtype=object),
+        images=images,
+    )
