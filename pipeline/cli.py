@@ -40,8 +40,14 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a pipeline file (finished stages are reused)")
     run.add_argument("config", help="pipeline YAML file")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config value, e.g. steps.data.image_size=32 (repeatable)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. steps.data.image_size=32 (repeatable)",
+    )
     run.add_argument("--store", help="artifact store path or URI (overrides the file's store)")
     run.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
     run.set_defaults(func=_cmd_run)
@@ -102,8 +108,16 @@ def _human(n: float) -> str:
 def _cmd_ls(args) -> int:
     artifacts = _store(args).list(args.stage)
     if args.json:
-        rows = [{"stage": a.stage, "key": a.key, "created": a.manifest.get("created"),
-                 "bytes": _size(a), "inputs": a.manifest.get("inputs", {})} for a in artifacts]
+        rows = [
+            {
+                "stage": a.stage,
+                "key": a.key,
+                "created": a.manifest.get("created"),
+                "bytes": _size(a),
+                "inputs": a.manifest.get("inputs", {}),
+            }
+            for a in artifacts
+        ]
         print(json.dumps(rows, indent=2))
         return 0
     if not artifacts:
@@ -115,8 +129,10 @@ def _cmd_ls(args) -> int:
             f"{slot}={','.join(k[:12] for k in (ref if isinstance(ref, list) else [ref]))}"
             for slot, ref in sorted(a.manifest.get("inputs", {}).items())
         )
-        print(f"{a.stage:<18} {a.key[:12]}  {a.manifest.get('created', ''):<20} "
-              f"{_human(_size(a)):>9}  {inputs or '-'}")
+        print(
+            f"{a.stage:<18} {a.key[:12]}  {a.manifest.get('created', ''):<20} "
+            f"{_human(_size(a)):>9}  {inputs or '-'}"
+        )
     return 0
 
 

@@ -47,8 +47,14 @@ class StepResult:
     metrics: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
-        out = {"name": self.name, "stage": self.stage, "status": self.status, "key": self.key,
-               "seconds": round(self.seconds, 3), "uri": self.uri}
+        out = {
+            "name": self.name,
+            "stage": self.stage,
+            "status": self.status,
+            "key": self.key,
+            "seconds": round(self.seconds, 3),
+            "uri": self.uri,
+        }
         if self.error:
             out["error"] = self.error
         if self.node:
@@ -68,9 +74,13 @@ class RunResult:
         return all(s.status != "failed" for s in self.steps)
 
     def summary(self) -> dict:
-        return {"run_id": self.run_id, "run_dir": str(self.run_dir),
-                "status": "ok" if self.ok else "failed", "seconds": round(self.seconds, 3),
-                "stages": [s.summary() for s in self.steps]}
+        return {
+            "run_id": self.run_id,
+            "run_dir": str(self.run_dir),
+            "status": "ok" if self.ok else "failed",
+            "seconds": round(self.seconds, 3),
+            "stages": [s.summary() for s in self.steps],
+        }
 
 
 def _say(message: str) -> None:
@@ -87,8 +97,9 @@ def run_pipeline(pipeline: Pipeline) -> RunResult:
     todo = []
     for name, step in pipeline.steps.items():
         if store.get(step.stage, step.key) is not None:
-            results[name] = StepResult(name, step.stage, "cached", step.key,
-                                       store.uri_of(step.stage, step.key))
+            results[name] = StepResult(
+                name, step.stage, "cached", step.key, store.uri_of(step.stage, step.key)
+            )
             _say(f"{name} ({step.stage}) cached {step.key[:12]}")
         else:
             todo.append(name)
@@ -134,12 +145,21 @@ def _schedule(ray, pipeline: Pipeline, store: Store, todo: list[str], done: dict
         for name in list(pending):
             step = pipeline.steps[name]
             deps = [finished(d) for d in step.deps()]
-            failed = [d for d, r in zip(step.deps(), deps, strict=True) if r is not None and r.status == "failed"]
+            failed = [
+                d
+                for d, r in zip(step.deps(), deps, strict=True)
+                if r is not None and r.status == "failed"
+            ]
             if failed:
                 pending.remove(name)
-                results[name] = StepResult(name, step.stage, "failed", step.key,
-                                           store.uri_of(step.stage, step.key),
-                                           error=f"not run: input step {failed[0]!r} failed")
+                results[name] = StepResult(
+                    name,
+                    step.stage,
+                    "failed",
+                    step.key,
+                    store.uri_of(step.stage, step.key),
+                    error=f"not run: input step {failed[0]!r} failed",
+                )
                 _say(f"{name} ({step.stage}) skipped: input {failed[0]} failed")
                 continue
             if any(r is None for r in deps) or step.key in by_key:
@@ -148,8 +168,13 @@ def _schedule(ray, pipeline: Pipeline, store: Store, todo: list[str], done: dict
             by_key[step.key] = name
             options = _task_options(step)
             ref = execute.options(**options).remote(
-                name, step.stage, to_dict(step.config), input_keys(step, pipeline),
-                store.spec, step.key, cwd,
+                name,
+                step.stage,
+                to_dict(step.config),
+                input_keys(step, pipeline),
+                store.spec,
+                step.key,
+                cwd,
             )
             inflight[ref] = (name, time.time())
             _say(f"{name} ({step.stage}) started {step.key[:12]}")
@@ -168,10 +193,17 @@ def _schedule(ray, pipeline: Pipeline, store: Store, todo: list[str], done: dict
             outcome = ray.get(ref)
         except Exception as e:  # worker died more often than max_retries, node lost, ...
             outcome = {"status": "failed", "error": f"{type(e).__name__}: {_first_line(e)}"}
-        result = StepResult(name, step.stage, outcome["status"], step.key, uri,
-                            seconds=outcome.get("seconds", time.time() - t0),
-                            error=outcome.get("error"), node=outcome.get("node"),
-                            metrics=outcome.get("metrics", {}))
+        result = StepResult(
+            name,
+            step.stage,
+            outcome["status"],
+            step.key,
+            uri,
+            seconds=outcome.get("seconds", time.time() - t0),
+            error=outcome.get("error"),
+            node=outcome.get("node"),
+            metrics=outcome.get("metrics", {}),
+        )
         results[name] = result
         del by_key[step.key]
         for other in list(pending):
@@ -187,9 +219,13 @@ def _schedule(ray, pipeline: Pipeline, store: Store, todo: list[str], done: dict
 
 def _task_options(step: Step) -> dict:
     res = step.resources
-    options = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus,
-               "max_retries": step.max_retries, "retry_exceptions": False,
-               "name": f"twostage:{step.name}"}
+    options = {
+        "num_cpus": res.num_cpus,
+        "num_gpus": res.num_gpus,
+        "max_retries": step.max_retries,
+        "retry_exceptions": False,
+        "name": f"twostage:{step.name}",
+    }
     if res.memory_gb:
         options["memory"] = int(res.memory_gb * 2**30)
     if res.custom:
@@ -202,8 +238,9 @@ def _first_line(e: BaseException) -> str:
     return text[-1] if text else repr(e)
 
 
-def _execute_step(name: str, stage: str, config: dict, inputs: dict, store_uri: str, key: str,
-                  cwd: str) -> dict:
+def _execute_step(
+    name: str, stage: str, config: dict, inputs: dict, store_uri: str, key: str, cwd: str
+) -> dict:
     """Runs one step inside a Ray worker: open inputs, run the stage, commit its output."""
     import stages
     from pipeline.config import from_dict
@@ -220,7 +257,9 @@ def _execute_step(name: str, stage: str, config: dict, inputs: dict, store_uri: 
         module = stages.load(stage)
         typed = from_dict(module.Config, config, f"steps.{name}")
         opened = {
-            slot: [store.open(*ref) for ref in refs] if isinstance(refs, list) else store.open(*refs)
+            slot: [store.open(*ref) for ref in refs]
+            if isinstance(refs, list)
+            else store.open(*refs)
             for slot, refs in inputs.items()
         }
         with store.staging(stage, key) as out:
@@ -229,8 +268,10 @@ def _execute_step(name: str, stage: str, config: dict, inputs: dict, store_uri: 
             status = "resumed" if metrics.get("resumed_from_step") else "ran"
             manifest = {
                 "config": config,
-                "inputs": {slot: ([r[1] for r in refs] if isinstance(refs, list) else refs[1])
-                           for slot, refs in inputs.items()},
+                "inputs": {
+                    slot: ([r[1] for r in refs] if isinstance(refs, list) else refs[1])
+                    for slot, refs in inputs.items()
+                },
                 "metrics": metrics,
                 "seconds": round(seconds, 3),
                 "versions": _versions(module),
@@ -240,10 +281,15 @@ def _execute_step(name: str, stage: str, config: dict, inputs: dict, store_uri: 
             store.commit(stage, key, out, manifest)
         return {"status": status, "seconds": seconds, "node": node, "metrics": metrics}
     except Exception as e:
-        logging.getLogger("twostage").error("%s (%s) failed:\n%s", name, stage,
-                                            traceback.format_exc())
-        return {"status": "failed", "error": f"{type(e).__name__}: {e}",
-                "seconds": time.time() - start, "node": node}
+        logging.getLogger("twostage").error(
+            "%s (%s) failed:\n%s", name, stage, traceback.format_exc()
+        )
+        return {
+            "status": "failed",
+            "error": f"{type(e).__name__}: {e}",
+            "seconds": time.time() - start,
+            "node": node,
+        }
 
 
 def _node_id() -> str | None:
@@ -291,8 +337,11 @@ def _write_run_dir(pipeline: Pipeline, store: Store, result: RunResult) -> None:
         "seconds": round(result.seconds, 3),
         "config": pipeline.raw,
         "steps": {
-            s.name: {**s.summary(), "config": to_dict(pipeline.steps[s.name].config),
-                     "inputs": pipeline.steps[s.name].inputs}
+            s.name: {
+                **s.summary(),
+                "config": to_dict(pipeline.steps[s.name].config),
+                "inputs": pipeline.steps[s.name].inputs,
+            }
             for s in result.steps
         },
         "versions": _versions(),

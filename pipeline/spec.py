@@ -109,7 +109,9 @@ class Pipeline:
     raw: dict
 
 
-def load_pipeline(path: str | Path, overrides: list[str] = (), store: str | None = None) -> Pipeline:
+def load_pipeline(
+    path: str | Path, overrides: list[str] = (), store: str | None = None
+) -> Pipeline:
     """Reads, overrides, validates and keys a pipeline file.
 
     Args:
@@ -175,7 +177,9 @@ def parse_pipeline(raw: dict) -> Pipeline:
 def _parse_step(name: Any, body: Any) -> Step:
     where = f"steps.{name}"
     if not isinstance(name, str) or not _NAME.match(name):
-        raise ConfigError(f"{where}: step names start with a letter and use letters, digits, _ or -")
+        raise ConfigError(
+            f"{where}: step names start with a letter and use letters, digits, _ or -"
+        )
     if not isinstance(body, dict):
         raise ConfigError(f"{where}: expected a mapping with at least 'stage'")
     if "stage" not in body:
@@ -191,13 +195,17 @@ def _parse_step(name: Any, body: Any) -> Step:
     if not isinstance(inputs, dict):
         raise ConfigError(f"{where}.inputs: expected a mapping of input slot -> step name")
     for slot, ref in inputs.items():
-        ok = isinstance(ref, str) or (isinstance(ref, list) and all(isinstance(r, str) for r in ref))
+        ok = isinstance(ref, str) or (
+            isinstance(ref, list) and all(isinstance(r, str) for r in ref)
+        )
         if not ok:
             raise ConfigError(f"{where}.inputs.{slot}: expected a step name or a list of them")
     resources = from_dict(Resources, body.get("resources"), f"{where}.resources")
     max_retries = body.get("max_retries", 3)
     if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-        raise ConfigError(f"{where}.max_retries: expected a non-negative integer, got {max_retries!r}")
+        raise ConfigError(
+            f"{where}.max_retries: expected a non-negative integer, got {max_retries!r}"
+        )
     own = {k: v for k, v in body.items() if k not in STEP_KEYS}
     config = from_dict(module.Config, own, where)
     return Step(name, stage, module, config, dict(inputs), resources, max_retries)
@@ -263,8 +271,16 @@ def _with_key(step: Step, keyed: dict[str, Step]) -> Step:
         if summary is not None:
             config = {**config, "_source_fingerprint": summary}
     key = artifact_key(step.stage, step.module.VERSION, config, input_keys)
-    return Step(step.name, step.stage, step.module, step.config, step.inputs, step.resources,
-                step.max_retries, key)
+    return Step(
+        step.name,
+        step.stage,
+        step.module,
+        step.config,
+        step.inputs,
+        step.resources,
+        step.max_retries,
+        key,
+    )
 
 
 def input_keys(step: Step, pipeline: Pipeline) -> dict[str, Any]:

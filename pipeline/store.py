@@ -123,7 +123,9 @@ class Artifact:
             with self.store.fs.open_input_stream(path) as f:
                 data = f.read()
         except (FileNotFoundError, OSError) as e:
-            raise CorruptArtifactError(f"{path}: listed in the manifest but unreadable ({e})") from e
+            raise CorruptArtifactError(
+                f"{path}: listed in the manifest but unreadable ({e})"
+            ) from e
         _check(path, len(data), hashlib.sha256(data).hexdigest(), entry)
         return data
 
@@ -358,7 +360,10 @@ class Store:
         manifest["data_dir"] = attempt
         base = f"{self.dir_of(stage, key)}/{attempt}"
         for rel in manifest["files"]:
-            with open(staged / rel, "rb") as src, self.fs.open_output_stream(f"{base}/{rel}") as dst:
+            with (
+                open(staged / rel, "rb") as src,
+                self.fs.open_output_stream(f"{base}/{rel}") as dst,
+            ):
                 shutil.copyfileobj(src, dst, _CHUNK)
         existing = self.get(stage, key)
         if existing is not None:

@@ -106,8 +106,10 @@ def fingerprint(config: Config) -> str | None:
     if not root.exists():
         return None  # may exist only on the worker nodes; checked when the stage runs
     paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    parts = [f"{p.relative_to(root) if p != root else p.name}:{p.stat().st_size}:"
-             f"{p.stat().st_mtime_ns}" for p in paths[:200_000]]
+    parts = [
+        f"{p.relative_to(root) if p != root else p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+        for p in paths[:200_000]
+    ]
     return "\n".join(parts)
 
 
@@ -118,7 +120,11 @@ def run(config: Config, inputs: dict, out: Path) -> dict:
     for pool in pools:
         images, labels, ids = pool["images"], pool["labels"], pool["ids"]
         if config.limit is not None:
-            images, labels, ids = images[: config.limit], labels[: config.limit], ids[: config.limit]
+            images, labels, ids = (
+                images[: config.limit],
+                labels[: config.limit],
+                ids[: config.limit],
+            )
         n = len(images)
         if pool["split"] == "train":
             splits = np.full(n, "train", dtype=object)
@@ -137,17 +143,30 @@ def run(config: Config, inputs: dict, out: Path) -> dict:
         raise ValueError(f"source {config.source.kind} {config.source.path or ''}: no images found")
     images = _to_uniform(pool_images, config)
     meta = ImageTableMeta(
-        height=images.shape[1], width=images.shape[2], channels=images.shape[3],
+        height=images.shape[1],
+        width=images.shape[2],
+        channels=images.shape[3],
         class_names=class_names,
     )
-    table = ImageTable(meta, np.concatenate(pool_ids), np.concatenate(pool_labels),
-                       np.concatenate(pool_splits), images)
+    table = ImageTable(
+        meta,
+        np.concatenate(pool_ids),
+        np.concatenate(pool_labels),
+        np.concatenate(pool_splits),
+        images,
+    )
     files = write_image_table(out, table, config.rows_per_file)
     counts = {s: int(np.sum(table.splits == s)) for s in ("train", "val", "test")}
     labelled = table.labels[table.labels >= 0]
-    log.info("ingest: wrote %d images (%s) as %dx%dx%d in %d file(s)", len(table),
-             ", ".join(f"{k} {v}" for k, v in counts.items()), meta.height, meta.width,
-             meta.channels, len(files))
+    log.info(
+        "ingest: wrote %d images (%s) as %dx%dx%d in %d file(s)",
+        len(table),
+        ", ".join(f"{k} {v}" for k, v in counts.items()),
+        meta.height,
+        meta.width,
+        meta.channels,
+        len(files),
+    )
     return {
         "images": len(table),
         "splits": counts,
@@ -201,7 +220,12 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 def _find_idx(root: Path, stem: str) -> Path | None:
-    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+    for name in (
+        stem,
+        stem + ".gz",
+        stem.replace("-idx", ".idx"),
+        stem.replace("-idx", ".idx") + ".gz",
+    ):
         if (root / name).is_file():
             return root / name
     return None
@@ -225,8 +249,15 @@ def _read_mnist_dir(root: Path) -> list[dict]:
             )
         ids = offset + np.arange(len(images), dtype=np.int64)
         offset += len(images)
-        pools.append({"name": images_path.name, "split": split, "ids": ids,
-                      "images": images[..., None], "labels": labels})
+        pools.append(
+            {
+                "name": images_path.name,
+                "split": split,
+                "ids": ids,
+                "images": images[..., None],
+                "labels": labels,
+            }
+        )
     return pools
 
 
@@ -252,8 +283,13 @@ def _read_image_folder(root: Path, strict: bool) -> tuple[list[dict], list[str],
             labels.append(label)
     if problems:
         log.warning("ingest: skipped %d unreadable image(s), e.g. %s", len(problems), problems[0])
-    pool = {"name": str(root), "split": "train", "ids": np.arange(len(images)),
-            "images": images, "labels": labels}
+    pool = {
+        "name": str(root),
+        "split": "train",
+        "ids": np.arange(len(images)),
+        "images": images,
+        "labels": labels,
+    }
     return [pool], [p.name for p in class_dirs], problems
 
 
@@ -286,10 +322,15 @@ def _read_parquet(root: Path, strict: bool) -> tuple[list[dict], list[str], list
             if not mask.any():
                 continue
             # train and val are re-split by this stage's seed; test stays test
-            pools.append({"name": f"{path.name}[{split}]",
-                          "split": "test" if split == "test" else "train",
-                          "images": list(data.images[mask]),
-                          "labels": data.labels[mask], "ids": data.ids[mask]})
+            pools.append(
+                {
+                    "name": f"{path.name}[{split}]",
+                    "split": "test" if split == "test" else "train",
+                    "images": list(data.images[mask]),
+                    "labels": data.labels[mask],
+                    "ids": data.ids[mask],
+                }
+            )
     return pools, class_names, []
 
 
@@ -341,4 +382,3 @@ def _resize(im: np.ndarray, h: int, w: int) -> np.ndarray:
     pil = Image.fromarray(im[..., 0] if im.shape[2] == 1 else im)
     array = np.asarray(pil.resize((w, h), Image.BILINEAR), np.uint8)
     return array[..., None] if array.ndim == 2 else array
-

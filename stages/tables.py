@@ -68,8 +68,9 @@ class ImageTable:
 
     def split(self, name: str) -> ImageTable:
         mask = self.splits == name
-        return ImageTable(self.meta, self.ids[mask], self.labels[mask], self.splits[mask],
-                          self.images[mask])
+        return ImageTable(
+            self.meta, self.ids[mask], self.labels[mask], self.splits[mask], self.images[mask]
+        )
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -141,7 +142,11 @@ def table_from_arrow(table: pa.Table, meta: ImageTableMeta) -> ImageTable:
     offsets = np.frombuffer(image_col.buffers()[1], np.int32)[offset : offset + n + 1]
     if n and not np.all(np.diff(offsets) == pixels):
         raise ValueError(f"image column holds rows of the wrong size (expected {pixels} bytes)")
-    images = flat[offsets[0] : offsets[0] + n * pixels].reshape(shape) if n else np.zeros(shape, np.uint8)
+    images = (
+        flat[offsets[0] : offsets[0] + n * pixels].reshape(shape)
+        if n
+        else np.zeros(shape, np.uint8)
+    )
     labels = pc.fill_null(table["label"], -1).to_numpy().astype(np.int64)
     return ImageTable(
         meta=meta,

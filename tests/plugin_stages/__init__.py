@@ -1,0 +1,1 @@
+"""Stages used by the tests to exercise the runner (retries, failures, placement)."""

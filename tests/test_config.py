@@ -1,0 +1,192 @@
+"""Pipeline validation: every mistake is one line naming the key, exit status 2, before any work."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError
+from pipeline.spec import load_pipeline, parse_pipeline
+from tests.conftest import REPO, twostage, write_yaml
+
+GOOD = {
+    "name": "t",
+    "steps": {
+        "data": {"stage": "ingest", "source": {"kind": "embedded"}, "image_size": 32},
+        "stats": {"stage": "image_stats", "inputs": {"images": "data"}},
+    },
+}
+
+
+def _with(path: str, value):
+    import copy
+
+    raw = copy.deepcopy(GOOD)
+    node = raw
+    *parents, last = path.split(".")
+    for p in parents:
+        node = node[p]
+    if value is _DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return raw
+
+
+_DELETE = object()
+
+BAD = [
+    # (description, change, the key the message must name)
+    ("unknown top-level key", ("colour", "red"), "colour: unknown key"),
+    ("unknown stage key", ("steps.data.image_sise", 32), "steps.data.image_sise: unknown key"),
+    (
+        "unknown nested key",
+        ("steps.data.source.knd", "mnist"),
+        "steps.data.source.knd: unknown key",
+    ),
+    ("wrong type", ("steps.data.image_size", "big"), "steps.data.image_size: expected an integer"),
+    ("bool for int", ("steps.data.image_size", True), "steps.data.image_size: expected an integer"),
+    ("bad literal", ("steps.data.source.kind", "cifar"), "steps.data.source.kind: must be one of"),
+    ("impossible value", ("steps.data.val_fraction", 1.5), "steps.data.val_fraction: must be in"),
+    ("path missing", ("steps.data.source", {"kind": "mnist"}), "steps.data.source.path: required"),
+    ("missing input", ("steps.stats.inputs", {}), "steps.stats.inputs.images: required input"),
+    (
+        "unknown input step",
+        ("steps.stats.inputs", {"images": "dat"}),
+        "refers to unknown step 'dat'",
+    ),
+    (
+        "unknown input slot",
+        ("steps.stats.inputs", {"images": "data", "x": "data"}),
+        "steps.stats.inputs.x: unknown input",
+    ),
+    (
+        "wrong input kind",
+        ("steps.data2", {"stage": "image_stats", "inputs": {"images": "stats"}}),
+        "steps.data2.inputs.images: step 'stats' is a image_stats stage, expected ingest",
+    ),
+    ("unknown stage", ("steps.stats.stage", "trane"), "steps.stats.stage: unknown stage 'trane'"),
+    ("missing stage", ("steps.stats.stage", _DELETE), "steps.stats.stage: required key"),
+    (
+        "resources type",
+        ("steps.stats.resources", {"num_gpus": "one"}),
+        "steps.stats.resources.num_gpus: expected a number",
+    ),
+    ("retries", ("steps.stats.max_retries", -1), "steps.stats.max_retries"),
+    ("missing name", ("name", _DELETE), "name: required key is missing"),
+]
+
+
+@pytest.mark.parametrize("what,change,expected", BAD, ids=[b[0] for b in BAD])
+def test_bad_config_names_the_key(what, change, expected):
+    with pytest.raises(ConfigError) as info:
+        parse_pipeline(_with(*change))
+    assert expected in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_cycle_is_reported():
+    raw = {
+        "name": "t",
+        "steps": {
+            "a": {"stage": "tests.plugin_stages.sleepy", "inputs": {"after": "b"}},
+            "b": {"stage": "tests.plugin_stages.sleepy", "inputs": {"after": "a"}},
+        },
+    }
+    with pytest.raises(ConfigError, match=r"cycle (a -> b -> a|b -> a -> b)"):
+        parse_pipeline(raw)
+
+
+@pytest.mark.parametrize(
+    "body,expected",
+    [
+        (
+            "name: t\nsteps:\n  data: {stage: ingest, imag_size: 32}\n",
+            "steps.data.imag_size: unknown key",
+        ),
+        (
+            "name: t\nsteps:\n  data: {stage: ingest, image_size: x}\n",
+            "steps.data.image_size: expected an integer",
+        ),
+        (
+            "name: t\nsteps:\n  s: {stage: image_stats, inputs: {images: nope}}\n",
+            "refers to unknown step 'nope'",
+        ),
+        (
+            "name: t\nsteps:\n  s: {stage: image_stats}\n",
+            "steps.s.inputs.images: required input is missing",
+        ),
+        (
+            "name: t\nsteps:\n  a: {stage: tests.plugin_stages.sleepy, inputs: {after: a}}\n",
+            "cycle a -> a",
+        ),
+        ("name: t\nsteps: [1, 2\n", "not valid YAML"),
+    ],
+    ids=["unknown key", "wrong type", "missing input", "missing required input", "cycle", "yaml"],
+)
+def test_cli_exits_2_with_one_line(tmp_path, body, expected):
+    config = write_yaml(tmp_path / "bad.yaml", body)
+    proc = twostage("run", config, "--json", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert expected in lines[0]
+    assert not (tmp_path / "artifacts").exists()  # nothing ran
+
+
+def test_set_override_is_validated_too(tmp_path):
+    proc = twostage(
+        "run", REPO / "configs/smoke.yaml", "--set", "steps.data.image_size=-3", cwd=tmp_path
+    )
+    assert proc.returncode == 2
+    assert "steps.data.image_size: must be between 4 and 4096" in proc.stderr
+    proc = twostage(
+        "run", REPO / "configs/smoke.yaml", "--set", "steps.data.source.kind.x=1", cwd=tmp_path
+    )
+    assert proc.returncode == 2 and "steps.data.source.kind is not a mapping" in proc.stderr
+
+
+def test_set_override_changes_the_key():
+    base = load_pipeline(REPO / "configs/smoke.yaml")
+    changed = load_pipeline(REPO / "configs/smoke.yaml", ["steps.data.image_size=28"])
+    assert changed.steps["data"].config.image_size == 28
+    assert changed.steps["data"].key != base.steps["data"].key
+    # downstream keys follow their inputs
+    assert changed.steps["stats"].key != base.steps["stats"].key
+
+
+def test_keys_ignore_defaults_written_out_and_resources():
+    plain = parse_pipeline(GOOD)
+    explicit = parse_pipeline(_with("steps.data.seed", 0))
+    placed = parse_pipeline(_with("steps.stats.resources", {"num_cpus": 2}))
+    assert plain.steps["data"].key == explicit.steps["data"].key
+    assert plain.steps["stats"].key == placed.steps["stats"].key
+    assert parse_pipeline(_with("steps.data.seed", 1)).steps["data"].key != plain.steps["data"].key
+
+
+def test_source_files_are_fingerprinted(tmp_path):
+    import os
+
+    import numpy as np
+
+    from tests.conftest import write_idx
+
+    write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((3, 28, 28), np.uint8))
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(3, np.uint8))
+    raw = {
+        "name": "t",
+        "steps": {"d": {"stage": "ingest", "source": {"kind": "mnist", "path": str(tmp_path)}}},
+    }
+    first = parse_pipeline(raw).steps["d"].key
+    assert parse_pipeline(raw).steps["d"].key == first
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.ones(3, np.uint8))
+    os.utime(tmp_path / "train-labels-idx1-ubyte", ns=(1, 1))
+    assert parse_pipeline(raw).steps["d"].key != first
+
+
+def test_every_shipped_config_validates():
+    configs = sorted(Path(REPO / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        pipeline = load_pipeline(path)
+        assert pipeline.steps, path

@@ -1,0 +1,166 @@
+"""Ingest stage, run directly (no Ray): every source, the split, resizing, corrupt inputs."""
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.store import Store
+from stages import ingest
+from stages.tables import META_KEY, read_image_table
+from tests.conftest import write_idx
+
+
+def _ingest(tmp_path: Path, **kwargs) -> tuple[dict, object]:
+    """Runs ingest and commits it to a store in tmp_path; returns (metrics, artifact)."""
+    source = kwargs.pop("source", {"kind": "embedded"})
+    config = ingest.Config(source=ingest.Source(**source), **kwargs)
+    store = Store(str(tmp_path / "store"))
+    key = f"{abs(hash(repr(config))):064x}"[-64:]
+    with store.staging("ingest", key) as out:
+        metrics = ingest.run(config, {}, out)
+        artifact, _ = store.commit("ingest", key, out, {"metrics": metrics})
+    return metrics, artifact
+
+
+def test_embedded_source(tmp_path):
+    metrics, artifact = _ingest(tmp_path, image_size=32)
+    assert metrics["images"] == 7000
+    assert metrics["splits"] == {"train": 5400, "val": 600, "test": 1000}
+    assert metrics["class_counts"] == [700] * 10
+    table = read_image_table(artifact)
+    assert table.images.shape == (7000, 32, 32, 1)
+    assert len(set(table.ids.tolist())) == 7000
+    # 28 -> 32 pads two zero pixels on every side and keeps the digit intact
+    assert table.images[:, :2].max() == 0 and table.images[:, -2:].max() == 0
+    assert table.images[:, 2:30, 2:30].max() == 255
+
+
+def test_plain_pyarrow_reads_the_table(tmp_path):
+    _, artifact = _ingest(tmp_path, limit=50)
+    path = artifact.local_path("images-00000.parquet")
+    table = pq.read_table(path)
+    assert table.column_names == ["id", "label", "split", "image"]
+    import json
+
+    meta = json.loads(table.schema.metadata[META_KEY])
+    assert (meta["height"], meta["width"], meta["channels"]) == (28, 28, 1)
+    first = np.frombuffer(table["image"][0].as_py(), np.uint8).reshape(28, 28)
+    assert first.max() > 0
+
+
+def test_split_is_deterministic_by_seed(tmp_path):
+    _, a = _ingest(tmp_path / "a", seed=3)
+    _, b = _ingest(tmp_path / "b", seed=3)
+    _, c = _ingest(tmp_path / "c", seed=4)
+    ta, tb, tc = (read_image_table(x) for x in (a, b, c))
+    val = lambda t: set(t.ids[t.splits == "val"].tolist())  # noqa: E731
+    assert val(ta) == val(tb)
+    assert val(ta) != val(tc)
+    assert len(val(ta)) == len(val(tc)) == 600
+
+
+def test_mnist_idx_from_shared(tmp_path, shared_mnist):
+    metrics, artifact = _ingest(
+        tmp_path, source={"kind": "mnist", "path": str(shared_mnist)}, image_size=32
+    )
+    assert metrics["splits"] == {"train": 54000, "val": 6000, "test": 10000}
+    table = read_image_table(artifact, splits=("test",))
+    assert len(table) == 10000 and table.ids.min() == 60000
+
+
+def test_mnist_raw_idx_and_truncated_file(tmp_path):
+    images = np.random.default_rng(0).integers(0, 255, (20, 28, 28), dtype=np.uint8)
+    (tmp_path / "raw").mkdir()
+    write_idx(tmp_path / "raw" / "train-images-idx3-ubyte", images)
+    write_idx(tmp_path / "raw" / "train-labels-idx1-ubyte", np.arange(20, dtype=np.uint8) % 10)
+    metrics, artifact = _ingest(
+        tmp_path, source={"kind": "mnist", "path": str(tmp_path / "raw")}, val_fraction=0.0
+    )
+    table = read_image_table(artifact)
+    np.testing.assert_array_equal(table.images[..., 0], images)
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    data = gzip.compress(open(tmp_path / "raw" / "train-images-idx3-ubyte", "rb").read()[:-100])
+    (bad / "train-images-idx3-ubyte.gz").write_bytes(data)
+    write_idx(bad / "train-labels-idx1-ubyte.gz", np.zeros(20, np.uint8))
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte.gz: holds .*truncated"):
+        _ingest(tmp_path, source={"kind": "mnist", "path": str(bad)})
+    (bad / "train-images-idx3-ubyte.gz").write_bytes(b"garbage, not gzip at all")
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte.gz: unreadable IDX"):
+        _ingest(tmp_path, source={"kind": "mnist", "path": str(bad)})
+
+
+def _image_folder(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for name, mode in (("cat", "RGB"), ("dog", "L")):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            shape = (20, 24, 3) if mode == "RGB" else (20, 24)
+            Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(
+                root / name / f"{i}.{'png' if i % 2 else 'jpg'}"
+            )
+    (root / "dog" / "broken.png").write_bytes(b"\x89PNG this is not a png")
+    return root
+
+
+def test_image_folder_counts_corrupt_files(tmp_path):
+    root = _image_folder(tmp_path / "images")
+    metrics, artifact = _ingest(
+        tmp_path,
+        source={"kind": "image_folder", "path": str(root)},
+        image_size=16,
+        resize="resize",
+        val_fraction=0.0,
+    )
+    assert metrics["images"] == 6
+    assert metrics["corrupt"]["count"] == 1
+    assert "dog/broken.png" in metrics["corrupt"]["examples"][0]
+    table = read_image_table(artifact)
+    assert table.meta.class_names == ["cat", "dog"]
+    assert table.images.shape == (6, 16, 16, 3)
+    assert sorted(table.labels.tolist()) == [0, 0, 0, 1, 1, 1]
+    assert artifact.manifest["metrics"]["corrupt"]["count"] == 1
+
+
+def test_image_folder_strict_stops_on_corrupt_file(tmp_path):
+    root = _image_folder(tmp_path / "images")
+    with pytest.raises(ValueError, match=r"broken.png: unreadable image"):
+        _ingest(
+            tmp_path,
+            source={"kind": "image_folder", "path": str(root)},
+            strict=True,
+            image_size=16,
+            resize="resize",
+        )
+
+
+def test_image_folder_mixed_sizes_need_image_size(tmp_path):
+    root = _image_folder(tmp_path / "images")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "cat" / "small.png")
+    with pytest.raises(ValueError, match=r"different sizes .*; set image_size"):
+        _ingest(tmp_path, source={"kind": "image_folder", "path": str(root)})
+    with pytest.raises(ValueError, match="larger than image_size"):
+        _ingest(tmp_path, source={"kind": "image_folder", "path": str(root)}, image_size=16)
+
+
+def test_parquet_source_round_trip(tmp_path):
+    _, first = _ingest(tmp_path / "one", limit=100, val_fraction=0.2, channels=3)
+    path = first.local_path("images-00000.parquet")
+    _, second = _ingest(
+        tmp_path / "two", source={"kind": "parquet", "path": str(path)}, val_fraction=0.2
+    )
+    a, b = read_image_table(first), read_image_table(second)
+    order_a, order_b = np.argsort(a.ids), np.argsort(b.ids)
+    np.testing.assert_array_equal(a.ids[order_a], b.ids[order_b])
+    np.testing.assert_array_equal(a.images[order_a], b.images[order_b])
+    assert b.images.shape[-1] == 3
+
+
+def test_missing_source_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        _ingest(tmp_path, source={"kind": "mnist", "path": str(tmp_path / "nope")})

@@ -1,0 +1,162 @@
+"""Artifact store: atomic commits, checksums on read, racing writers."""
+
+import json
+import multiprocessing as mp
+from pathlib import Path
+
+import pytest
+
+from pipeline.store import MANIFEST, CorruptArtifactError, Store, StoreError, artifact_key
+from stages.tables import read_image_table
+from tests.conftest import REPO, twostage
+
+
+def _commit(store: Store, key: str, files: dict[str, bytes], stage: str = "demo"):
+    with store.staging(stage, key) as out:
+        for name, data in files.items():
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_bytes(data)
+        return store.commit(stage, key, out, {"metrics": {"n": len(files)}})
+
+
+def test_key_is_canonical():
+    a = artifact_key("s", "1", {"x": 1, "y": [1, 2]}, {"in": "k"})
+    b = artifact_key("s", "1", {"y": [1, 2], "x": 1}, {"in": "k"})
+    assert a == b and len(a) == 64
+    assert artifact_key("s", "2", {"x": 1, "y": [1, 2]}, {"in": "k"}) != a
+    assert artifact_key("s", "1", {"x": 1, "y": [1, 2]}, {"in": "j"}) != a
+
+
+def test_commit_layout_and_manifest(tmp_path):
+    store = Store(str(tmp_path))
+    key = "a" * 64
+    artifact, won = _commit(store, key, {"x.bin": b"hello", "sub/y.txt": b"world"})
+    assert won
+    final = tmp_path / "demo" / key
+    assert sorted(p.relative_to(final).as_posix() for p in final.rglob("*") if p.is_file()) == [
+        MANIFEST,
+        "sub/y.txt",
+        "x.bin",
+    ]
+    manifest = json.loads((final / MANIFEST).read_text())
+    assert manifest["files"]["x.bin"]["size"] == 5
+    assert manifest["metrics"] == {"n": 2}
+    assert store.open("demo", key).read_bytes("sub/y.txt") == b"world"
+    assert not list((tmp_path / ".staging").iterdir())  # staging cleaned
+
+
+def test_failed_stage_leaves_nothing(tmp_path):
+    store = Store(str(tmp_path))
+    with pytest.raises(RuntimeError):
+        with store.staging("demo", "b" * 64) as out:
+            (out / "half.bin").write_bytes(b"partial")
+            raise RuntimeError("stage crashed")
+    assert store.get("demo", "b" * 64) is None
+    assert not (tmp_path / "demo").exists()
+    assert not list((tmp_path / ".staging").iterdir())
+
+
+def test_flipped_byte_is_detected_naming_the_file(tmp_path):
+    store = Store(str(tmp_path))
+    key = "c" * 64
+    _commit(store, key, {"weights.bin": bytes(range(256)) * 10, "ok.txt": b"fine"})
+    path = tmp_path / "demo" / key / "weights.bin"
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0x01
+    path.write_bytes(bytes(data))
+    artifact = store.open("demo", key)
+    with pytest.raises(CorruptArtifactError, match=r"weights.bin: sha256 does not match"):
+        artifact.read_bytes("weights.bin")
+    with pytest.raises(CorruptArtifactError, match=r"weights.bin"):
+        artifact.local_path("weights.bin")
+    assert artifact.read_bytes("ok.txt") == b"fine"
+    problems = artifact.verify()
+    assert len(problems) == 1 and "weights.bin" in problems[0]
+    path.write_bytes(bytes(data[:-10]))
+    with pytest.raises(CorruptArtifactError, match=r"weights.bin: size 2550 bytes does not match"):
+        artifact.read_bytes("weights.bin")
+
+
+def _race_worker(root: str, key: str, tag: int, barrier) -> bool:
+    store = Store(root)
+    with store.staging("demo", key) as out:
+        # every writer writes different content: a mixed artifact would fail verification
+        for i in range(20):
+            (out / f"part-{i:02d}.bin").write_bytes(bytes([tag]) * (1000 + i))
+        barrier.wait()
+        _, won = store.commit("demo", key, out, {"metrics": {"writer": tag}})
+    return won
+
+
+def test_racing_writers_leave_one_intact_artifact(tmp_path):
+    key = "d" * 64
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(4)
+        with ctx.Pool(4) as pool:
+            won = pool.starmap(_race_worker, [(str(tmp_path), key, t, barrier) for t in range(4)])
+    assert sum(won) == 1
+    artifact = Store(str(tmp_path)).open("demo", key)
+    assert artifact.verify() == []
+    writer = artifact.metrics["writer"]
+    for i in range(20):
+        assert set(artifact.read_bytes(f"part-{i:02d}.bin")) == {writer}
+    assert not list((tmp_path / ".staging").iterdir())
+
+
+def test_unreadable_manifest_is_an_error_not_a_cache_hit(tmp_path):
+    store = Store(str(tmp_path))
+    key = "e" * 64
+    _commit(store, key, {"a": b"1"})
+    (tmp_path / "demo" / key / MANIFEST).write_text("{not json")
+    with pytest.raises(CorruptArtifactError, match="unreadable manifest"):
+        store.get("demo", key)
+
+
+def test_find_by_prefix(tmp_path):
+    store = Store(str(tmp_path))
+    _commit(store, "abcd" + "0" * 60, {"a": b"1"})
+    _commit(store, "abcd" + "1" * 60, {"a": b"1"})
+    assert store.find("abcd11").key == "abcd" + "1" * 60
+    assert store.find("demo/abcd00").key == "abcd" + "0" * 60
+    with pytest.raises(StoreError, match="ambiguous"):
+        store.find("abcd")
+    with pytest.raises(StoreError, match="too short"):
+        store.find("ab")
+    with pytest.raises(StoreError, match="no artifact"):
+        store.find("ffff")
+
+
+def test_cli_verify_and_reader_fail_on_flipped_byte(tmp_path):
+    """Acceptance: one flipped byte makes `twostage verify` and any reader fail, naming the file."""
+    run = twostage(
+        "run", REPO / "configs/smoke.yaml", "--set", "steps.data.limit=300", cwd=tmp_path, check=0
+    )
+    assert run.returncode == 0
+    proc = twostage("verify", "--all", cwd=tmp_path, check=0)
+    assert proc.stdout.count("ok ") == 2
+    store = Store(str(tmp_path / "artifacts"))
+    (ingest,) = store.list("ingest")
+    parquet = Path(store.dir_of("ingest", ingest.key)) / "images-00000.parquet"
+    data = bytearray(parquet.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    parquet.write_bytes(bytes(data))
+    proc = twostage("verify", ingest.key[:10], cwd=tmp_path, check=1)
+    assert "CORRUPT" in proc.stdout and "images-00000.parquet" in proc.stdout
+    with pytest.raises(CorruptArtifactError, match="images-00000.parquet"):
+        read_image_table(store.open("ingest", ingest.key))
+    # a downstream stage reading the corrupt table fails with the file's name too
+    rerun = twostage(
+        "run",
+        REPO / "configs/smoke.yaml",
+        "--set",
+        "steps.data.limit=300",
+        "--set",
+        "steps.stats.examples_per_class=2",
+        "--json",
+        cwd=tmp_path,
+    )
+    summary = json.loads(rerun.stdout)
+    assert rerun.returncode == 1
+    stats = next(s for s in summary["stages"] if s["name"] == "stats")
+    assert stats["status"] == "failed" and "images-00000.parquet" in stats["error"]
