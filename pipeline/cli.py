@@ -11,6 +11,7 @@ Exit status: 0 success, 1 a stage failed or an artifact is corrupt, 2 a bad conf
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -81,16 +82,39 @@ def _cmd_run(args) -> int:
     from pipeline.spec import load_pipeline
 
     pipeline = load_pipeline(args.config, args.overrides, args.store)
-    result = run_pipeline(pipeline)
     if args.json:
-        print(json.dumps(result.summary(), indent=2))
+        with _stdout_to_stderr() as stdout:
+            result = run_pipeline(pipeline)
+            stdout.write(json.dumps(result.summary(), indent=2) + "\n")
     else:
+        result = run_pipeline(pipeline)
         print(f"run {result.run_id}: {'ok' if result.ok else 'FAILED'} in {result.seconds:.1f}s")
         for s in result.steps:
             line = f"  {s.name:<16} {s.stage:<18} {s.status:<8} {s.key[:12]}  {s.seconds:7.1f}s"
             print(line + (f"  {s.error}" if s.error else ""))
         print(f"run directory: {result.run_dir}")
     return 0 if result.ok else 1
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Sends everything written to stdout (Ray's log forwarding included) to stderr.
+
+    Yields a file object on the real stdout, so ``--json`` output stays one clean JSON object.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    real = os.fdopen(saved, "w", closefd=False)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield real
+    finally:
+        sys.stdout.flush()
+        real.flush()
+        os.dup2(saved, 1)
+        real.close()
+        os.close(saved)
 
 
 def _size(artifact) -> int:

@@ -1,0 +1,157 @@
+"""The runner on a real local Ray instance, driven through the CLI as a user would."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipeline.store import Store
+from tests.conftest import REPO, cli_env, run_json, twostage, write_yaml
+
+SMOKE = REPO / "configs" / "smoke.yaml"
+
+
+def test_smoke_twice_second_run_is_cached_and_fast(tmp_path):
+    t0 = time.perf_counter()
+    first = run_json(SMOKE, cwd=tmp_path)
+    first_seconds = time.perf_counter() - t0
+    assert first["status"] == "ok"
+    assert [(s["name"], s["stage"], s["status"]) for s in first["stages"]] == [
+        ("data", "ingest", "ran"),
+        ("stats", "image_stats", "ran"),
+    ]
+    for s in first["stages"]:
+        assert set(s) >= {"name", "stage", "status", "key", "seconds", "uri"}
+        assert Path(s["uri"], "_MANIFEST.json").is_file()
+
+    t0 = time.perf_counter()
+    second = run_json(SMOKE, cwd=tmp_path)
+    second_seconds = time.perf_counter() - t0
+    assert [s["status"] for s in second["stages"]] == ["cached", "cached"]
+    assert [s["key"] for s in second["stages"]] == [s["key"] for s in first["stages"]]
+    assert second_seconds < first_seconds / 10, (first_seconds, second_seconds)
+
+    run_dir = Path(first["run_dir"])
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["steps"]["data"]["key"] == first["stages"][0]["key"]
+    assert record["steps"]["data"]["config"]["image_size"] == 32
+    assert {"twostage", "python", "ray"} <= set(record["versions"])
+    assert (run_dir / "class_means.png").stat().st_size > 1000
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["data"]["images"] == 7000
+
+
+def test_two_runs_at_once_leave_one_intact_artifact_per_key(tmp_path):
+    config = write_yaml(
+        tmp_path / "race.yaml",
+        f"""
+name: race
+store: {tmp_path / "store"}
+steps:
+  data: {{stage: ingest, source: {{kind: embedded}}, limit: 2000}}
+  slow: {{stage: tests.plugin_stages.sleepy, seconds: 2, inputs: {{after: data}}}}
+  stats: {{stage: image_stats, inputs: {{images: data}}}}
+""",
+    )
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(config), "--json"]
+    procs = [
+        subprocess.Popen(
+            cmd,
+            cwd=tmp_path,
+            env=cli_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    summaries = [json.loads(o[0]) for o in outs]
+    assert [s["key"] for s in summaries[0]["stages"]] == [s["key"] for s in summaries[1]["stages"]]
+    store = Store(str(tmp_path / "store"))
+    for stage in ("ingest", "tests.plugin_stages.sleepy", "image_stats"):
+        committed = store.list(stage)
+        assert len(committed) == 1, stage
+        assert committed[0].verify() == []
+        key_dir = Path(store.dir_of(stage, committed[0].key))
+        on_disk = {p.relative_to(key_dir).as_posix() for p in key_dir.rglob("*") if p.is_file()}
+        assert on_disk == set(committed[0].files) | {"_MANIFEST.json"}
+    assert not list((tmp_path / "store" / ".staging").iterdir())
+
+
+def test_killed_worker_is_retried_and_the_stage_completes(tmp_path):
+    markers = tmp_path / "attempts"
+    config = write_yaml(
+        tmp_path / "kill.yaml",
+        f"""
+name: kill
+steps:
+  slow: {{stage: tests.plugin_stages.sleepy, seconds: 4, marker_dir: {markers}, max_retries: 2}}
+""",
+    )
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(config), "--json"]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not (markers.exists() and any(markers.iterdir())):
+        time.sleep(0.1)
+    (first,) = list(markers.iterdir())
+    victim = int(first.name.split("-")[1])
+    os.kill(victim, signal.SIGKILL)  # the Ray worker process running the stage
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and out, err[-3000:]
+    (step,) = json.loads(out)["stages"]
+    assert step["status"] == "ran"
+    attempts = sorted(p.name for p in markers.iterdir())
+    assert len(attempts) == 2 and f"attempt-{victim}" in attempts
+    assert Store(str(tmp_path / "artifacts")).open(step["stage"], step["key"]).verify() == []
+
+
+def test_failed_stage_stops_its_dependents_and_keeps_others(tmp_path):
+    config = write_yaml(
+        tmp_path / "fail.yaml",
+        """
+name: fail
+steps:
+  good: {stage: tests.plugin_stages.sleepy, seconds: 0.1, tag: good}
+  bad: {stage: tests.plugin_stages.sleepy, seconds: 0.1, fail: true}
+  after_bad: {stage: tests.plugin_stages.sleepy, seconds: 0.1, inputs: {after: bad}}
+""",
+    )
+    proc = twostage("run", config, "--json", cwd=tmp_path, check=1)
+    stages = {s["name"]: s for s in json.loads(proc.stdout)["stages"]}
+    assert stages["good"]["status"] == "ran"
+    assert stages["bad"]["status"] == "failed"
+    assert "ValueError: sleepy was told to fail" in stages["bad"]["error"]
+    assert stages["after_bad"]["status"] == "failed"
+    assert "input step 'bad' failed" in stages["after_bad"]["error"]
+    store = Store(str(tmp_path / "artifacts"))
+    assert store.get(stages["bad"]["stage"], stages["bad"]["key"]) is None
+    # the good step is reused on the rerun; the failed one is tried again (and fails again)
+    again = json.loads(twostage("run", config, "--json", cwd=tmp_path, check=1).stdout)
+    assert {s["name"]: s["status"] for s in again["stages"]} == {
+        "good": "cached",
+        "bad": "failed",
+        "after_bad": "failed",
+    }
+
+
+def test_ls_show_verify(tmp_path):
+    twostage("run", SMOKE, "--set", "steps.data.limit=200", cwd=tmp_path, check=0)
+    listing = twostage("ls", cwd=tmp_path, check=0).stdout
+    assert "ingest" in listing and "image_stats" in listing
+    rows = json.loads(twostage("ls", "image_stats", "--json", cwd=tmp_path, check=0).stdout)
+    (row,) = rows
+    ingest_key = json.loads(twostage("ls", "ingest", "--json", cwd=tmp_path, check=0).stdout)[0][
+        "key"
+    ]
+    assert row["inputs"] == {"images": ingest_key}
+    shown = json.loads(twostage("show", row["key"][:8], cwd=tmp_path, check=0).stdout)
+    assert shown["stage"] == "image_stats" and "stats.json" in shown["files"]
+    missing = twostage("show", "ffffffff", cwd=tmp_path, check=1)
+    assert "no artifact with key 'ffffffff'" in missing.stderr
