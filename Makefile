@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-DEMO_CONFIG ?= configs/smoke.yaml
+DEMO_CONFIG ?= configs/mnist_vqvae2.yaml
 
 .PHONY: install demo test bench lint clean
 

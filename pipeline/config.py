@@ -52,10 +52,13 @@ def from_dict(cls: type, data: Any, where: str) -> Any:
             raise ConfigError(f"{_join(where, name)}: required key is missing")
     try:
         return cls(**kwargs)
-    except ConfigError as e:
-        raise ConfigError(f"{where}.{e}" if where else str(e)) from None
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"{where}: {e}") from None
+        # __post_init__ messages start with the field name ("image_size: ..."): join the paths
+        text = str(e)
+        field_name = text.split(":", 1)[0]
+        if field_name in fields:
+            raise ConfigError(_join(where, text)) from None
+        raise ConfigError(f"{where}: {text}" if where else text) from None
 
 
 def to_dict(config: Any) -> dict:

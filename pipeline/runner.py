@@ -219,8 +219,11 @@ def _schedule(ray, pipeline: Pipeline, store: Store, todo: list[str], done: dict
 
 def _task_options(step: Step) -> dict:
     res = step.resources
+    num_cpus = res.num_cpus
+    if num_cpus is None:
+        num_cpus = getattr(step.module, "DEFAULT_NUM_CPUS", 1)
     options = {
-        "num_cpus": res.num_cpus,
+        "num_cpus": num_cpus,
         "num_gpus": res.num_gpus,
         "max_retries": step.max_retries,
         "retry_exceptions": False,
@@ -262,8 +265,9 @@ def _execute_step(
             else store.open(*refs)
             for slot, refs in inputs.items()
         }
+        scratch = store.scratch_uri(stage, key)
         with store.staging(stage, key) as out:
-            metrics = module.run(typed, opened, out) or {}
+            metrics = module.run(typed, opened, out, scratch) or {}
             seconds = time.time() - start
             status = "resumed" if metrics.get("resumed_from_step") else "ran"
             manifest = {
@@ -279,6 +283,7 @@ def _execute_step(
                 "node": node,
             }
             store.commit(stage, key, out, manifest)
+        store.remove_scratch(stage, key)
         return {"status": status, "seconds": seconds, "node": node, "metrics": metrics}
     except Exception as e:
         logging.getLogger("twostage").error(

@@ -52,19 +52,19 @@ class Resources:
     """Ray resources one step's task asks for.
 
     Args:
-        num_cpus: CPU cores.
+        num_cpus: CPU cores (None: the stage's ``DEFAULT_NUM_CPUS``, else 1).
         num_gpus: GPUs (fractions allowed).
         memory_gb: Memory to reserve, in GiB (None: no reservation).
         custom: Custom Ray resources, e.g. ``{node_type_gpu: 1}``.
     """
 
-    num_cpus: float = 1.0
+    num_cpus: float | None = None
     num_gpus: float = 0.0
     memory_gb: float | None = None
     custom: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.num_cpus < 0 or self.num_gpus < 0:
+        if (self.num_cpus or 0) < 0 or self.num_gpus < 0:
             raise ConfigError("num_cpus: resources cannot be negative")
 
 

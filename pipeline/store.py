@@ -376,8 +376,22 @@ class Store:
     # ----- scratch space for resumable stages ----------------------------------------------
 
     def scratch_uri(self, stage: str, key: str) -> str:
-        """Where a stage may keep resumable state (checkpoints) for one key."""
-        return f"{self.uri}/_scratch/{stage}/{key}"
+        """Where a stage may keep resumable state (checkpoints) for one key.
+
+        A local path for local stores; for object stores the URI with its query (endpoint).
+        """
+        if self.local:
+            return f"{self.root}/_scratch/{stage}/{key}"
+        base, _, query = self.spec.partition("?")
+        return f"{base.rstrip('/')}/_scratch/{stage}/{key}" + (f"?{query}" if query else "")
+
+    def remove_scratch(self, stage: str, key: str) -> None:
+        """Deletes a committed key's resumable state (no error if there is none)."""
+        path = f"{self.root}/_scratch/{stage}/{key}"
+        try:
+            self.fs.delete_dir(path)
+        except (FileNotFoundError, OSError):
+            pass
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:

@@ -3,9 +3,14 @@
 - ``VERSION``: a string; bump it when the stage's outputs change for the same config;
 - ``Config``: a frozen dataclass holding every option with its default;
 - ``INPUTS``: input slot -> `Input` (which stage types it accepts, one or many artifacts);
-- ``run(config, inputs, out) -> dict``: reads its input artifacts, writes files into the local
-  directory ``out`` and returns JSON-able metrics. It knows nothing of Ray scheduling; the
+- ``run(config, inputs, out, scratch) -> dict``: reads its input artifacts, writes files into
+  the local directory ``out`` and returns JSON-able metrics. ``scratch`` is a path or URI unique
+  to the artifact key where the stage may keep resumable state (checkpoints); it survives a
+  failed or interrupted run and is removed once the artifact is committed. A stage that resumed
+  returns ``resumed_from_step`` in its metrics. It knows nothing of Ray scheduling; the
   pipeline places it on resources and commits ``out`` to the artifact store.
+- optionally ``DEFAULT_NUM_CPUS``: CPUs its Ray task reserves when the step does not say (a
+  stage that starts its own Ray Train workers coordinates only and reserves 0).
 - optionally ``fingerprint(config) -> str | None``: a cheap summary of external data the stage
   reads (file sizes and times), folded into the artifact key so changed source files are not
   served from cache.
@@ -25,6 +30,7 @@ from typing import Any, Protocol
 BUILTIN = {
     "ingest": "stages.ingest",
     "image_stats": "stages.image_stats",
+    "train_autoencoder": "stages.train_autoencoder",
 }
 
 
@@ -48,7 +54,7 @@ class Stage(Protocol):
     INPUTS: dict[str, Input]
     Config: type
 
-    def run(self, config: Any, inputs: dict[str, Any], out: Path) -> dict: ...
+    def run(self, config: Any, inputs: dict[str, Any], out: Path, scratch: str) -> dict: ...
 
 
 def load(stage: str) -> ModuleType:

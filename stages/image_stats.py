@@ -40,7 +40,7 @@ class Config:
             raise ConfigError("examples_per_class: must be between 0 and 64")
 
 
-def run(config: Config, inputs: dict, out: Path) -> dict:
+def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
     """Computes the statistics of the ``images`` input."""
     table = read_image_table(inputs["images"])
     train = table.split("train")

@@ -113,7 +113,7 @@ def fingerprint(config: Config) -> str | None:
     return "\n".join(parts)
 
 
-def run(config: Config, inputs: dict, out: Path) -> dict:
+def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
     """Reads the source, splits, resizes and writes the image table into `out`."""
     pools, class_names, problems = _read_source(config)
     pool_images, pool_labels, pool_splits, pool_ids = [], [], [], []

@@ -21,7 +21,7 @@ def _ingest(tmp_path: Path, **kwargs) -> tuple[dict, object]:
     store = Store(str(tmp_path / "store"))
     key = f"{abs(hash(repr(config))):064x}"[-64:]
     with store.staging("ingest", key) as out:
-        metrics = ingest.run(config, {}, out)
+        metrics = ingest.run(config, {}, out, str(tmp_path / "scratch"))
         artifact, _ = store.commit("ingest", key, out, {"metrics": metrics})
     return metrics, artifact
 

@@ -25,7 +25,7 @@ class Config:
     tag: str = ""
 
 
-def run(config: Config, inputs: dict, out: Path) -> dict:
+def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
     if config.marker_dir:
         Path(config.marker_dir).mkdir(parents=True, exist_ok=True)
         (Path(config.marker_dir) / f"attempt-{os.getpid()}").write_text(str(time.time()))

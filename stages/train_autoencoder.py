@@ -1,0 +1,542 @@
+"""Train-autoencoder stage: an image table -> a trained VQ-VAE-2 artifact.
+
+The training loop (`train_loop`) is written out once and runs either in this process
+(``train.workers: 0``) or as Ray Train's ``train_loop_per_worker`` under a ``TorchTrainer`` with
+N DDP workers (``train.workers: N``, the default 1); the only difference is the `_Session`
+object handed to it (rank, device, checkpoint I/O, reporting).
+
+Checkpoints (``model.safetensors`` + ``config.json`` + ``state.pt`` with optimizer, step, RNG
+and metric history) are written every ``checkpoint_every`` steps into the stage's scratch
+location, through Ray Train when it runs there (``RunConfig(name, storage_path)``). A rerun of an
+interrupted stage resumes from the last checkpoint. A non-finite loss stops training with an
+error naming the step; checkpoints written before it are kept.
+
+Artifact: ``config.json``, ``model.safetensors``, ``metrics.json`` (loss terms, per-level
+perplexity and codebook usage over training; val MSE, PSNR and per-level usage at the end) and
+``reconstructions.png`` (val originals above their reconstructions).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from models.vqvae2 import VQVAE2, VQVAE2Config
+from pipeline.config import from_dict, to_dict
+from stages import Input
+from stages.images import grid, save_png
+from stages.tables import read_image_table
+
+VERSION = "1"
+INPUTS = {"images": Input(kinds=("ingest",))}
+DEFAULT_NUM_CPUS = 0  # the Ray task only coordinates; Ray Train workers reserve the CPUs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and execution options.
+
+    Args:
+        steps: Optimizer steps.
+        batch_size: Images per step per worker.
+        lr: Peak learning rate (Adam).
+        warmup_steps: Linear warm-up steps.
+        final_lr_fraction: Cosine decay from ``lr`` to ``lr * final_lr_fraction``.
+        grad_clip: Clip the global gradient norm (0: off).
+        checkpoint_every: Steps between checkpoints (and val evaluations).
+        log_every: Steps between logged metric rows.
+        seed: Seed of initialisation and batch sampling.
+        precision: ``bf16`` autocast, ``fp32``, or ``auto`` (bf16 where the hardware has fast
+            bf16: CUDA with bf16, CPUs with AVX512-BF16 or AMX).
+        channels_last: Use the channels-last memory format (faster convolutions on CPU and GPU).
+        workers: 0 trains in the stage's own process; N >= 1 uses Ray Train with N DDP workers.
+        cpus_per_worker: CPU threads per worker (None: the free CPUs divided among workers).
+        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+        val_images: At most this many val images are evaluated.
+    """
+
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    final_lr_fraction: float = 0.1
+    grad_clip: float = 1.0
+    checkpoint_every: int = 500
+    log_every: int = 50
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    channels_last: bool = True
+    workers: int = 1
+    cpus_per_worker: int | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    val_images: int = 10_000
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr: must be positive, got {self.lr}")
+        if self.workers < 0:
+            raise ValueError(f"workers: 0 (in-process) or a positive count, got {self.workers}")
+        if not 0 <= self.final_lr_fraction <= 1:
+            raise ValueError("final_lr_fraction: must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Stage options: the model and how to train it."""
+
+    model: VQVAE2Config = field(default_factory=VQVAE2Config)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ----- the stage ------------------------------------------------------------------------------
+
+
+def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
+    """Trains the autoencoder on the ``images`` input; writes the artifact files into `out`."""
+    artifact = inputs["images"]
+    meta = _check_images(config, artifact)
+    log.info(
+        "train_autoencoder: %s, %d steps of %d images, %s",
+        _describe(config.model),
+        config.train.steps,
+        config.train.batch_size,
+        "in-process"
+        if config.train.workers == 0
+        else f"{config.train.workers} Ray Train worker(s)",
+    )
+    images_ref = {"store": artifact.store.spec, "stage": artifact.stage, "key": artifact.key}
+    if config.train.workers == 0:
+        final_dir, metrics = _run_in_process(config, images_ref, scratch)
+    else:
+        final_dir, metrics = _run_on_ray_train(config, images_ref, scratch)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(final_dir / name, out / name)
+    history = json.loads((final_dir / "history.json").read_text())
+    model = VQVAE2.load(out)
+    table = read_image_table(artifact, splits=("val",))
+    if len(table) == 0:
+        table = read_image_table(artifact, splits=("train",))
+    _reconstructions(model, table.images[:24], out / "reconstructions.png")
+    metrics = {**metrics, "image_shape": [meta.height, meta.width, meta.channels]}
+    (out / "metrics.json").write_text(json.dumps({"final": metrics, "history": history}, indent=2))
+    return metrics
+
+
+def _describe(model: VQVAE2Config) -> str:
+    grids = ", ".join(f"{k} {h}x{w}" for k, (h, w) in model.grid_shapes().items())
+    return f"VQ-VAE-2 {model.levels} level(s) ({grids}), {model.codebook_size} codes"
+
+
+def _check_images(config: Config, artifact):
+    table = read_image_table(artifact, splits=("val",))
+    meta = table.meta
+    model = config.model
+    if (meta.height, meta.width) != (model.image_size, model.image_size):
+        raise ValueError(
+            f"model.image_size is {model.image_size} but the images are {meta.height}x{meta.width}; "
+            f"set the ingest step's image_size: {model.image_size} (pads 28 -> 32) or "
+            f"model.image_size: {meta.height}"
+        )
+    if meta.channels != model.in_channels:
+        raise ValueError(
+            f"model.in_channels is {model.in_channels} but the images have {meta.channels} "
+            f"channel(s); set model.in_channels: {meta.channels} or the ingest step's channels"
+        )
+    return meta
+
+
+def _run_in_process(config: Config, images_ref: dict, scratch: str) -> tuple[Path, dict]:
+    session = _LocalSession(
+        Path(scratch), _pick_device(config.train.device), config.train.cpus_per_worker
+    )
+    metrics = train_loop(config, images_ref, session)
+    return session.last_checkpoint, metrics
+
+
+def _run_on_ray_train(config: Config, images_ref: dict, scratch: str) -> tuple[Path, dict]:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    train = config.train
+    gpus = ray.cluster_resources().get("GPU", 0)
+    use_gpu = train.device == "cuda" or (train.device == "auto" and gpus > 0)
+    cpus = train.cpus_per_worker or max(
+        1, int(ray.available_resources().get("CPU", 1)) // train.workers
+    )
+    storage_path, storage_fs = _ray_storage(scratch)
+    trainer = TorchTrainer(
+        _ray_train_worker,
+        train_loop_config={"config": to_dict(config), "images": images_ref, "cpus": cpus},
+        scaling_config=ScalingConfig(
+            num_workers=train.workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}
+        ),
+        run_config=RunConfig(
+            name="ray_train",
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=0),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        raise RuntimeError(_training_error(e, scratch)) from None
+    if result.error is not None:
+        raise RuntimeError(_training_error(result.error, scratch))
+    final = Path(tempfile.mkdtemp(prefix="twostage-final-"))
+    result.checkpoint.to_directory(str(final))
+    metrics = json.loads((final / "final_metrics.json").read_text())
+    return final, metrics
+
+
+def _ray_storage(scratch: str):
+    """Ray Train's storage_path (+ filesystem) for the scratch location of this key."""
+    if "://" not in scratch:
+        Path(scratch).mkdir(parents=True, exist_ok=True)
+        return scratch, None
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(scratch)
+    return path, fs
+
+
+def _training_error(error: BaseException, scratch: str) -> str:
+    text = str(error)
+    match = re.search(r"FloatingPointError: (.*)", text)
+    if match:
+        return f"{match.group(1)}; checkpoints before it are kept in {scratch}"
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return f"training failed: {lines[-1] if lines else type(error).__name__}"
+
+
+def _ray_train_worker(loop_config: dict) -> None:
+    """Ray Train's ``train_loop_per_worker``: rebuild the config, then run the shared loop."""
+    config = from_dict(Config, loop_config["config"], "")
+    train_loop(config, loop_config["images"], _RaySession(loop_config["cpus"]))
+
+
+# ----- sessions: what differs between in-process and Ray Train ------------------------------
+
+
+class _LocalSession:
+    """Rank 0 of 1; checkpoints are directories ``<scratch>/checkpoint_<step>``."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, scratch: Path, device: torch.device, cpus: int | None):
+        self.scratch, self.device = scratch, device
+        self.cpus = cpus or os.cpu_count() or 1
+        self.last_checkpoint: Path | None = None
+
+    def latest_checkpoint(self) -> Path | None:
+        dirs = sorted(p.parent for p in self.scratch.glob("checkpoint_*/state.pt"))
+        return dirs[-1] if dirs else None
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+    def report(self, metrics: dict, checkpoint: Path | None) -> None:
+        if checkpoint is None:
+            return
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        target = self.scratch / f"checkpoint_{metrics['step']:08d}"
+        staging = self.scratch / f".tmp-{target.name}-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(checkpoint, staging)
+        shutil.rmtree(target, ignore_errors=True)
+        os.rename(staging, target)  # a checkpoint directory is complete or absent
+        self.last_checkpoint = target
+        for old in sorted(self.scratch.glob("checkpoint_*"))[:-2]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+class _RaySession:
+    """A Ray Train worker: DDP across workers, checkpoints through ``ray.train.report``."""
+
+    def __init__(self, cpus: int):
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.cpus = cpus
+
+    def latest_checkpoint(self) -> Path | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        return Path(checkpoint.to_directory(tempfile.mkdtemp(prefix="twostage-resume-")))
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        # buffers (codebooks) are kept identical by the quantizer's own all-reduce, not
+        # overwritten from rank 0 each step
+        return ray.train.torch.prepare_model(
+            model,
+            parallel_strategy="ddp" if self.world_size > 1 else None,
+            parallel_strategy_kwargs={"broadcast_buffers": False},
+        )
+
+    def report(self, metrics: dict, checkpoint: Path | None) -> None:
+        import ray.train
+
+        payload = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
+        if checkpoint is None:
+            ray.train.report(payload)
+        else:
+            ray.train.report(
+                payload, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint))
+            )
+
+
+def _pick_device(device: str) -> torch.device:
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device is cuda but no CUDA device is visible")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _use_bf16(precision: str, device: torch.device) -> bool:
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+# ----- the loop -------------------------------------------------------------------------------
+
+
+def _to_input(batch: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """uint8 ``b h w c`` -> float ``b c h w`` in [-1, 1]."""
+    x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    return x.contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    )
+
+
+def _lr_at(step: int, train: TrainConfig) -> float:
+    if step < train.warmup_steps:
+        return train.lr * (step + 1) / train.warmup_steps
+    progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return train.lr * (train.final_lr_fraction + (1 - train.final_lr_fraction) * cosine)
+
+
+def train_loop(config: Config, images_ref: dict, session) -> dict:
+    """Trains a VQ-VAE-2; checkpoints and reports through `session`. Returns final metrics."""
+    from safetensors.torch import load_file
+
+    from pipeline.store import Store
+
+    train = config.train
+    torch.set_num_threads(max(1, session.cpus))
+    artifact = Store(images_ref["store"]).open(images_ref["stage"], images_ref["key"])
+    table = read_image_table(artifact, splits=("train", "val"))
+    train_images = torch.from_numpy(table.images[table.splits == "train"])
+    val_images = torch.from_numpy(table.images[table.splits == "val"][: train.val_images])
+    if len(train_images) == 0:
+        raise ValueError("the image table has no train split")
+    # each rank draws its batches from its own shard of the training images
+    train_images = train_images[session.rank :: session.world_size]
+
+    device = session.device
+    bf16 = _use_bf16(train.precision, device)
+    torch.manual_seed(train.seed)  # same initial weights on every rank
+    model = VQVAE2(config.model)
+    generator = torch.Generator().manual_seed(train.seed * 1000 + session.rank)
+    start_step, history = 0, []
+    resume_dir = session.latest_checkpoint()
+    state = None
+    if resume_dir is not None:
+        model.load_state_dict(load_file(resume_dir / "model.safetensors"))
+        state = torch.load(resume_dir / "state.pt", weights_only=True)
+        start_step = int(state["step"])
+        history = json.loads((resume_dir / "history.json").read_text())
+        generator.set_state(state["rng"][session.rank % len(state["rng"])])
+        if session.rank == 0:
+            log.info("train_autoencoder: resuming from the checkpoint at step %d", start_step)
+    if train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    wrapped = session.wrap(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=train.lr)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+
+    running: dict[str, float] = {}
+    window_start, window_images = time.perf_counter(), 0
+    last_good = start_step if resume_dir is not None else None
+    final_metrics = {}
+    for step in range(start_step, train.steps):
+        lr = _lr_at(step, train)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        index = torch.randint(len(train_images), (train.batch_size,), generator=generator)
+        x = _to_input(train_images[index], device, train.channels_last)
+        model.train()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = wrapped(x)
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            where = f"step {last_good}" if last_good is not None else "none yet"
+            raise FloatingPointError(
+                f"loss became {loss.item()} at step {step + 1} (recon {out['recon'].item():.4g}, "
+                f"commitment {out['commitment'].item():.4g}); last good checkpoint: {where}; "
+                "lower train.lr or check the input data"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+        optimizer.step()
+
+        for k, v in out.items():
+            if k != "x_hat":
+                running[k] = running.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+        running["_n"] = running.get("_n", 0) + 1
+        window_images += train.batch_size * session.world_size
+        done = step + 1
+        if done % train.log_every == 0 or done == train.steps:
+            n = running.pop("_n")
+            row = {"step": done, "lr": lr, **{k: v / n for k, v in running.items()}}
+            row["images_per_s"] = window_images / (time.perf_counter() - window_start)
+            history.append(row)
+            running, window_start, window_images = {}, time.perf_counter(), 0
+            if session.rank == 0:
+                levels = config.model.level_names
+                log.info(
+                    "train_autoencoder: step %d/%d loss %.4f recon %.4f | %s | %.0f img/s",
+                    done,
+                    train.steps,
+                    row["loss"],
+                    row["recon"],
+                    " ".join(f"{lv} ppl {row[f'perplexity/{lv}']:.0f}" for lv in levels),
+                    row["images_per_s"],
+                )
+        if done % train.checkpoint_every == 0 or done == train.steps:
+            final = done == train.steps
+            metrics = {"step": done}
+            if session.rank == 0:
+                metrics.update(evaluate(model, val_images, device, bf16, train.channels_last))
+            if final:
+                metrics["resumed_from_step"] = start_step
+                metrics["bf16"] = bf16
+                metrics["workers"] = session.world_size
+                metrics["train_images_per_s"] = _mean_rate(history)
+            checkpoint_dir = None
+            if session.rank == 0:
+                checkpoint_dir = Path(tempfile.mkdtemp(prefix="twostage-ckpt-"))
+                model.save(checkpoint_dir)
+                torch.save(
+                    {
+                        "step": done,
+                        "optimizer": optimizer.state_dict(),
+                        "rng": [generator.get_state()],
+                    },
+                    checkpoint_dir / "state.pt",
+                )
+                (checkpoint_dir / "history.json").write_text(json.dumps(history))
+                if final:
+                    (checkpoint_dir / "final_metrics.json").write_text(json.dumps(metrics))
+            session.report(metrics, checkpoint_dir)
+            if checkpoint_dir is not None:
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            last_good = done
+            if session.rank == 0:
+                log.info(
+                    "train_autoencoder: checkpoint at step %d%s",
+                    done,
+                    f" (val mse {metrics['val_mse']:.5f})" if "val_mse" in metrics else "",
+                )
+            final_metrics = metrics
+    if start_step >= train.steps and session.rank == 0:  # resumed a finished run
+        final_metrics = (
+            json.loads((resume_dir / "final_metrics.json").read_text())
+            if (resume_dir / "final_metrics.json").is_file()
+            else {"step": start_step}
+        )
+        checkpoint_dir = resume_dir
+        session.report({**final_metrics, "step": start_step}, checkpoint_dir)
+    return final_metrics
+
+
+def _mean_rate(history: list[dict]) -> float:
+    rates = [r["images_per_s"] for r in history[1:]] or [r["images_per_s"] for r in history]
+    return float(np.mean(rates)) if rates else 0.0
+
+
+@torch.no_grad()
+def evaluate(
+    model: VQVAE2,
+    images: torch.Tensor,
+    device: torch.device,
+    bf16: bool,
+    channels_last: bool,
+    batch_size: int = 256,
+) -> dict:
+    """Val MSE and PSNR in [0, 1] pixel units; per-level codebook usage and perplexity."""
+    if len(images) == 0:
+        return {}
+    model.eval()
+    sq_err, pixels = 0.0, 0
+    counts = {
+        name: torch.zeros(model.config.codebook_size, dtype=torch.long)
+        for name in model.config.level_names
+    }
+    for start in range(0, len(images), batch_size):
+        x = _to_input(images[start : start + batch_size], device, channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            codes = model.encode_indices(x)
+            x_hat = model.decode_indices(codes).float().clamp(-1, 1)
+        sq_err += float(((x_hat - x) / 2).pow(2).sum())
+        pixels += x.numel()
+        for name, idx in codes.items():
+            counts[name] += torch.bincount(
+                idx.flatten().cpu(), minlength=model.config.codebook_size
+            )
+    mse = sq_err / pixels
+    metrics = {"val_mse": mse, "val_psnr": 10 * math.log10(1 / max(mse, 1e-12))}
+    for name, c in counts.items():
+        p = c.double() / c.sum()
+        metrics[f"val_usage/{name}"] = float((c > 0).double().mean())
+        metrics[f"val_perplexity/{name}"] = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
+    model.train()
+    return metrics
+
+
+@torch.no_grad()
+def _reconstructions(model: VQVAE2, images: np.ndarray, path: Path) -> None:
+    """Writes originals above reconstructions, 12 per row."""
+    model.eval()
+    x = _to_input(torch.from_numpy(images), torch.device("cpu"), False)
+    x_hat = model.decode_indices(model.encode_indices(x)).clamp(-1, 1)
+    to_uint8 = lambda t: ((t + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()  # noqa: E731
+    originals, recon = to_uint8(x), to_uint8(x_hat)
+    rows = []
+    for start in range(0, len(images), 12):
+        rows += [originals[start : start + 12], recon[start : start + 12]]
+    save_png(grid(np.concatenate(rows), nrow=12, scale=2), path)
