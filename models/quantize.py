@@ -123,12 +123,15 @@ class VectorQuantizer(nn.Module):
             counts = torch.bincount(indices, minlength=self.codebook_size).float()
             if self.training and _distributed():
                 dist.all_reduce(counts)
+            # the codes this batch was assigned to, before this step's codebook update
+            quantized_flat = F.embedding(indices, self.embed.float())
+            if self.update == "ema":
+                quantized_flat = quantized_flat.clone()
             restarts = 0
             if self.training:
                 if self.update == "ema":
                     self._ema_update(flat.detach(), indices, counts)
                 restarts = self._restart_dead(flat.detach(), counts)
-            quantized_flat = F.embedding(indices, self.embed.float())
             commitment = F.mse_loss(flat, quantized_flat.detach())
             if self.update == "gradient":
                 codebook = F.mse_loss(quantized_flat, flat.detach())

@@ -1,0 +1,202 @@
+"""The train_autoencoder stage: artifacts, Ray Train with DDP workers, resume after a kill, NaN."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import from_dict
+from pipeline.store import Store
+from stages import ingest, train_autoencoder
+from tests.conftest import cli_env, run_json, write_yaml
+
+TINY_MODEL = (
+    "{in_channels: 1, channels: 16, res_blocks: 1, res_channels: 8, codebook_size: 32, "
+    "embed_dim: 8}"
+)
+
+
+def _images(tmp_path: Path, **kwargs):
+    store = Store(str(tmp_path / "store"))
+    config = ingest.Config(**{"image_size": 32, "limit": 600, **kwargs})
+    with store.staging("ingest", "f" * 64) as out:
+        metrics = ingest.run(config, {}, out, "")
+        artifact, _ = store.commit("ingest", "f" * 64, out, {"metrics": metrics})
+    return artifact
+
+
+def _config(**train) -> train_autoencoder.Config:
+    model = dict(
+        in_channels=1, channels=16, res_blocks=1, res_channels=8, codebook_size=32, embed_dim=8
+    )
+    return from_dict(
+        train_autoencoder.Config,
+        {"model": model, "train": {"workers": 0, "log_every": 10, **train}},
+        "",
+    )
+
+
+def test_pipeline_trains_with_ray_train_one_and_two_ddp_workers(tmp_path):
+    config = write_yaml(
+        tmp_path / "vq.yaml",
+        f"""
+name: vq
+ray: {{num_cpus: 4}}
+steps:
+  data: {{stage: ingest, image_size: 32, limit: 1000}}
+  one:
+    stage: train_autoencoder
+    inputs: {{images: data}}
+    model: {TINY_MODEL}
+    train: {{steps: 40, checkpoint_every: 20, log_every: 10, workers: 1, cpus_per_worker: 1}}
+  two:
+    stage: train_autoencoder
+    inputs: {{images: data}}
+    model: {TINY_MODEL}
+    train: {{steps: 40, checkpoint_every: 20, log_every: 10, workers: 2, cpus_per_worker: 1}}
+""",
+    )
+    summary = run_json(config, cwd=tmp_path, timeout=600)
+    assert summary["status"] == "ok", summary
+    store = Store(str(tmp_path / "artifacts"))
+    for name, workers in (("one", 1), ("two", 2)):
+        step = next(s for s in summary["stages"] if s["name"] == name)
+        artifact = store.open("train_autoencoder", step["key"])
+        assert set(artifact.files) == {
+            "config.json",
+            "model.safetensors",
+            "metrics.json",
+            "reconstructions.png",
+        }
+        final = artifact.metrics
+        assert final["workers"] == workers and final["step"] == 40
+        assert 0 < final["val_mse"] < 1 and final["val_psnr"] > 0
+        assert {"val_usage/bottom", "val_usage/top", "val_perplexity/top"} <= set(final)
+        history = json.loads(artifact.read_bytes("metrics.json"))["history"]
+        assert [row["step"] for row in history] == [10, 20, 30, 40]
+        assert {"loss", "recon", "commitment", "perplexity/bottom", "usage/top", "lr"} <= set(
+            history[0]
+        )
+        assert not Path(store.scratch_uri("train_autoencoder", step["key"])).exists()
+    assert (Path(summary["run_dir"]) / "reconstructions.png").is_file()
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
+    config = write_yaml(
+        tmp_path / "resume.yaml",
+        f"""
+name: resume
+steps:
+  data: {{stage: ingest, image_size: 32, limit: 600}}
+  vqvae:
+    stage: train_autoencoder
+    inputs: {{images: data}}
+    model: {TINY_MODEL}
+    train: {{steps: 600, checkpoint_every: 50, log_every: 50, warmup_steps: 10}}
+""",
+    )
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(config), "--json"]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    snapshot = str(
+        tmp_path / "artifacts/_scratch/train_autoencoder/*/ray_train/"
+        "checkpoint_manager_snapshot.json"
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if _registered_checkpoint(glob.glob(snapshot)):
+            break
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        time.sleep(0.2)
+    else:
+        pytest.fail("no checkpoint within 240 s")
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+    proc.wait()
+    time.sleep(3)
+    assert not glob.glob(str(tmp_path / "artifacts/train_autoencoder/*"))  # nothing committed
+
+    summary = run_json(config, cwd=tmp_path, timeout=600)
+    assert [s["status"] for s in summary["stages"]] == ["cached", "resumed"]
+    key = summary["stages"][1]["key"]
+    artifact = Store(str(tmp_path / "artifacts")).open("train_autoencoder", key)
+    resumed_from = artifact.metrics["resumed_from_step"]
+    assert resumed_from >= 50 and resumed_from % 50 == 0 and resumed_from < 600
+    assert artifact.metrics["step"] == 600
+    history = json.loads(artifact.read_bytes("metrics.json"))["history"]
+    assert [r["step"] for r in history] == list(range(50, 601, 50))  # no step trained twice
+
+
+def _registered_checkpoint(snapshots: list[str]) -> bool:
+    """True once Ray Train has recorded a checkpoint (what a rerun resumes from)."""
+    try:
+        return (
+            bool(snapshots)
+            and json.loads(Path(snapshots[0]).read_text())["latest_checkpoint_result"] is not None
+        )
+    except (ValueError, OSError):
+        return False  # being written
+
+
+def test_in_process_resume_and_checkpoint_contents(tmp_path):
+    images = _images(tmp_path)
+    scratch = tmp_path / "scratch"
+    out = tmp_path / "out1"
+    out.mkdir()
+    first = train_autoencoder.run(
+        _config(steps=20, checkpoint_every=10), {"images": images}, out, str(scratch)
+    )
+    assert first["resumed_from_step"] == 0
+    checkpoints = sorted(p.name for p in scratch.iterdir())
+    assert checkpoints == ["checkpoint_00000010", "checkpoint_00000020"]
+    assert {p.name for p in (scratch / "checkpoint_00000020").iterdir()} >= {
+        "config.json",
+        "model.safetensors",
+        "state.pt",
+        "history.json",
+    }
+    out2 = tmp_path / "out2"
+    out2.mkdir()
+    second = train_autoencoder.run(
+        _config(steps=30, checkpoint_every=10), {"images": images}, out2, str(scratch)
+    )
+    assert second["resumed_from_step"] == 20 and second["step"] == 30
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_keeps_checkpoints(tmp_path):
+    images = _images(tmp_path)
+    scratch = tmp_path / "scratch"
+    out = tmp_path / "out"
+    out.mkdir()
+    config = _config(
+        steps=200, checkpoint_every=1, lr=1e12, warmup_steps=1, grad_clip=0.0, precision="fp32"
+    )
+    with pytest.raises(
+        FloatingPointError,
+        match=r"loss became (nan|inf) at step \d+.*last good checkpoint: step \d+",
+    ):
+        train_autoencoder.run(config, {"images": images}, out, str(scratch))
+    kept = sorted(scratch.glob("checkpoint_*"))
+    assert kept and all((p / "model.safetensors").is_file() for p in kept)
+
+
+def test_image_size_mismatch_names_the_fix(tmp_path):
+    images = _images(tmp_path, image_size=None)  # 28x28
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(
+        ValueError,
+        match=r"model.image_size is 32 but the images are 28x28; set the ingest step's image_size: 32",
+    ):
+        train_autoencoder.run(_config(steps=2), {"images": images}, out, str(tmp_path / "s"))
