@@ -1,0 +1,12 @@
+"""Runs every benchmark (`make bench`); each writes its figures to bench/results/<name>.json."""
+
+from bench import mnist_vqvae2, vqvae2_throughput
+
+
+def main() -> None:
+    vqvae2_throughput.main()
+    mnist_vqvae2.main()
+
+
+if __name__ == "__main__":
+    main()
