@@ -26,7 +26,7 @@ def main() -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mnist", default=str(REPO.parent / "shared" / "data" / "mnist"))
     parser.add_argument("--steps", type=int, default=2000)
-    args = parser.parse_args()
+    args, _ = parser.parse_known_args()
     if not (Path(args.mnist) / "train-images-idx3-ubyte.gz").is_file():
         print(f"skipped: no MNIST IDX files in {args.mnist}")
         return {}

@@ -149,8 +149,9 @@ def _cmd_ls(args) -> int:
         return 0
     print(f"{'STAGE':<18} {'KEY':<12}  {'CREATED':<20} {'SIZE':>9}  INPUTS")
     for a in artifacts:
+        stages = a.manifest.get("input_stages", {})
         inputs = ", ".join(
-            f"{slot}={','.join(k[:12] for k in (ref if isinstance(ref, list) else [ref]))}"
+            f"{slot}={','.join(_ref(s, k) for s, k in _pairs(stages.get(slot), ref))}"
             for slot, ref in sorted(a.manifest.get("inputs", {}).items())
         )
         print(
@@ -158,6 +159,16 @@ def _cmd_ls(args) -> int:
             f"{_human(_size(a)):>9}  {inputs or '-'}"
         )
     return 0
+
+
+def _pairs(stages, keys) -> list[tuple[str | None, str]]:
+    keys = keys if isinstance(keys, list) else [keys]
+    stages = stages if isinstance(stages, list) else [stages] * len(keys)
+    return list(zip(stages, keys, strict=True))
+
+
+def _ref(stage: str | None, key: str) -> str:
+    return f"{stage}/{key[:12]}" if stage else key[:12]
 
 
 def _cmd_show(args) -> int:

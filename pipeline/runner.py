@@ -276,6 +276,10 @@ def _execute_step(
                     slot: ([r[1] for r in refs] if isinstance(refs, list) else refs[1])
                     for slot, refs in inputs.items()
                 },
+                "input_stages": {
+                    slot: ([r[0] for r in refs] if isinstance(refs, list) else refs[0])
+                    for slot, refs in inputs.items()
+                },
                 "metrics": metrics,
                 "seconds": round(seconds, 3),
                 "versions": _versions(module),

@@ -31,6 +31,7 @@ BUILTIN = {
     "ingest": "stages.ingest",
     "image_stats": "stages.image_stats",
     "train_autoencoder": "stages.train_autoencoder",
+    "encode": "stages.encode",
 }
 
 

@@ -132,21 +132,7 @@ def read_image_table(artifact, splits: tuple[str, ...] | None = None) -> ImageTa
 
 def table_from_arrow(table: pa.Table, meta: ImageTableMeta) -> ImageTable:
     """Converts an Arrow image table to numpy arrays."""
-    n = table.num_rows
-    shape = (n, meta.height, meta.width, meta.channels)
-    image_col = table["image"].combine_chunks()
-    buffer = image_col.buffers()[2]
-    offset = image_col.offset
-    pixels = meta.height * meta.width * meta.channels
-    flat = np.frombuffer(buffer, np.uint8)
-    offsets = np.frombuffer(image_col.buffers()[1], np.int32)[offset : offset + n + 1]
-    if n and not np.all(np.diff(offsets) == pixels):
-        raise ValueError(f"image column holds rows of the wrong size (expected {pixels} bytes)")
-    images = (
-        flat[offsets[0] : offsets[0] + n * pixels].reshape(shape)
-        if n
-        else np.zeros(shape, np.uint8)
-    )
+    images = decode_pixels(table["image"], meta)
     labels = pc.fill_null(table["label"], -1).to_numpy().astype(np.int64)
     return ImageTable(
         meta=meta,
@@ -155,3 +141,18 @@ def table_from_arrow(table: pa.Table, meta: ImageTableMeta) -> ImageTable:
         splits=np.asarray(table["split"].to_pylist(), dtype=object),
         images=images,
     )
+
+
+def decode_pixels(column, meta: ImageTableMeta) -> np.ndarray:
+    """The ``image`` column (binary, raw pixels) as uint8 ``n h w c`` without copying rows."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    n = len(column)
+    shape = (n, meta.height, meta.width, meta.channels)
+    if n == 0:
+        return np.zeros(shape, np.uint8)
+    pixels = meta.height * meta.width * meta.channels
+    offsets = np.frombuffer(column.buffers()[1], np.int32)[column.offset : column.offset + n + 1]
+    if not np.all(np.diff(offsets) == pixels):
+        raise ValueError(f"image column holds rows of the wrong size (expected {pixels} bytes)")
+    flat = np.frombuffer(column.buffers()[2], np.uint8)
+    return flat[offsets[0] : offsets[0] + n * pixels].reshape(shape)

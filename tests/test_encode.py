@@ -1,0 +1,178 @@
+"""Encode stage and code shards: plain-pyarrow readability, exact codes, lineage, integrity."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from models.vqvae2 import VQVAE2
+from pipeline.store import CorruptArtifactError, Store
+from stages.codes import CodeShardError, open_codes
+from stages.tables import read_image_table
+from tests.conftest import REPO, run_json, twostage, write_yaml
+
+PIPELINE = """
+name: enc
+ray: {num_cpus: 2}
+steps:
+  data: {stage: ingest, image_size: 32, limit: 400}
+  vqvae:
+    stage: train_autoencoder
+    inputs: {images: data}
+    model: {in_channels: 1, channels: 16, res_blocks: 1, res_channels: 8, codebook_size: 32, embed_dim: 8}
+    train: {steps: 20, checkpoint_every: 20, log_every: 10, workers: 0}
+  codes:
+    stage: encode
+    inputs: {images: data, autoencoder: vqvae}
+    precision: fp32
+    batch_size: 128
+"""
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory):
+    """One pipeline run, then a second with a retrained autoencoder (more steps)."""
+    tmp = tmp_path_factory.mktemp("encode")
+    config = write_yaml(tmp / "enc.yaml", PIPELINE)
+    first = run_json(config, cwd=tmp, timeout=600)
+    assert first["status"] == "ok", first
+    again = run_json(config, cwd=tmp, timeout=600)
+    retrained = run_json(config, "--set", "steps.vqvae.train.steps=30", cwd=tmp, timeout=600)
+    assert retrained["status"] == "ok", retrained
+    keys = lambda s: {x["name"]: x for x in s["stages"]}  # noqa: E731
+    return {
+        "tmp": tmp,
+        "config": config,
+        "first": keys(first),
+        "again": keys(again),
+        "retrained": keys(retrained),
+        "store": Store(str(tmp / "artifacts")),
+    }
+
+
+def test_plain_pyarrow_reads_a_shard_and_its_metadata(encoded):
+    artifact = encoded["store"].open("encode", encoded["first"]["codes"]["key"])
+    path = artifact.local_path("codes-00000.parquet")
+    script = f"""
+import json, sys
+import numpy as np, pyarrow.parquet as pq
+t = pq.read_table({str(path)!r})
+meta = json.loads(t.schema.metadata[b"twostage.codes"])
+row = t.slice(0, 1).to_pylist()[0]
+grid = np.asarray(row["codes_bottom"], dtype=np.uint16).reshape(meta["grid_shapes"]["bottom"])
+assert not any(m.split(".")[0] in ("pipeline", "stages", "models") for m in sys.modules)
+print(json.dumps({{"rows": t.num_rows, "columns": t.column_names, "meta": meta,
+                  "id": row["id"], "bottom": grid.tolist(), "top": row["codes_top"]}}))
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        env={"PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["rows"] == 800
+    assert out["columns"] == ["id", "label", "split", "codes_bottom", "codes_top"]
+    meta = out["meta"]
+    assert meta["level_names"] == ["bottom", "top"]
+    assert meta["grid_shapes"] == {"bottom": [8, 8], "top": [4, 4]}
+    assert meta["codebook_sizes"] == {"bottom": 32, "top": 32}
+    assert meta["autoencoder_key"] == encoded["first"]["vqvae"]["key"]
+    assert meta["schema_version"] == 1 and meta["precision"] == "fp32"
+
+    # the decoded grid equals encode_indices of that very image
+    store = encoded["store"]
+    model_dir = (
+        store.open("train_autoencoder", encoded["first"]["vqvae"]["key"])
+        .local_path("config.json")
+        .parent
+    )
+    model = VQVAE2.load(model_dir).eval()
+    table = read_image_table(store.open("ingest", encoded["first"]["data"]["key"]))
+    image = table.images[table.ids == out["id"]]
+    x = torch.from_numpy(image).permute(0, 3, 1, 2).float() / 127.5 - 1
+    codes = model.encode_indices(x)
+    assert codes["bottom"][0].tolist() == out["bottom"]
+    assert codes["top"][0].flatten().tolist() == out["top"]
+
+
+def test_open_codes_views(encoded):
+    dataset = open_codes(encoded["store"].open("encode", encoded["first"]["codes"]["key"]))
+    arrays = dataset.to_numpy()
+    assert arrays["bottom"].shape == (800, 8, 8) and arrays["top"].shape == (800, 4, 4)
+    assert arrays["bottom"].dtype == np.uint16 and arrays["bottom"].max() < 32
+    assert sorted(set(arrays["split"].tolist())) == ["test", "train", "val"]
+    val = dataset.to_torch("val")
+    assert val["bottom"].dtype == torch.int64 and len(val["label"]) == 40
+    # by URI as well
+    uri = encoded["first"]["codes"]["uri"]
+    assert open_codes(uri).meta == dataset.meta
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=1, include_dashboard=False)
+    try:
+        assert dataset.to_ray_dataset().count() == 800
+    finally:
+        ray.shutdown()
+
+
+def test_rerun_is_cached_and_retraining_makes_new_shards(encoded, tmp_path):
+    assert encoded["again"]["codes"]["status"] == "cached"
+    old, new = encoded["first"]["codes"]["key"], encoded["retrained"]["codes"]["key"]
+    assert encoded["retrained"]["vqvae"]["status"] == "ran"
+    assert encoded["retrained"]["codes"]["status"] == "ran" and new != old
+    store = encoded["store"]
+    assert store.open("encode", old).verify() == []  # the old shard set is intact
+    listing = json.loads(twostage("ls", "encode", "--json", cwd=encoded["tmp"], check=0).stdout)
+    by_key = {row["key"]: row["inputs"]["autoencoder"] for row in listing}
+    assert by_key == {
+        old: encoded["first"]["vqvae"]["key"],
+        new: encoded["retrained"]["vqvae"]["key"],
+    }
+    text = twostage("ls", "encode", cwd=encoded["tmp"], check=0).stdout
+    assert f"autoencoder=train_autoencoder/{encoded['first']['vqvae']['key'][:12]}" in text
+    # shards of one autoencoder are refused where another is expected
+    with pytest.raises(CodeShardError, match=r"codes-00000.parquet: encoded with autoencoder"):
+        open_codes(
+            store.open("encode", old), expect_autoencoder=encoded["retrained"]["vqvae"]["key"]
+        )
+    assert open_codes(
+        store.open("encode", new), expect_autoencoder=encoded["retrained"]["vqvae"]["key"]
+    )
+
+
+def _copy_artifact(store: Store, key: str, tmp_path: Path) -> Store:
+    import shutil
+
+    target = Store(str(tmp_path / "copy"))
+    shutil.copytree(store.dir_of("encode", key), Path(target.dir_of("encode", key)))
+    return target
+
+
+def test_bit_flip_and_truncation_are_detected_naming_the_file(encoded, tmp_path):
+    key = encoded["first"]["codes"]["key"]
+    copy = _copy_artifact(encoded["store"], key, tmp_path)
+    path = Path(copy.dir_of("encode", key)) / "codes-00000.parquet"
+    original = path.read_bytes()
+    flipped = bytearray(original)
+    flipped[len(flipped) // 2] ^= 0x04
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(CorruptArtifactError, match=r"codes-00000.parquet: sha256 does not match"):
+        open_codes(copy.open("encode", key))
+    path.write_bytes(original[:-50])
+    with pytest.raises(CorruptArtifactError, match=r"codes-00000.parquet: size .* does not match"):
+        open_codes(copy.open("encode", key))
+
+
+def test_demo_pipeline_includes_encode():
+    raw = yaml.safe_load((REPO / "configs/mnist_vqvae2.yaml").read_text())
+    steps = raw["steps"]
+    encode = [s for s in steps.values() if s["stage"] == "encode"]
+    assert len(encode) == 1 and encode[0]["inputs"]["autoencoder"] in steps
