@@ -182,8 +182,11 @@ def _cmd_verify(args) -> int:
     if args.all == bool(args.keys):
         print("twostage verify: give KEY... or --all", file=sys.stderr)
         return 2
-    artifacts = store.list() if args.all else [store.find(k) for k in args.keys]
-    bad = 0
+    unreadable: list[str] = []
+    artifacts = store.list(problems=unreadable) if args.all else [store.find(k) for k in args.keys]
+    for problem in unreadable:
+        print(f"CORRUPT {problem}")
+    bad = len(unreadable)
     for artifact in artifacts:
         problems = artifact.verify()
         name = f"{artifact.stage}/{artifact.key[:12]}"

@@ -243,8 +243,12 @@ class Store:
             raise StoreError(f"no committed artifact {stage}/{key} in {self.uri}")
         return artifact
 
-    def list(self, stage: str | None = None) -> list[Artifact]:
-        """All committed artifacts, oldest first (optionally of one stage type)."""
+    def list(self, stage: str | None = None, problems: list[str] | None = None) -> list[Artifact]:
+        """All committed artifacts, oldest first (optionally of one stage type).
+
+        Artifacts whose manifest is unreadable are left out; their errors are appended to
+        `problems` when given.
+        """
         stages = [stage] if stage else self._children(self.root)
         found = []
         for name in stages:
@@ -253,7 +257,9 @@ class Store:
             for key in self._children(f"{self.root}/{name}"):
                 try:
                     artifact = self.get(name, key)
-                except CorruptArtifactError:
+                except CorruptArtifactError as e:
+                    if problems is not None:
+                        problems.append(str(e))
                     continue
                 if artifact is not None:
                     found.append(artifact)

@@ -136,6 +136,8 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
     import ray
     import ray.data
 
+    log.disabled = False  # Ray Data's logging set-up disables loggers created before it
+
     images, autoencoder = inputs["images"], inputs["autoencoder"]
     problems = images.verify()  # never encode from a corrupt table
     if problems:

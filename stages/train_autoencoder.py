@@ -122,13 +122,14 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
         else f"{config.train.workers} Ray Train worker(s)",
     )
     images_ref = {"store": artifact.store.spec, "stage": artifact.stage, "key": artifact.key}
-    if config.train.workers == 0:
-        final_dir, metrics = _run_in_process(config, images_ref, scratch)
-    else:
-        final_dir, metrics = _run_on_ray_train(config, images_ref, scratch)
-    for name in ("config.json", "model.safetensors"):
-        shutil.copyfile(final_dir / name, out / name)
-    history = json.loads((final_dir / "history.json").read_text())
+    with tempfile.TemporaryDirectory(prefix="twostage-final-") as tmp:
+        if config.train.workers == 0:
+            final_dir, metrics = _run_in_process(config, images_ref, scratch)
+        else:
+            final_dir, metrics = _run_on_ray_train(config, images_ref, scratch, Path(tmp))
+        for name in ("config.json", "model.safetensors"):
+            shutil.copyfile(final_dir / name, out / name)
+        history = json.loads((final_dir / "history.json").read_text())
     model = VQVAE2.load(out)
     table = read_image_table(artifact, splits=("val",))
     if len(table) == 0:
@@ -170,7 +171,9 @@ def _run_in_process(config: Config, images_ref: dict, scratch: str) -> tuple[Pat
     return session.last_checkpoint, metrics
 
 
-def _run_on_ray_train(config: Config, images_ref: dict, scratch: str) -> tuple[Path, dict]:
+def _run_on_ray_train(
+    config: Config, images_ref: dict, scratch: str, final: Path
+) -> tuple[Path, dict]:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -202,7 +205,6 @@ def _run_on_ray_train(config: Config, images_ref: dict, scratch: str) -> tuple[P
         raise RuntimeError(_training_error(e, scratch)) from None
     if result.error is not None:
         raise RuntimeError(_training_error(result.error, scratch))
-    final = Path(tempfile.mkdtemp(prefix="twostage-final-"))
     result.checkpoint.to_directory(str(final))
     metrics = json.loads((final / "final_metrics.json").read_text())
     return final, metrics

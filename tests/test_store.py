@@ -111,6 +111,11 @@ def test_unreadable_manifest_is_an_error_not_a_cache_hit(tmp_path):
     (tmp_path / "demo" / key / MANIFEST).write_text("{not json")
     with pytest.raises(CorruptArtifactError, match="unreadable manifest"):
         store.get("demo", key)
+    problems = []
+    assert store.list(problems=problems) == []
+    assert len(problems) == 1 and "_MANIFEST.json: unreadable manifest" in problems[0]
+    proc = twostage("verify", "--all", "--store", tmp_path, cwd=tmp_path, check=1)
+    assert f"CORRUPT {tmp_path}/demo/{key}/_MANIFEST.json" in proc.stdout
 
 
 def test_find_by_prefix(tmp_path):
