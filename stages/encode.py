@@ -147,7 +147,7 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
     model_config = json.loads(autoencoder.read_bytes("config.json"))
     parts = sorted(n for n in images.files if n.endswith(".parquet"))
     with images.store.fs.open_input_file(images._fs_path(parts[0])) as f:
-        table_meta = ImageTableMeta.from_json(pq.read_schema(f).metadata[META_KEY])
+        table_meta = ImageTableMeta.from_json(pq.read_metadata(f).metadata[META_KEY])
     _check_shapes(model_config, table_meta)
     levels = {1: ["codes"], 2: ["bottom", "top"], 3: ["bottom", "middle", "top"]}[
         model_config["levels"]

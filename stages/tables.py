@@ -97,7 +97,13 @@ def write_image_table(
             schema=ARROW_SCHEMA.with_metadata({META_KEY: meta.to_json()}),
         )
         name = f"{prefix}-{part:05d}.parquet"
-        pq.write_table(arrow, out / name, compression="zstd", use_dictionary=["split", "label"])
+        pq.write_table(
+            arrow,
+            out / name,
+            compression="zstd",
+            use_dictionary=["split", "label"],
+            row_group_size=4096,
+        )  # row groups small enough to stream
         names.append(name)
     return names
 
