@@ -92,7 +92,7 @@ class Encoder:
         from models.vqvae2 import VQVAE2
         from pipeline.store import Store
 
-        torch.set_num_threads(max(1, threads))
+        self.threads = max(1, threads)
         artifact = Store(autoencoder["store"]).open(autoencoder["stage"], autoencoder["key"])
         for name in ("config.json", "model.safetensors"):
             artifact.local_path(name)  # verified against the manifest
@@ -109,6 +109,9 @@ class Encoder:
         import pyarrow.compute as pc
         import torch
 
+        # Ray Data may call the UDF on another thread than __init__'s, and OpenMP thread counts
+        # are per thread: set it where the work runs
+        torch.set_num_threads(self.threads)
         if self.splits is not None:
             batch = batch.filter(pc.is_in(batch["split"], pa.array(self.splits)))
         array = decode_pixels(batch["image"], self.table_meta)
