@@ -171,6 +171,9 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # same shards on every rerun
     context.enable_progress_bars = False
+    # small blocks (a few thousand images): reading, encoding and writing overlap, and no
+    # block ever holds a large part of the dataset (Parquet reads otherwise give one block)
+    context.target_max_block_size = 4 * 2**20
     free_cpus = int(ray.available_resources().get("CPU", 1))
     threads = config.cpus_per_actor or max(1, free_cpus // config.actors)
     # Ray Data's file listing and read tasks need a CPU of their own: never let the actor pool
