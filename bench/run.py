@@ -1,12 +1,13 @@
 """Runs every benchmark (`make bench`); each writes its figures to bench/results/<name>.json."""
 
-from bench import encode_throughput, mnist_vqvae2, vqvae2_throughput
+from bench import encode_throughput, mnist_vqvae2, prior_sampling, vqvae2_throughput
 
 
 def main() -> None:
     vqvae2_throughput.main()
     mnist_vqvae2.main()
     encode_throughput.main()
+    prior_sampling.main()
 
 
 if __name__ == "__main__":

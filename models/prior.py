@@ -134,6 +134,9 @@ class CodePrior(nn.Module):
                 num_key_value_heads=c.heads,
                 max_position_embeddings=c.prefix_length + c.length,
                 attention_dropout=c.dropout,
+                bos_token_id=None,
+                eos_token_id=None,
+                pad_token_id=None,
             )
         )
         self.head = nn.Linear(c.hidden_size, c.codebook_size, bias=False)
