@@ -2,8 +2,8 @@
 
 The training loop (`train_loop`) is written out once and runs either in this process
 (``train.workers: 0``) or as Ray Train's ``train_loop_per_worker`` under a ``TorchTrainer`` with
-N DDP workers (``train.workers: N``, the default 1); the only difference is the `_Session`
-object handed to it (rank, device, checkpoint I/O, reporting).
+N DDP workers (``train.workers: N``, the default 1); `stages.training.launch` picks the
+session object handed to it (rank, device, checkpoint I/O, reporting).
 
 Checkpoints (``model.safetensors`` + ``config.json`` + ``state.pt`` with optimizer, step, RNG
 and metric history) are written every ``checkpoint_every`` steps into the stage's scratch
@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import re
 import shutil
 import tempfile
 import time
@@ -38,6 +36,7 @@ from pipeline.config import from_dict, to_dict
 from stages import Input
 from stages.images import grid, save_png
 from stages.tables import read_image_table
+from stages.training import launch, use_bf16
 
 VERSION = "1"
 INPUTS = {"images": Input(kinds=("ingest",))}
@@ -123,10 +122,15 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
     )
     images_ref = {"store": artifact.store.spec, "stage": artifact.stage, "key": artifact.key}
     with tempfile.TemporaryDirectory(prefix="twostage-final-") as tmp:
-        if config.train.workers == 0:
-            final_dir, metrics = _run_in_process(config, images_ref, scratch)
-        else:
-            final_dir, metrics = _run_on_ray_train(config, images_ref, scratch, Path(tmp))
+        final_dir, metrics = launch(
+            _loop,
+            {"config": to_dict(config), "images": images_ref},
+            workers=config.train.workers,
+            cpus_per_worker=config.train.cpus_per_worker,
+            device=config.train.device,
+            scratch=scratch,
+            final=Path(tmp),
+        )
         for name in ("config.json", "model.safetensors"):
             shutil.copyfile(final_dir / name, out / name)
         history = json.loads((final_dir / "history.json").read_text())
@@ -163,171 +167,10 @@ def _check_images(config: Config, artifact):
     return meta
 
 
-def _run_in_process(config: Config, images_ref: dict, scratch: str) -> tuple[Path, dict]:
-    session = _LocalSession(
-        Path(scratch), _pick_device(config.train.device), config.train.cpus_per_worker
-    )
-    metrics = train_loop(config, images_ref, session)
-    return session.last_checkpoint, metrics
-
-
-def _run_on_ray_train(
-    config: Config, images_ref: dict, scratch: str, final: Path
-) -> tuple[Path, dict]:
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    train = config.train
-    gpus = ray.cluster_resources().get("GPU", 0)
-    use_gpu = train.device == "cuda" or (train.device == "auto" and gpus > 0)
-    cpus = train.cpus_per_worker or max(
-        1, int(ray.available_resources().get("CPU", 1)) // train.workers
-    )
-    storage_path, storage_fs = _ray_storage(scratch)
-    trainer = TorchTrainer(
-        _ray_train_worker,
-        train_loop_config={"config": to_dict(config), "images": images_ref, "cpus": cpus},
-        scaling_config=ScalingConfig(
-            num_workers=train.workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}
-        ),
-        run_config=RunConfig(
-            name="ray_train",
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=0),
-        ),
-    )
-    try:
-        result = trainer.fit()
-    except Exception as e:
-        raise RuntimeError(_training_error(e, scratch)) from None
-    if result.error is not None:
-        raise RuntimeError(_training_error(result.error, scratch))
-    result.checkpoint.to_directory(str(final))
-    metrics = json.loads((final / "final_metrics.json").read_text())
-    return final, metrics
-
-
-def _ray_storage(scratch: str):
-    """Ray Train's storage_path (+ filesystem) for the scratch location of this key."""
-    if "://" not in scratch:
-        Path(scratch).mkdir(parents=True, exist_ok=True)
-        return scratch, None
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(scratch)
-    return path, fs
-
-
-def _training_error(error: BaseException, scratch: str) -> str:
-    text = str(error)
-    match = re.search(r"FloatingPointError: (.*)", text)
-    if match:
-        return f"{match.group(1)}; checkpoints before it are kept in {scratch}"
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    return f"training failed: {lines[-1] if lines else type(error).__name__}"
-
-
-def _ray_train_worker(loop_config: dict) -> None:
-    """Ray Train's ``train_loop_per_worker``: rebuild the config, then run the shared loop."""
+def _loop(loop_config: dict, session) -> dict:
+    """The loop as `stages.training.launch` calls it: rebuild the config, then train."""
     config = from_dict(Config, loop_config["config"], "")
-    train_loop(config, loop_config["images"], _RaySession(loop_config["cpus"]))
-
-
-# ----- sessions: what differs between in-process and Ray Train ------------------------------
-
-
-class _LocalSession:
-    """Rank 0 of 1; checkpoints are directories ``<scratch>/checkpoint_<step>``."""
-
-    rank, world_size = 0, 1
-
-    def __init__(self, scratch: Path, device: torch.device, cpus: int | None):
-        self.scratch, self.device = scratch, device
-        self.cpus = cpus or os.cpu_count() or 1
-        self.last_checkpoint: Path | None = None
-
-    def latest_checkpoint(self) -> Path | None:
-        dirs = sorted(p.parent for p in self.scratch.glob("checkpoint_*/state.pt"))
-        return dirs[-1] if dirs else None
-
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model.to(self.device)
-
-    def report(self, metrics: dict, checkpoint: Path | None) -> None:
-        if checkpoint is None:
-            return
-        self.scratch.mkdir(parents=True, exist_ok=True)
-        target = self.scratch / f"checkpoint_{metrics['step']:08d}"
-        staging = self.scratch / f".tmp-{target.name}-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(checkpoint, staging)
-        shutil.rmtree(target, ignore_errors=True)
-        os.rename(staging, target)  # a checkpoint directory is complete or absent
-        self.last_checkpoint = target
-        for old in sorted(self.scratch.glob("checkpoint_*"))[:-2]:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-class _RaySession:
-    """A Ray Train worker: DDP across workers, checkpoints through ``ray.train.report``."""
-
-    def __init__(self, cpus: int):
-        import ray.train
-        import ray.train.torch
-
-        context = ray.train.get_context()
-        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
-        self.device = ray.train.torch.get_device()
-        self.cpus = cpus
-
-    def latest_checkpoint(self) -> Path | None:
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        return Path(checkpoint.to_directory(tempfile.mkdtemp(prefix="twostage-resume-")))
-
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        import ray.train.torch
-
-        # buffers (codebooks) are kept identical by the quantizer's own all-reduce, not
-        # overwritten from rank 0 each step
-        return ray.train.torch.prepare_model(
-            model,
-            parallel_strategy="ddp" if self.world_size > 1 else None,
-            parallel_strategy_kwargs={"broadcast_buffers": False},
-        )
-
-    def report(self, metrics: dict, checkpoint: Path | None) -> None:
-        import ray.train
-
-        payload = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
-        if checkpoint is None:
-            ray.train.report(payload)
-        else:
-            ray.train.report(
-                payload, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint))
-            )
-
-
-def _pick_device(device: str) -> torch.device:
-    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device is cuda but no CUDA device is visible")
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def _use_bf16(precision: str, device: torch.device) -> bool:
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return train_loop(config, loop_config["images"], session)
 
 
 # ----- the loop -------------------------------------------------------------------------------
@@ -367,7 +210,7 @@ def train_loop(config: Config, images_ref: dict, session) -> dict:
     train_images = train_images[session.rank :: session.world_size]
 
     device = session.device
-    bf16 = _use_bf16(train.precision, device)
+    bf16 = use_bf16(train.precision, device)
     torch.manual_seed(train.seed)  # same initial weights on every rank
     model = VQVAE2(config.model)
     generator = torch.Generator().manual_seed(train.seed * 1000 + session.rank)

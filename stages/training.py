@@ -1,0 +1,203 @@
+"""Runs a written-out training loop in this process or on Ray Train.
+
+A trainable stage writes its loop once as ``loop(loop_config: dict, session) -> dict``; the loop
+rebuilds its typed config from ``loop_config``, trains, and talks to the outside only through
+the session: ``rank``, ``world_size``, ``device``, ``cpus``, ``latest_checkpoint()``,
+``wrap(model)`` (DDP under Ray Train) and ``report(metrics, checkpoint_dir)``. `launch` picks
+the session: `LocalSession` (``workers: 0``; checkpoints in ``<scratch>/checkpoint_<step>``) or
+`RaySession` inside a ``TorchTrainer`` with N workers (checkpoints through
+``ray.train.report``; a rerun with the same ``RunConfig(name, storage_path)`` resumes).
+The final checkpoint must hold ``final_metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def launch(
+    loop: Callable,
+    loop_config: dict,
+    *,
+    workers: int,
+    cpus_per_worker: int | None,
+    device: str,
+    scratch: str,
+    final: Path,
+) -> tuple[Path, dict]:
+    """Runs `loop` and returns (directory of the final checkpoint, final metrics).
+
+    Args:
+        loop: The stage's loop function (module level, so Ray can ship it by reference).
+        loop_config: Plain data the loop rebuilds its config from.
+        workers: 0 runs in this process; N >= 1 runs N Ray Train workers (DDP).
+        cpus_per_worker: CPU threads per worker (None: free CPUs divided among workers).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        scratch: The stage's resumable-state location (path or URI).
+        final: An empty local directory the final Ray Train checkpoint is copied to.
+    """
+    if workers == 0:
+        session = LocalSession(Path(scratch), pick_device(device), cpus_per_worker)
+        metrics = loop(loop_config, session)
+        return session.last_checkpoint, metrics
+    return _launch_ray_train(loop, loop_config, workers, cpus_per_worker, device, scratch, final)
+
+
+def _launch_ray_train(loop, loop_config, workers, cpus_per_worker, device, scratch, final):
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    use_gpu = device == "cuda" or (device == "auto" and gpus > 0)
+    cpus = cpus_per_worker or max(1, int(ray.available_resources().get("CPU", 1)) // workers)
+    storage_path, storage_fs = _ray_storage(scratch)
+    trainer = TorchTrainer(
+        _ray_train_worker,
+        train_loop_config={"loop": loop, "loop_config": loop_config, "cpus": cpus},
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}
+        ),
+        run_config=RunConfig(
+            name="ray_train",
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=0),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        raise RuntimeError(_training_error(e, scratch)) from None
+    if result.error is not None:
+        raise RuntimeError(_training_error(result.error, scratch))
+    result.checkpoint.to_directory(str(final))
+    return final, json.loads((final / "final_metrics.json").read_text())
+
+
+def _ray_train_worker(config: dict) -> None:
+    """Ray Train's ``train_loop_per_worker``: run the stage's loop with a Ray session."""
+    config["loop"](config["loop_config"], RaySession(config["cpus"]))
+
+
+def _ray_storage(scratch: str):
+    """Ray Train's storage_path (+ filesystem) for the scratch location of this key."""
+    if "://" not in scratch:
+        Path(scratch).mkdir(parents=True, exist_ok=True)
+        return scratch, None
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(scratch)
+    return path, fs
+
+
+def _training_error(error: BaseException, scratch: str) -> str:
+    text = str(error)
+    match = re.search(r"FloatingPointError: (.*)", text)
+    if match:
+        return f"{match.group(1)}; checkpoints before it are kept in {scratch}"
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return f"training failed: {lines[-1] if lines else type(error).__name__}"
+
+
+# ----- sessions: what differs between in-process and Ray Train ------------------------------
+
+
+class LocalSession:
+    """Rank 0 of 1; checkpoints are directories ``<scratch>/checkpoint_<step>``."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, scratch: Path, device: torch.device, cpus: int | None):
+        self.scratch, self.device = scratch, device
+        self.cpus = cpus or os.cpu_count() or 1
+        self.last_checkpoint: Path | None = None
+
+    def latest_checkpoint(self) -> Path | None:
+        dirs = sorted(p.parent for p in self.scratch.glob("checkpoint_*/state.pt"))
+        return dirs[-1] if dirs else None
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+    def report(self, metrics: dict, checkpoint: Path | None) -> None:
+        if checkpoint is None:
+            return
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        target = self.scratch / f"checkpoint_{metrics['step']:08d}"
+        staging = self.scratch / f".tmp-{target.name}-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(checkpoint, staging)
+        shutil.rmtree(target, ignore_errors=True)
+        os.rename(staging, target)  # a checkpoint directory is complete or absent
+        self.last_checkpoint = target
+        for old in sorted(self.scratch.glob("checkpoint_*"))[:-2]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+class RaySession:
+    """A Ray Train worker: DDP across workers, checkpoints through ``ray.train.report``."""
+
+    def __init__(self, cpus: int):
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.cpus = cpus
+
+    def latest_checkpoint(self) -> Path | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        return Path(checkpoint.to_directory(tempfile.mkdtemp(prefix="twostage-resume-")))
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        # buffers (codebooks) are kept identical by the quantizer's own all-reduce, not
+        # overwritten from rank 0 each step
+        return ray.train.torch.prepare_model(
+            model,
+            parallel_strategy="ddp" if self.world_size > 1 else None,
+            parallel_strategy_kwargs={"broadcast_buffers": False},
+        )
+
+    def report(self, metrics: dict, checkpoint: Path | None) -> None:
+        import ray.train
+
+        payload = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
+        if checkpoint is None:
+            ray.train.report(payload)
+        else:
+            ray.train.report(
+                payload, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint))
+            )
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device is cuda but no CUDA device is visible")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
