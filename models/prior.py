@@ -23,15 +23,16 @@ Bits per code = nll / ln 2.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from models.io import load_model, save_model
 
 
 @dataclass(frozen=True)
@@ -249,29 +250,13 @@ class CodePrior(nn.Module):
     # ----- save / load -------------------------------------------------------------------
 
     def save(self, directory: Path) -> None:
-        """Writes ``config.json`` and ``model.safetensors``."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
-            directory / "model.safetensors",
-        )
+        """Writes ``config.json`` and ``model.safetensors`` (weights and buffers)."""
+        save_model(self, self.config, directory)
 
     @classmethod
     def load(cls, directory: Path, map_location: str = "cpu") -> CodePrior:
-        """Loads a prior written by `save`; names any missing file."""
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        for name in ("config.json", "model.safetensors"):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory}: missing {name} (not a saved prior)")
-        model = cls(PriorConfig(**json.loads((directory / "config.json").read_text())))
-        model.load_state_dict(load_file(directory / "model.safetensors", device=map_location))
-        return model.to(map_location)
+        """Loads a model written by `save`; names any missing file."""
+        return load_model(cls, PriorConfig, directory, map_location)
 
 
 def _sample(

@@ -18,9 +18,8 @@ codebooks (zero with EMA).
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.io import load_model, save_model
 from models.layers import ResBlock
 from models.quantize import VectorQuantizer
 
@@ -298,25 +298,10 @@ class VQVAE2(nn.Module):
     # ----- save / load -------------------------------------------------------------------
 
     def save(self, directory: Path) -> None:
-        """Writes ``config.json`` and ``model.safetensors`` (weights and codebook buffers)."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, directory / "model.safetensors")
+        """Writes ``config.json`` and ``model.safetensors`` (weights and buffers)."""
+        save_model(self, self.config, directory)
 
     @classmethod
     def load(cls, directory: Path, map_location: str = "cpu") -> VQVAE2:
         """Loads a model written by `save`; names any missing file."""
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        for name in ("config.json", "model.safetensors"):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory}: missing {name} (not a saved VQ-VAE-2)")
-        config = VQVAE2Config(**json.loads((directory / "config.json").read_text()))
-        model = cls(config)
-        model.load_state_dict(load_file(directory / "model.safetensors", device=map_location))
-        return model.to(map_location)
+        return load_model(cls, VQVAE2Config, directory, map_location)
