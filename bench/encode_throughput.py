@@ -135,7 +135,7 @@ def main() -> dict:
         )
 
         # reads
-        paths = [dataset.artifact._fs_path(n) for n in dataset.files]
+        paths = [dataset.artifact.fs_path(n) for n in dataset.files]
         total_bytes = sum(encode.files[n]["size"] for n in dataset.files)
         codes_per_row = sum(int(np.prod(s)) for s in dataset.meta.grid_shapes.values())
 

@@ -103,7 +103,8 @@ class Artifact:
     def config(self) -> dict:
         return self.manifest.get("config", {})
 
-    def _fs_path(self, name: str) -> str:
+    def fs_path(self, name: str) -> str:
+        """Path of one file of this artifact in ``store.fs`` (unverified; for bulk readers)."""
         data_dir = self.manifest.get("data_dir", "")
         return "/".join(p for p in (self.store.dir_of(self.stage, self.key), data_dir, name) if p)
 
@@ -118,7 +119,7 @@ class Artifact:
     def read_bytes(self, name: str) -> bytes:
         """Reads one file, verifying its size and sha256 against the manifest."""
         entry = self._entry(name)
-        path = self._fs_path(name)
+        path = self.fs_path(name)
         try:
             with self.store.fs.open_input_stream(path) as f:
                 data = f.read()
@@ -133,7 +134,7 @@ class Artifact:
         """A verified local path to one file (downloaded to a cache for remote stores)."""
         entry = self._entry(name)
         if self.store.local:
-            path = Path(self._fs_path(name))
+            path = Path(self.fs_path(name))
             if not path.is_file():
                 raise CorruptArtifactError(f"{path}: listed in the manifest but missing")
             _check(str(path), path.stat().st_size, sha256_file(path), entry)

@@ -181,7 +181,7 @@ class CodeDataset:
 
     def paths(self) -> list[str]:
         """File-system paths of the shards (in the store's pyarrow filesystem)."""
-        return [self.artifact._fs_path(name) for name in self.files]
+        return [self.artifact.fs_path(name) for name in self.files]
 
     def read_table(self, split: str | None = None, columns: list[str] | None = None) -> pa.Table:
         """All rows (of one split) as one Arrow table, read from the verified files."""
@@ -285,11 +285,8 @@ def _file_meta(artifact, name: str) -> CodeShardMeta:
     from pipeline.store import CorruptArtifactError
 
     try:
-        if artifact.store.local:
-            schema = pq.read_schema(artifact._fs_path(name))
-        else:
-            with artifact.store.fs.open_input_file(artifact._fs_path(name)) as f:
-                schema = pq.read_schema(f)
+        with artifact.store.fs.open_input_file(artifact.fs_path(name)) as f:
+            schema = pq.read_schema(f)
     except (OSError, pa.ArrowInvalid) as e:
         raise CorruptArtifactError(f"{artifact.uri}/{name}: unreadable Parquet ({e})") from e
     raw = (schema.metadata or {}).get(META_KEY)

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from models.vqvae2 import VQVAE2Config
 from stages import Input
 from stages.codes import CodeShardMeta, ShardWriter, codes_table
-from stages.tables import META_KEY, ImageTableMeta, decode_pixels
+from stages.tables import ImageTableMeta, decode_pixels, image_table_meta
 
 VERSION = "1"
 INPUTS = {
@@ -94,12 +95,10 @@ class Encoder:
 
         self.threads = max(1, threads)
         artifact = Store(autoencoder["store"]).open(autoencoder["stage"], autoencoder["key"])
-        for name in ("config.json", "model.safetensors"):
-            artifact.local_path(name)  # verified against the manifest
+        artifact.local_path("config.json")  # both files verified against the manifest
+        model_dir = artifact.local_path("model.safetensors").parent
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model = VQVAE2.load(
-            artifact.local_path("config.json").parent, map_location=str(self.device)
-        )
+        model = VQVAE2.load(model_dir, map_location=str(self.device))
         self.model = model.eval().to(memory_format=torch.channels_last)
         self.table_meta, self.bf16, self.meta = table_meta, precision == "bf16", meta
         self.splits = None if set(splits) == {"train", "val", "test"} else list(splits)
@@ -135,7 +134,6 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
     """Encodes every requested split of ``images`` with ``autoencoder``; writes shards to `out`."""
     import json
 
-    import pyarrow.parquet as pq
     import ray
     import ray.data
 
@@ -147,23 +145,17 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
         from pipeline.store import CorruptArtifactError
 
         raise CorruptArtifactError(problems[0])
-    model_config = json.loads(autoencoder.read_bytes("config.json"))
+    model_config = VQVAE2Config(**json.loads(autoencoder.read_bytes("config.json")))
     parts = sorted(n for n in images.files if n.endswith(".parquet"))
-    with images.store.fs.open_input_file(images._fs_path(parts[0])) as f:
-        table_meta = ImageTableMeta.from_json(pq.read_metadata(f).metadata[META_KEY])
+    table_meta = image_table_meta(images)
     _check_shapes(model_config, table_meta)
-    levels = {1: ["codes"], 2: ["bottom", "top"], 3: ["bottom", "middle", "top"]}[
-        model_config["levels"]
-    ]
-    grid = {
-        name: [model_config["image_size"] // (model_config["bottom_stride"] * 2**i)] * 2
-        for i, name in enumerate(levels)
-    }
+    levels = model_config.level_names
+    grid = {name: list(shape) for name, shape in model_config.grid_shapes().items()}
     precision = _precision(config.precision)
     meta = CodeShardMeta(
         level_names=levels,
         grid_shapes=grid,
-        codebook_sizes={n: model_config["codebook_size"] for n in levels},
+        codebook_sizes={n: model_config.codebook_size for n in levels},
         autoencoder_key=autoencoder.key,
         precision=precision,
         class_names=table_meta.class_names,
@@ -180,7 +172,7 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
     # reserve every free CPU, or the pipeline waits forever (torch threads use the cores anyway)
     reserve = min(float(config.cpus_per_actor or 1), max(0.1, (free_cpus - 1) / config.actors))
     ds = ray.data.read_parquet(
-        [images._fs_path(p) for p in parts],
+        [images.fs_path(p) for p in parts],
         filesystem=images.store.fs,
         columns=["id", "label", "split", "image"],
         num_cpus=0,  # light I/O tasks; the encoder actors hold the CPUs
@@ -237,15 +229,15 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
     }
 
 
-def _check_shapes(model: dict, table) -> None:
-    if (table.height, table.width) != (model["image_size"], model["image_size"]):
+def _check_shapes(model: VQVAE2Config, table: ImageTableMeta) -> None:
+    if (table.height, table.width) != (model.image_size, model.image_size):
         raise ValueError(
-            f"the autoencoder takes {model['image_size']}x{model['image_size']} images but the "
+            f"the autoencoder takes {model.image_size}x{model.image_size} images but the "
             f"image table holds {table.height}x{table.width}; encode the table it was trained on"
         )
-    if table.channels != model["in_channels"]:
+    if table.channels != model.in_channels:
         raise ValueError(
-            f"the autoencoder takes {model['in_channels']} channel(s), the images have {table.channels}"
+            f"the autoencoder takes {model.in_channels} channel(s), the images have {table.channels}"
         )
 
 

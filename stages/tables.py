@@ -108,6 +108,18 @@ def write_image_table(
     return names
 
 
+def image_table_meta(artifact) -> ImageTableMeta:
+    """The metadata of an image-table artifact, from one Parquet footer (no pixel reads)."""
+    parts = sorted(n for n in artifact.files if n.endswith(".parquet"))
+    if not parts:
+        raise ValueError(f"{artifact.uri}: holds no Parquet files; is it an image table?")
+    with artifact.store.fs.open_input_file(artifact.fs_path(parts[0])) as f:
+        raw = (pq.read_metadata(f).metadata or {}).get(META_KEY)
+    if raw is None:
+        raise ValueError(f"{artifact.uri}/{parts[0]}: no {META_KEY.decode()} metadata")
+    return ImageTableMeta.from_json(raw)
+
+
 def read_image_table(artifact, splits: tuple[str, ...] | None = None) -> ImageTable:
     """Reads an image-table artifact (verifying checksums) into memory.
 

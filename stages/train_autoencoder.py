@@ -35,7 +35,7 @@ from models.vqvae2 import VQVAE2, VQVAE2Config
 from pipeline.config import from_dict, to_dict
 from stages import Input
 from stages.images import grid, save_png
-from stages.tables import read_image_table
+from stages.tables import image_table_meta, read_image_table
 from stages.training import launch, use_bf16
 
 VERSION = "1"
@@ -150,8 +150,7 @@ def _describe(model: VQVAE2Config) -> str:
 
 
 def _check_images(config: Config, artifact):
-    table = read_image_table(artifact, splits=("val",))
-    meta = table.meta
+    meta = image_table_meta(artifact)
     model = config.model
     if (meta.height, meta.width) != (model.image_size, model.image_size):
         raise ValueError(
