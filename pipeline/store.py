@@ -151,6 +151,11 @@ class Artifact:
         os.replace(tmp, target)
         return target
 
+    def local_dir(self, *names: str) -> Path:
+        """A local directory holding verified copies of `names` (e.g. a model's two files)."""
+        paths = [self.local_path(name) for name in names]
+        return paths[0].parent
+
     def verify(self) -> list[str]:
         """Checks every file; returns the list of problems (empty when intact)."""
         problems = []

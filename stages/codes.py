@@ -228,11 +228,9 @@ class CodeDataset:
 
     def to_ray_dataset(self, columns: list[str] | None = None):
         """A Ray Dataset over the (verified) shard files, streamed by Ray Data."""
-        import ray.data
+        from stages.tables import read_parquet_dataset
 
-        return ray.data.read_parquet(
-            self.paths(), filesystem=self.artifact.store.fs, columns=columns
-        )
+        return read_parquet_dataset(self.paths(), self.artifact.store.fs, columns)
 
 
 def open_codes(source, expect_autoencoder: str | None = None, verify: bool = True) -> CodeDataset:

@@ -22,7 +22,13 @@ from typing import Literal
 from models.vqvae2 import VQVAE2Config
 from stages import Input
 from stages.codes import CodeShardMeta, ShardWriter, codes_table
-from stages.tables import ImageTableMeta, decode_pixels, image_table_meta
+from stages.tables import (
+    ImageTableMeta,
+    decode_pixels,
+    image_table_meta,
+    read_parquet_dataset,
+    table_files,
+)
 
 VERSION = "1"
 INPUTS = {
@@ -146,7 +152,7 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
 
         raise CorruptArtifactError(problems[0])
     model_config = VQVAE2Config(**json.loads(autoencoder.read_bytes("config.json")))
-    parts = sorted(n for n in images.files if n.endswith(".parquet"))
+    parts = table_files(images)
     table_meta = image_table_meta(images)
     _check_shapes(model_config, table_meta)
     levels = model_config.level_names
@@ -171,11 +177,8 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
     # Ray Data's file listing and read tasks need a CPU of their own: never let the actor pool
     # reserve every free CPU, or the pipeline waits forever (torch threads use the cores anyway)
     reserve = min(float(config.cpus_per_actor or 1), max(0.1, (free_cpus - 1) / config.actors))
-    ds = ray.data.read_parquet(
-        [images.fs_path(p) for p in parts],
-        filesystem=images.store.fs,
-        columns=["id", "label", "split", "image"],
-        num_cpus=0,  # light I/O tasks; the encoder actors hold the CPUs
+    ds = read_parquet_dataset(  # light I/O tasks; the encoder actors hold the CPUs
+        [images.fs_path(p) for p in parts], images.store.fs, ["id", "label", "split", "image"]
     )
     ds = ds.map_batches(
         Encoder,

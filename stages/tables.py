@@ -108,9 +108,30 @@ def write_image_table(
     return names
 
 
+def table_files(artifact) -> list[str]:
+    """The image-table Parquet files of an artifact (``images-*.parquet``)."""
+    return sorted(n for n in artifact.files if n.startswith("images-") and n.endswith(".parquet"))
+
+
+def read_parquet_dataset(paths: list[str], filesystem, columns: list[str] | None = None):
+    """``ray.data.read_parquet`` whose tasks reserve no CPU (reading is light I/O).
+
+    Ray 2.60's default (V2) Parquet read lists files in a task that always reserves one CPU.
+    When the pipeline's other stages hold every CPU, that task waits for one, and the stage with
+    it; so the V1 read is used, which honours ``num_cpus=0`` for all of its tasks.
+    """
+    import logging
+
+    import ray.data
+
+    ray.data.DataContext.get_current().use_datasource_v2 = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-read estimates otherwise
+    return ray.data.read_parquet(paths, filesystem=filesystem, columns=columns, num_cpus=0)
+
+
 def image_table_meta(artifact) -> ImageTableMeta:
     """The metadata of an image-table artifact, from one Parquet footer (no pixel reads)."""
-    parts = sorted(n for n in artifact.files if n.endswith(".parquet"))
+    parts = table_files(artifact)
     if not parts:
         raise ValueError(f"{artifact.uri}: holds no Parquet files; is it an image table?")
     with artifact.store.fs.open_input_file(artifact.fs_path(parts[0])) as f:
@@ -127,7 +148,7 @@ def read_image_table(artifact, splits: tuple[str, ...] | None = None) -> ImageTa
         artifact: A committed `pipeline.store.Artifact` written by the ingest stage.
         splits: Keep only these splits (default: all).
     """
-    parts = sorted(n for n in artifact.files if n.endswith(".parquet"))
+    parts = table_files(artifact)
     if not parts:
         raise ValueError(f"{artifact.uri}: holds no Parquet files; is it an image table?")
     tables, meta = [], None
