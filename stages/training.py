@@ -3,7 +3,9 @@
 A trainable stage writes its loop once as ``loop(loop_config: dict, session) -> dict``; the loop
 rebuilds its typed config from ``loop_config``, trains, and talks to the outside only through
 the session: ``rank``, ``world_size``, ``device``, ``cpus``, ``latest_checkpoint()``,
-``wrap(model)`` (DDP under Ray Train) and ``report(metrics, checkpoint_dir)``. `launch` picks
+``wrap(model)`` (DDP under Ray Train), ``dataset(name)`` (a Ray Dataset passed to `launch`: the
+whole dataset in-process, this worker's shard under Ray Train) and
+``report(metrics, checkpoint_dir)``. `launch` picks
 the session: `LocalSession` (``workers: 0``; checkpoints in ``<scratch>/checkpoint_<step>``) or
 `RaySession` inside a ``TorchTrainer`` with N workers (checkpoints through
 ``ray.train.report``; a rerun with the same ``RunConfig(name, storage_path)`` resumes).
@@ -32,6 +34,8 @@ def launch(
     device: str,
     scratch: str,
     final: Path,
+    datasets: dict | None = None,
+    split: tuple[str, ...] = (),
 ) -> tuple[Path, dict]:
     """Runs `loop` and returns (directory of the final checkpoint, final metrics).
 
@@ -43,17 +47,24 @@ def launch(
         device: ``auto``, ``cpu`` or ``cuda``.
         scratch: The stage's resumable-state location (path or URI).
         final: An empty local directory the final Ray Train checkpoint is copied to.
+        datasets: Ray Datasets the loop reads through ``session.dataset(name)``.
+        split: Names of the datasets sharded across workers (the others: whole on every one).
     """
+    datasets = datasets or {}
     if workers == 0:
-        session = LocalSession(Path(scratch), pick_device(device), cpus_per_worker)
+        session = LocalSession(Path(scratch), pick_device(device), cpus_per_worker, datasets)
         metrics = loop(loop_config, session)
         return session.last_checkpoint, metrics
-    return _launch_ray_train(loop, loop_config, workers, cpus_per_worker, device, scratch, final)
+    return _launch_ray_train(
+        loop, loop_config, workers, cpus_per_worker, device, scratch, final, datasets, split
+    )
 
 
-def _launch_ray_train(loop, loop_config, workers, cpus_per_worker, device, scratch, final):
+def _launch_ray_train(
+    loop, loop_config, workers, cpus_per_worker, device, scratch, final, datasets, split
+):
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     gpus = ray.cluster_resources().get("GPU", 0)
@@ -73,6 +84,8 @@ def _launch_ray_train(loop, loop_config, workers, cpus_per_worker, device, scrat
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=0),
         ),
+        datasets=datasets or None,
+        dataset_config=DataConfig(datasets_to_split=list(split)) if datasets else None,
     )
     try:
         result = trainer.fit()
@@ -117,10 +130,16 @@ class LocalSession:
 
     rank, world_size = 0, 1
 
-    def __init__(self, scratch: Path, device: torch.device, cpus: int | None):
+    def __init__(
+        self, scratch: Path, device: torch.device, cpus: int | None, datasets: dict | None = None
+    ):
         self.scratch, self.device = scratch, device
         self.cpus = cpus or os.cpu_count() or 1
+        self.datasets = datasets or {}
         self.last_checkpoint: Path | None = None
+
+    def dataset(self, name: str):
+        return self.datasets[name]
 
     def latest_checkpoint(self) -> Path | None:
         dirs = sorted(p.parent for p in self.scratch.glob("checkpoint_*/state.pt"))
@@ -155,6 +174,11 @@ class RaySession:
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
         self.cpus = cpus
+
+    def dataset(self, name: str):
+        import ray.train
+
+        return ray.train.get_dataset_shard(name)
 
     def latest_checkpoint(self) -> Path | None:
         import ray.train
