@@ -1,0 +1,161 @@
+"""Train-classifier stage: an image table -> a small trained classifier (`models.classifier`).
+
+The evaluate stage uses it as its feature extractor and judge: Fréchet distance on its
+penultimate features, and the class it assigns to class-conditional samples. It is an artifact
+like any other, so it is trained once per image table and served from the store after that.
+
+The loop runs in the stage's own process (a few seconds to a minute on a CPU): Adam, cosine
+decay, random shifts of up to ``shift`` pixels as augmentation. Val accuracy is measured on the
+``val`` split (``test`` when there is no val split).
+
+Artifact: ``config.json`` + ``model.safetensors``, ``metrics.json`` (history and val accuracy).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.classifier import Classifier, ClassifierConfig
+from stages import Input
+from stages.tables import read_image_table
+
+VERSION = "1"
+INPUTS = {"images": Input(kinds=("ingest",))}
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Classifier training options.
+
+    Args:
+        steps: Optimizer steps.
+        batch_size: Images per step.
+        lr: Peak learning rate (Adam; cosine decay to zero).
+        shift: Random translation of up to this many pixels (0: off).
+        feature_dim: Width of the feature layer.
+        seed: Seed of initialisation and batches.
+        threads: CPU threads (0: all).
+    """
+
+    steps: int = 400
+    batch_size: int = 64
+    lr: float = 2e-3
+    shift: int = 2
+    feature_dim: int = 128
+    seed: int = 0
+    threads: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "feature_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr: must be positive, got {self.lr}")
+
+
+def to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 ``b h w c`` -> float ``b c h w`` in [-1, 1] (the classifier's input)."""
+    x = torch.as_tensor(images)
+    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
+    """Trains the classifier on the ``train`` split of ``images``."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    table = read_image_table(inputs["images"])
+    names = table.meta.class_names
+    if len(names) < 2:
+        raise ValueError(f"{inputs['images'].uri}: the image table has no class labels to learn")
+    train = table.split("train")
+    held_out = table.split("val") if (table.splits == "val").any() else table.split("test")
+    if len(train) == 0 or (train.labels < 0).any():
+        raise ValueError("the classifier needs a labelled train split")
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    model = Classifier(
+        ClassifierConfig(
+            in_channels=table.meta.channels, num_classes=len(names), feature_dim=config.feature_dim
+        )
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    x_all, y_all = to_input(train.images), torch.from_numpy(train.labels)
+    history, start = [], time.perf_counter()
+    model.train()
+    for step in range(config.steps):
+        lr = config.lr * 0.5 * (1 + math.cos(math.pi * step / config.steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        index = torch.randint(len(x_all), (config.batch_size,), generator=generator)
+        x = _shift(x_all[index], config.shift, generator)
+        loss = model(x, y_all[index])["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if (step + 1) % 100 == 0 or step + 1 == config.steps:
+            history.append({"step": step + 1, "lr": lr, "ce": float(loss.detach())})
+            log.info(
+                "train_classifier: step %d/%d ce %.4f", step + 1, config.steps, history[-1]["ce"]
+            )
+    seconds = time.perf_counter() - start
+    model.eval()
+    accuracy = accuracy_on(model, held_out.images, held_out.labels)
+    log.info("train_classifier: held-out accuracy %.4f (%d images)", accuracy, len(held_out))
+    model.save(out)
+    metrics = {
+        "val_accuracy": accuracy,
+        "val_images": len(held_out),
+        "seconds": seconds,
+        "class_names": names,
+    }
+    (out / "metrics.json").write_text(json.dumps({"final": metrics, "history": history}, indent=2))
+    return metrics
+
+
+def _shift(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translates each image by up to `shift` pixels (zero = background padding)."""
+    if shift == 0:
+        return x
+    b, _, h, w = x.shape
+    padded = F.pad(x, (shift,) * 4, value=-1.0)
+    dy, dx = torch.randint(0, 2 * shift + 1, (2, b), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
+    return padded[
+        torch.arange(b)[:, None, None, None],
+        torch.arange(x.shape[1])[None, :, None, None],
+        rows,
+        cols,
+    ]
+
+
+@torch.no_grad()
+def predict(model: Classifier, images: np.ndarray, batch_size: int = 512):
+    """(features ``n d`` float64, predicted classes ``n``) of uint8 images."""
+    model.eval()
+    features, classes = [], []
+    for start in range(0, len(images), batch_size):
+        x = to_input(images[start : start + batch_size])
+        f = model.features(x)
+        features.append(f.double().numpy())
+        classes.append(model.head(f).argmax(-1).numpy())
+    return np.concatenate(features), np.concatenate(classes)
+
+
+def accuracy_on(model: Classifier, images: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of `images` classified as `labels`."""
+    if len(images) == 0:
+        return float("nan")
+    _, predicted = predict(model, images)
+    return float((predicted == labels).mean())
