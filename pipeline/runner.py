@@ -6,8 +6,9 @@ artifact is not committed yet becomes one Ray task with the resources the step a
 retried; they fail the step with its message, and the steps that depend on it are not run.
 Independent steps run in parallel. When every step is cached Ray is not even started.
 
-Each run writes ``<runs_dir>/<run_id>/run.json`` (config, keys, versions, timings) and
-``metrics.json``, and copies the PNG files of the run's artifacts next to them.
+Each run writes ``<runs_dir>/<run_id>/run.json`` (config, keys, versions, timings),
+``metrics.json`` and ``report.html`` (`pipeline.report`), and copies the PNG files of the run's
+artifacts next to them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import to_dict
+from pipeline.report import write_report
 from pipeline.spec import Pipeline, Step, input_keys
 from pipeline.store import Store
 
@@ -111,12 +113,28 @@ def run_pipeline(pipeline: Pipeline) -> RunResult:
     return result
 
 
+# Ray Train gives up on starting its workers after 60 s and retries with a long traceback each
+# time; in a pipeline a training step often waits for another step's CPUs or GPUs (two priors
+# on a small node), so let it wait quietly (6 h) unless the user set the variable.
+_RAY_ENV = {
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get(
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "21600"
+    )
+}
+
+
 def _run_on_ray(pipeline: Pipeline, store: Store, todo: list[str], done: dict) -> dict:
     import ray
 
     started_here = False
     if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
+        # the dashboard serves the state API, which Ray Train uses to clean up after a dead
+        # controller (without it Ray Train warns every second)
+        kwargs: dict[str, Any] = {
+            "include_dashboard": True,
+            "logging_level": logging.WARNING,
+            "runtime_env": {"env_vars": _RAY_ENV},
+        }
         if pipeline.ray.address:
             kwargs["address"] = pipeline.ray.address
         elif pipeline.ray.num_cpus and not os.environ.get("RAY_ADDRESS"):
@@ -324,7 +342,7 @@ def _versions(module=None) -> dict:
 def _write_run_dir(pipeline: Pipeline, store: Store, result: RunResult) -> None:
     run_dir = result.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    metrics, copied = {}, set()
+    metrics, histories, images, copied = {}, {}, {}, set()
     for step_result in result.steps:
         if step_result.status == "failed":
             continue
@@ -338,6 +356,14 @@ def _write_run_dir(pipeline: Pipeline, store: Store, result: RunResult) -> None:
             target = name if name not in copied else f"{step_result.name}_{name}"
             copied.add(name)
             shutil.copyfile(artifact.local_path(name), run_dir / target)
+            images.setdefault(step_result.name, []).append(run_dir / target)
+        if "metrics.json" in artifact.files:
+            try:
+                history = json.loads(artifact.read_bytes("metrics.json")).get("history")
+            except (ValueError, AttributeError):
+                history = None
+            if isinstance(history, list) and history:
+                histories[step_result.name] = history
     record = {
         "run_id": result.run_id,
         "pipeline": pipeline.name,
@@ -358,3 +384,4 @@ def _write_run_dir(pipeline: Pipeline, store: Store, result: RunResult) -> None:
     }
     (run_dir / "run.json").write_text(json.dumps(record, indent=2, default=str))
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    write_report(run_dir / "report.html", record, metrics, histories, images)
