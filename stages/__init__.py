@@ -32,6 +32,10 @@ BUILTIN = {
     "image_stats": "stages.image_stats",
     "train_autoencoder": "stages.train_autoencoder",
     "encode": "stages.encode",
+    "train_prior": "stages.train_prior",
+    "sample": "stages.sample",
+    "train_classifier": "stages.train_classifier",
+    "evaluate": "stages.evaluate",
 }
 
 

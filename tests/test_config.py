@@ -190,3 +190,13 @@ def test_every_shipped_config_validates():
     for path in configs:
         pipeline = load_pipeline(path)
         assert pipeline.steps, path
+
+
+def test_prior_sweep_reuses_the_demo_shards():
+    """The sweep's stage-1 steps are the demo's: after `make demo` they are served from cache."""
+    demo = load_pipeline(REPO / "configs/mnist_vqvae2.yaml")
+    sweep = load_pipeline(REPO / "configs/prior_sweep.yaml")
+    for name in ("data", "vqvae", "codes"):
+        assert sweep.steps[name].key == demo.steps[name].key, name
+    priors = [s for s in sweep.steps.values() if s.stage == "train_prior"]
+    assert len(priors) >= 3

@@ -1,0 +1,274 @@
+"""Stage 2 end to end: encode -> train_prior (per level) -> sample -> evaluate -> report.
+
+One tiny pipeline runs once per module on local Ray (real Ray Train + Ray Data, real Parquet);
+the tests then look at its artifacts, re-sample from its priors, and run further pipelines in
+the same store (cached stages, a refused prior, a killed prior run that resumes).
+"""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.store import Store
+from stages import sample
+from stages.codes import CodeShardError
+from tests.conftest import cli_env, run_json, twostage, write_yaml
+
+TINY_AE = (
+    "{in_channels: 1, channels: 16, res_blocks: 1, res_channels: 8, codebook_size: 32, "
+    "embed_dim: 8}"
+)
+TINY_PRIOR = "{hidden_size: 32, layers: 1, heads: 2}"
+BASE = f"""
+steps:
+  data: {{stage: ingest, image_size: 32, limit: 600}}
+  vqvae:
+    stage: train_autoencoder
+    inputs: {{images: data}}
+    model: {TINY_AE}
+    train: {{steps: 30, workers: 0, log_every: 10, checkpoint_every: 30}}
+  codes: {{stage: encode, inputs: {{images: data, autoencoder: vqvae}}}}
+"""
+PIPELINE = (
+    "name: two_stage\n"
+    + BASE
+    + f"""
+  prior_top:
+    stage: train_prior
+    inputs: {{codes: codes}}
+    level: top
+    model: {TINY_PRIOR}
+    train: {{steps: 20, batch_size: 16, log_every: 5, checkpoint_every: 10, workers: 1}}
+  prior_bottom:
+    stage: train_prior
+    inputs: {{codes: codes}}
+    level: bottom
+    model: {TINY_PRIOR}
+    train: {{steps: 20, batch_size: 16, log_every: 5, checkpoint_every: 10, workers: 0}}
+  classifier: {{stage: train_classifier, inputs: {{images: data}}, steps: 20}}
+  samples:
+    stage: sample
+    inputs: {{autoencoder: vqvae, priors: [prior_top, prior_bottom]}}
+    per_class: 2
+  evaluation:
+    stage: evaluate
+    inputs: {{images: data, classifier: classifier, samples: samples, autoencoder: vqvae,
+              codes: codes, priors: [prior_top, prior_bottom]}}
+"""
+)
+
+
+@pytest.fixture(scope="module")
+def two_stage(tmp_path_factory):
+    root = tmp_path_factory.mktemp("two_stage")
+    config = write_yaml(root / "pipeline.yaml", PIPELINE)
+    summary = run_json(config, cwd=root, timeout=600)
+    assert summary["status"] == "ok", summary
+    steps = {s["name"]: s for s in summary["stages"]}
+    return root, Store(str(root / "artifacts")), steps, summary
+
+
+def test_pipeline_trains_priors_samples_evaluates_and_reports(two_stage):
+    root, store, steps, summary = two_stage
+    assert all(s["status"] == "ran" for s in steps.values())
+    vqvae_key = steps["vqvae"]["key"]
+    for name, level, workers in (("prior_top", "top", 1), ("prior_bottom", "bottom", 0)):
+        prior = store.open("train_prior", steps[name]["key"])
+        m = prior.metrics
+        assert m["level"] == level and m["autoencoder_key"] == vqvae_key
+        assert m["workers"] == max(workers, 1) and m["step"] == 20
+        assert np.isfinite(m["val_bits_per_code"]) and 0 < m["val_bits_per_code"] < 6
+        history = json.loads(prior.read_bytes("metrics.json"))["history"]
+        assert [r["step"] for r in history] == [5, 10, 15, 20]
+        assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 for r in history)
+    assert store.open("train_prior", steps["prior_bottom"]["key"]).metrics["context_levels"] == [
+        "top"
+    ]
+
+    samples = store.open("sample", steps["samples"]["key"])
+    table = pq.read_table(samples.local_path("codes-00000.parquet"))  # plain pyarrow
+    assert table.num_rows == 20
+    assert sorted(table["label"].to_pylist()) == sorted(list(range(10)) * 2)
+    assert len(table["codes_bottom"][0].as_py()) == 64 and len(table["codes_top"][0].as_py()) == 16
+    assert "samples.png" in samples.files
+
+    evaluation = store.open("evaluate", steps["evaluation"]["key"]).metrics
+    assert evaluation["samples"] == 20
+    assert 0.0 <= evaluation["class_accuracy"] <= 1.0
+    assert evaluation["frechet_distance"] > evaluation["frechet_distance_real"] >= 0
+    assert 0 < evaluation["recon_mse"] < 0.2
+    assert set(evaluation) >= {"val_bits_per_code/top", "val_bits_per_code/bottom"}
+
+    report = (Path(summary["run_dir"]) / "report.html").read_text()
+    assert report.count("data:image/png;base64,") >= 4  # reconstructions, samples, curves
+    assert "samples.png" in report and "reconstructions.png" in report
+    assert "<h2>Priors</h2>" in report and "val bits/code" in report
+
+
+def _priors(store, steps):
+    autoencoder = store.open("train_autoencoder", steps["vqvae"]["key"])
+    artifacts = [store.open("train_prior", steps[n]["key"]) for n in ("prior_top", "prior_bottom")]
+    from models.vqvae2 import VQVAE2Config
+
+    ae_config = VQVAE2Config(**json.loads(autoencoder.read_bytes("config.json")))
+    priors, classes = sample.load_priors(artifacts, autoencoder.key, ae_config)
+    return priors, classes, artifacts, ae_config
+
+
+def test_same_seed_same_codes_other_seed_other_codes(two_stage):
+    _, store, steps, _ = two_stage
+    priors, classes, _, _ = _priors(store, steps)
+    labels = torch.arange(len(classes)).repeat_interleave(3)
+    draw = lambda seed, **kw: sample.sample_codes(  # noqa: E731
+        priors, labels, sample.Config(seed=seed, batch_size=7, **kw), torch.device("cpu")
+    )
+    first, again, other = draw(3), draw(3), draw(4)
+    for level in ("top", "bottom"):
+        assert torch.equal(first[level], again[level])
+    assert not torch.equal(first["bottom"], other["bottom"])
+    guided = draw(3, guidance=2.0, top_k=8, top_p=0.9)
+    assert guided["bottom"].shape == (30, 8, 8) and int(guided["bottom"].max()) < 32
+
+
+def test_prior_of_another_autoencoder_is_refused(two_stage):
+    root, store, steps, _ = two_stage
+    _, _, artifacts, ae_config = _priors(store, steps)
+    with pytest.raises(CodeShardError, match="trained on codes of autoencoder"):
+        sample.load_priors(artifacts, "0" * 64, ae_config)
+    with pytest.raises(CodeShardError, match="no prior for level"):
+        sample.load_priors(artifacts[:1], artifacts[0].metrics["autoencoder_key"], ae_config)
+
+    # the same through the CLI: a second autoencoder, the first one's priors
+    config = write_yaml(
+        root / "refused.yaml",
+        "name: refused\n"
+        + BASE
+        + f"""
+  other:
+    stage: train_autoencoder
+    inputs: {{images: data}}
+    model: {TINY_AE}
+    train: {{steps: 10, workers: 0, log_every: 10, checkpoint_every: 10, seed: 1}}
+  prior_top:
+    stage: train_prior
+    inputs: {{codes: codes}}
+    level: top
+    model: {TINY_PRIOR}
+    train: {{steps: 20, batch_size: 16, log_every: 5, checkpoint_every: 10, workers: 1}}
+  prior_bottom:
+    stage: train_prior
+    inputs: {{codes: codes}}
+    level: bottom
+    model: {TINY_PRIOR}
+    train: {{steps: 20, batch_size: 16, log_every: 5, checkpoint_every: 10, workers: 0}}
+  samples:
+    stage: sample
+    inputs: {{autoencoder: other, priors: [prior_top, prior_bottom]}}
+    per_class: 2
+""",
+    )
+    proc = twostage("run", config, cwd=root, timeout=600)
+    assert proc.returncode == 1
+    assert "trained on codes of autoencoder" in proc.stderr
+    assert not glob.glob(str(root / "artifacts/sample/*/codes-*.parquet"))[1:]  # only the good one
+
+
+def test_sweep_reuses_cached_shards_and_compares_priors(two_stage):
+    root, store, steps, _ = two_stage
+    config = write_yaml(
+        root / "sweep.yaml",
+        "name: sweep\n"
+        + BASE
+        + f"""
+  prior_a:
+    stage: train_prior
+    inputs: {{codes: codes}}
+    level: top
+    model: {TINY_PRIOR}
+    train: {{steps: 10, batch_size: 16, log_every: 5, checkpoint_every: 10, workers: 0}}
+  prior_b:
+    stage: train_prior
+    inputs: {{codes: codes}}
+    level: top
+    model: {{hidden_size: 48, layers: 1, heads: 2}}
+    train: {{steps: 10, batch_size: 16, log_every: 5, checkpoint_every: 10, workers: 0}}
+""",
+    )
+    summary = run_json(config, cwd=root, timeout=600)
+    status = {s["name"]: s["status"] for s in summary["stages"]}
+    assert status == {
+        "data": "cached",
+        "vqvae": "cached",
+        "codes": "cached",
+        "prior_a": "ran",
+        "prior_b": "ran",
+    }
+    report = (Path(summary["run_dir"]) / "report.html").read_text()
+    assert "prior_a" in report and "prior_b" in report and "<h2>Priors</h2>" in report
+
+
+def test_killed_prior_run_resumes_from_its_last_checkpoint(two_stage):
+    root, store, steps, _ = two_stage
+    config = write_yaml(
+        root / "resume.yaml",
+        "name: resume\n"
+        + BASE
+        + f"""
+  prior:
+    stage: train_prior
+    inputs: {{codes: codes}}
+    level: bottom
+    model: {TINY_PRIOR}
+    train: {{steps: 400, batch_size: 16, log_every: 20, checkpoint_every: 20, workers: 1}}
+""",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", str(config), "--json"],
+        cwd=root,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    snapshot = str(
+        root / "artifacts/_scratch/train_prior/*/ray_train/checkpoint_manager_snapshot.json"
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if _registered_checkpoint(glob.glob(snapshot)):
+            break
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        time.sleep(0.2)
+    else:
+        pytest.fail("no prior checkpoint within 240 s")
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+    proc.wait()
+    time.sleep(3)
+
+    summary = run_json(config, cwd=root, timeout=600)
+    assert [s["status"] for s in summary["stages"]] == ["cached", "cached", "cached", "resumed"]
+    artifact = store.open("train_prior", summary["stages"][3]["key"])
+    resumed_from = artifact.metrics["resumed_from_step"]
+    assert 20 <= resumed_from < 400 and resumed_from % 20 == 0
+    history = json.loads(artifact.read_bytes("metrics.json"))["history"]
+    assert [r["step"] for r in history] == list(range(20, 401, 20))  # no step logged twice
+
+
+def _registered_checkpoint(snapshots: list[str]) -> bool:
+    try:
+        return (
+            bool(snapshots)
+            and json.loads(Path(snapshots[0]).read_text())["latest_checkpoint_result"] is not None
+        )
+    except (ValueError, OSError):
+        return False
