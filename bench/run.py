@@ -1,6 +1,12 @@
 """Runs every benchmark (`make bench`); each writes its figures to bench/results/<name>.json."""
 
-from bench import encode_throughput, mnist_vqvae2, prior_sampling, vqvae2_throughput
+from bench import (
+    encode_throughput,
+    mnist_vqvae2,
+    prior_sampling,
+    prior_training,
+    vqvae2_throughput,
+)
 
 
 def main() -> None:
@@ -8,6 +14,7 @@ def main() -> None:
     mnist_vqvae2.main()
     encode_throughput.main()
     prior_sampling.main()
+    prior_training.main()
 
 
 if __name__ == "__main__":
