@@ -19,6 +19,11 @@ code at position t come from the hidden state of the token before it.
 
 Loss: ``nll`` = mean cross-entropy over this level's codes in nats; ``loss`` = ``nll``.
 Bits per code = nll / ln 2.
+
+Sampling runs the decoder's layers through `_CachedDecoder`, a written-out forward with a
+preallocated KV cache: same weights and arithmetic as ``LlamaModel.forward`` (tested against
+it), without the general-purpose machinery that, at one token per step on a CPU, costs more
+than the step's small matrix products.
 """
 
 from __future__ import annotations
@@ -186,7 +191,7 @@ class CodePrior(nn.Module):
         nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), flat.reshape(-1))
         return {"logits": logits, "nll": nll, "loss": nll}
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def sample(
         self,
         n: int,
@@ -220,26 +225,18 @@ class CodePrior(nn.Module):
             context = {k: torch.cat([v, v]) for k, v in context.items()}
         prefix = self._prefix({k: v.to(device) for k, v in context.items()}, labels)
         out = torch.empty(n, self.config.length, dtype=torch.long, device=device)
-        cache, sequence = None, prefix
-        hidden = None
+        total = self.config.prefix_length + self.config.length - 1  # the last code is not input
+        cached = _CachedDecoder(self.decoder, prefix.shape[0], total, prefix) if use_cache else None
+        sequence = prefix
         for t in range(self.config.length):
+            if t > 0:
+                token = self.target(out[:, t - 1 : t].repeat(2 if guided else 1, 1), t - 1)
+                sequence = token if use_cache else torch.cat([sequence, token], 1)
             if use_cache:
-                step_input = (
-                    prefix
-                    if t == 0
-                    else self.target(out[:, t - 1 : t].repeat(2 if guided else 1, 1), t - 1)
-                )
-                result = self.decoder(
-                    inputs_embeds=step_input, past_key_values=cache, use_cache=True
-                )
-                cache, hidden = result.past_key_values, result.last_hidden_state[:, -1]
-            else:
-                if t > 0:
-                    token = self.target(out[:, t - 1 : t].repeat(2 if guided else 1, 1), t - 1)
-                    sequence = torch.cat([sequence, token], 1)
-                hidden = self.decoder(inputs_embeds=sequence, use_cache=False).last_hidden_state[
-                    :, -1
-                ]
+                hidden = cached(sequence)[:, -1]
+            else:  # the plain transformers forward over the whole sequence, every step
+                hidden = self.decoder(inputs_embeds=sequence, use_cache=False).last_hidden_state
+                hidden = hidden[:, -1]
             logits = self.head(hidden).float()
             if guided:
                 cond, uncond = logits.chunk(2)
@@ -257,6 +254,76 @@ class CodePrior(nn.Module):
     def load(cls, directory: Path, map_location: str = "cpu") -> CodePrior:
         """Loads a model written by `save`; names any missing file."""
         return load_model(cls, PriorConfig, directory, map_location)
+
+
+class _CachedDecoder:
+    """The forward of a `transformers` ``LlamaModel`` for sampling, with a static KV cache.
+
+    Each call takes the next ``b n d`` input embeddings, writes their keys and values into
+    tensors preallocated for the whole sequence and returns the final-norm hidden states. The
+    arithmetic is LlamaModel's (RMSNorm, rotary positions from the model's own rotary module,
+    causal attention, SwiGLU MLP) with q/k/v and gate/up fused into one matrix product each.
+    """
+
+    def __init__(self, model, batch: int, length: int, like: torch.Tensor):
+        config = model.config
+        if config.hidden_act != "silu" or config.attention_bias or config.mlp_bias:
+            raise ValueError("_CachedDecoder: expects a Llama decoder with SiLU and no biases")
+        if config.num_key_value_heads != config.num_attention_heads:
+            raise ValueError("_CachedDecoder: expects as many key/value heads as query heads")
+        self.heads = config.num_attention_heads
+        self.head_dim = model.layers[0].self_attn.head_dim
+        self.eps = config.rms_norm_eps
+        cos, sin = model.rotary_emb(like, torch.arange(length, device=like.device)[None])
+        self.cos, self.sin = cos[0], sin[0]  # length head_dim
+        self.layers = [
+            (
+                layer.input_layernorm.weight,
+                torch.cat(
+                    [
+                        layer.self_attn.q_proj.weight,
+                        layer.self_attn.k_proj.weight,
+                        layer.self_attn.v_proj.weight,
+                    ]
+                ),
+                layer.self_attn.o_proj.weight,
+                layer.post_attention_layernorm.weight,
+                torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]),
+                layer.mlp.down_proj.weight,
+            )
+            for layer in model.layers
+        ]
+        self.norm = model.norm.weight
+        shape = (len(self.layers), batch, self.heads, length, self.head_dim)
+        self.keys, self.values = like.new_zeros(shape), like.new_zeros(shape)
+        self.filled = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, dim = x.shape
+        start, end = self.filled, self.filled + n
+        if end > self.keys.shape[3]:
+            raise ValueError(
+                f"_CachedDecoder: {end} positions exceed the cache's {self.keys.shape[3]}"
+            )
+        cos, sin = self.cos[start:end], self.sin[start:end]
+        half = self.head_dim // 2
+        # query i (at position start + i) sees keys 0..start + i
+        mask = torch.ones(n, end, dtype=torch.bool, device=x.device).tril(start) if n > 1 else None
+        for i, (norm1, qkv, out, norm2, gate_up, down) in enumerate(self.layers):
+            h = F.rms_norm(x, (dim,), norm1, self.eps)
+            q, k, v = rearrange(F.linear(h, qkv), "b n (s h d) -> s b h n d", s=3, h=self.heads)
+            qk = torch.stack([q, k])
+            qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], -1) * sin
+            self.keys[i, :, :, start:end] = qk[1]
+            self.values[i, :, :, start:end] = v
+            attn = F.scaled_dot_product_attention(
+                qk[0], self.keys[i, :, :, :end], self.values[i, :, :, :end], attn_mask=mask
+            )
+            x = x + F.linear(rearrange(attn, "b h n d -> b n (h d)"), out)
+            gate, up = F.linear(F.rms_norm(x, (dim,), norm2, self.eps), gate_up).chunk(2, -1)
+            x = x + F.linear(F.silu(gate) * up, down)
+        self.filled = end
+        return F.rms_norm(x, (dim,), self.norm, self.eps)
 
 
 def _sample(

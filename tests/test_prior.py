@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from models.prior import CodePrior, PriorConfig, _sample
+from models.prior import CodePrior, PriorConfig, _CachedDecoder, _sample
 
 
 def _prior(**changes) -> CodePrior:
@@ -53,6 +53,18 @@ def test_logits_are_causal():
     assert not torch.allclose(after[:, 10:], base[:, 10:])
     other_context = {"top": (context["top"] + 1) % 8}
     assert not torch.allclose(prior(codes, other_context, labels)["logits"][:, :1], base[:, :1])
+
+
+def test_cached_decoder_matches_the_transformers_forward():
+    prior = _prior(layers=3).eval()
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        reference = prior.decoder(inputs_embeds=x).last_hidden_state
+        cached = _CachedDecoder(prior.decoder, batch=2, length=9, like=x)
+        parts = [cached(x[:, :4]), cached(x[:, 4:5]), cached(x[:, 5:7]), cached(x[:, 7:])]
+    torch.testing.assert_close(torch.cat(parts, 1), reference, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="exceed"):
+        cached(x[:, :1])
 
 
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
