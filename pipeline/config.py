@@ -85,6 +85,28 @@ def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "")
 
 
+def _tagged_option(options: tuple, value: Any, where: str) -> type | None:
+    """For a union of dataclasses told apart by a ``family`` field: the one `value` names."""
+    classes = [o for o in options if dataclasses.is_dataclass(o)]
+    if len(classes) < 2 or not isinstance(value, dict):
+        return None
+    by_family = {}
+    for cls in classes:
+        field = {f.name: f for f in dataclasses.fields(cls)}.get("family")
+        if field is None:
+            return None
+        for name in typing.get_args(typing.get_type_hints(cls)["family"]):
+            by_family.setdefault(name, cls)
+    if "family" not in value:
+        return classes[0]  # the first option is the default family
+    if value["family"] not in by_family:
+        choices = ", ".join(repr(f) for f in by_family)
+        raise ConfigError(
+            f"{_join(where, 'family')}: must be one of {choices}, got {value['family']!r}"
+        )
+    return by_family[value["family"]]
+
+
 def _convert(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -93,6 +115,9 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        tagged = _tagged_option(args, value, where)
+        if tagged is not None:
+            return from_dict(tagged, value, where)
         errors = []
         for option in args:
             if option is type(None):

@@ -36,6 +36,7 @@ BUILTIN = {
     "sample": "stages.sample",
     "train_classifier": "stages.train_classifier",
     "evaluate": "stages.evaluate",
+    "analyze_latents": "stages.analyze_latents",
 }
 
 

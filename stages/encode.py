@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from models.families import vqvae2_config
 from models.vqvae2 import VQVAE2Config
 from stages import Input
 from stages.codes import CodeShardMeta, ShardWriter, codes_table
@@ -151,7 +152,7 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
         from pipeline.store import CorruptArtifactError
 
         raise CorruptArtifactError(problems[0])
-    model_config = VQVAE2Config(**json.loads(autoencoder.read_bytes("config.json")))
+    model_config = vqvae2_config(json.loads(autoencoder.read_bytes("config.json")), autoencoder.uri)
     parts = table_files(images)
     table_meta = image_table_meta(images)
     _check_shapes(model_config, table_meta)

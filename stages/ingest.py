@@ -8,7 +8,10 @@ Sources (``source.kind``):
   gzipped; the ``t10k`` files, when present, become the ``test`` split;
 - ``image_folder``: ``<path>/<class name>/*.png|jpg|jpeg`` (classes sorted by name);
 - ``parquet``: an existing image table (a file or a directory of Parquet files written by this
-  stage, e.g. copied out of another store).
+  stage, e.g. copied out of another store);
+- ``dsprites``: ``source.count`` procedural dSprites images (`stages.dsprites`, 64x64) drawn
+  uniformly from the factor grid with ``seed``; the factors are stored as ``factor_*`` columns and
+  the shape is the class label.
 
 Images of the training pool are split into ``train`` and ``val`` by a seeded permutation. An
 optional ``image_size`` pads (centred, zeros) or resizes every image to a square. Unreadable
@@ -27,7 +30,7 @@ from typing import Literal
 import numpy as np
 
 from pipeline.config import ConfigError
-from stages import Input
+from stages import Input, dsprites
 from stages.tables import ImageTable, ImageTableMeta, write_image_table
 
 VERSION = "1"
@@ -44,18 +47,22 @@ class Source:
     """Where the images come from.
 
     Args:
-        kind: ``embedded``, ``mnist``, ``image_folder`` or ``parquet``.
-        path: Directory or file to read (not used by ``embedded``).
+        kind: ``embedded``, ``mnist``, ``image_folder``, ``parquet`` or ``dsprites``.
+        path: Directory or file to read (not used by ``embedded`` and ``dsprites``).
+        count: Images to generate (``dsprites`` only).
     """
 
-    kind: Literal["embedded", "mnist", "image_folder", "parquet"] = "embedded"
+    kind: Literal["embedded", "mnist", "image_folder", "parquet", "dsprites"] = "embedded"
     path: str | None = None
+    count: int = 20_000
 
     def __post_init__(self):
-        if self.kind == "embedded" and self.path is not None:
-            raise ConfigError("path: the embedded source ships with twostage; remove path")
-        if self.kind != "embedded" and not self.path:
+        if self.kind in ("embedded", "dsprites") and self.path is not None:
+            raise ConfigError(f"path: source kind {self.kind!r} reads no files; remove path")
+        if self.kind not in ("embedded", "dsprites") and not self.path:
             raise ConfigError(f"path: required for source kind {self.kind!r}")
+        if self.count < 1:
+            raise ConfigError(f"count: must be positive, got {self.count}")
 
 
 @dataclass(frozen=True)
@@ -100,7 +107,7 @@ class Config:
 
 def fingerprint(config: Config) -> str | None:
     """Sizes and modification times of the source files, so edited data is not served from cache."""
-    if config.source.kind == "embedded":
+    if config.source.kind in ("embedded", "dsprites"):
         return None
     root = Path(config.source.path).expanduser()
     if not root.exists():
@@ -116,14 +123,16 @@ def fingerprint(config: Config) -> str | None:
 def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
     """Reads the source, splits, resizes and writes the image table into `out`."""
     pools, class_names, problems = _read_source(config)
-    pool_images, pool_labels, pool_splits, pool_ids = [], [], [], []
+    pool_images, pool_labels, pool_splits, pool_ids, pool_factors = [], [], [], [], []
     for pool in pools:
         images, labels, ids = pool["images"], pool["labels"], pool["ids"]
+        factors = pool.get("factors", np.zeros((len(ids), 0), np.int64))
         if config.limit is not None:
-            images, labels, ids = (
+            images, labels, ids, factors = (
                 images[: config.limit],
                 labels[: config.limit],
                 ids[: config.limit],
+                factors[: config.limit],
             )
         n = len(images)
         if pool["split"] == "train":
@@ -137,6 +146,7 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
         pool_labels.append(np.asarray(labels, np.int64))
         pool_splits.append(splits)
         pool_ids.append(np.asarray(ids, np.int64))
+        pool_factors.append(np.asarray(factors, np.int64))
         log.info("ingest: %d images from %s", n, pool["name"])
 
     if not pool_images:
@@ -147,6 +157,7 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
         width=images.shape[2],
         channels=images.shape[3],
         class_names=class_names,
+        **(_DSPRITES_FACTORS if config.source.kind == "dsprites" else {}),
     )
     table = ImageTable(
         meta,
@@ -154,6 +165,7 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
         np.concatenate(pool_labels),
         np.concatenate(pool_splits),
         images,
+        np.concatenate(pool_factors),
     )
     files = write_image_table(out, table, config.rows_per_file)
     counts = {s: int(np.sum(table.splits == s)) for s in ("train", "val", "test")}
@@ -186,6 +198,8 @@ def _read_source(config: Config) -> tuple[list[dict], list[str], list[str]]:
     kind = config.source.kind
     if kind == "embedded":
         return _read_mnist_dir(EMBEDDED_DIR), MNIST_CLASSES, []
+    if kind == "dsprites":
+        return _generate_dsprites(config.source.count, config.seed), list(dsprites.SHAPES), []
     root = Path(config.source.path).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"source.path {str(root)!r} does not exist")
@@ -194,6 +208,26 @@ def _read_source(config: Config) -> tuple[list[dict], list[str], list[str]]:
     if kind == "image_folder":
         return _read_image_folder(root, config.strict)
     return _read_parquet(root, config.strict)
+
+
+_DSPRITES_FACTORS = {
+    "factor_names": list(dsprites.FACTOR_NAMES),
+    "factor_sizes": list(dsprites.FACTOR_SIZES),
+}
+
+
+def _generate_dsprites(count: int, seed: int) -> list[dict]:
+    images, factors = dsprites.generate(count, seed=seed)
+    return [
+        {
+            "name": f"dsprites ({count} images, seed {seed})",
+            "split": "train",
+            "images": list(images),
+            "labels": factors[:, 0],  # the shape
+            "ids": np.arange(count),
+            "factors": factors,
+        }
+    ]
 
 
 def read_idx(path: Path) -> np.ndarray:

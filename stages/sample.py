@@ -30,6 +30,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from models.families import vqvae2_config
 from models.prior import CodePrior
 from models.vqvae2 import VQVAE2, VQVAE2Config
 from stages import Input
@@ -95,7 +96,9 @@ class Config:
 def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
     """Samples images; writes codes, images and ``samples.png`` into `out`."""
     autoencoder_artifact, prior_artifacts = inputs["autoencoder"], inputs["priors"]
-    ae_config = VQVAE2Config(**json.loads(autoencoder_artifact.read_bytes("config.json")))
+    ae_config = vqvae2_config(
+        json.loads(autoencoder_artifact.read_bytes("config.json")), autoencoder_artifact.uri
+    )
     priors, class_names = load_priors(prior_artifacts, autoencoder_artifact.key, ae_config)
     device = _device(config.device)
     labels = _labels(config, class_names)

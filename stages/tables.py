@@ -5,7 +5,9 @@ Parquet files ``images-00000.parquet``, ... with one row per image:
 - ``id`` (int64): stable image id, unique within the table;
 - ``label`` (int16, nullable): class index, null when unlabelled;
 - ``split`` (string): ``train``, ``val`` or ``test``;
-- ``image`` (binary): raw uint8 pixels, row-major ``h w c``.
+- ``image`` (binary): raw uint8 pixels, row-major ``h w c``;
+- ``factor_<name>`` (int16), only in procedural tables (dSprites): the ground-truth generative
+  factors as grid indices, named in the metadata's ``factor_names`` / ``factor_sizes``.
 
 The file metadata key ``twostage.image_table`` holds `ImageTableMeta` as JSON (height, width,
 channels, class names, schema version), so plain ``pyarrow.parquet.read_table`` can read and
@@ -45,6 +47,8 @@ class ImageTableMeta:
     width: int
     channels: int
     class_names: list[str] = field(default_factory=list)
+    factor_names: list[str] = field(default_factory=list)
+    factor_sizes: list[int] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> bytes:
@@ -58,18 +62,29 @@ class ImageTableMeta:
 
 @dataclass
 class ImageTable:
-    """An image table in memory. ``images`` is uint8 ``n h w c``; ``labels`` uses -1 for none."""
+    """An image table in memory. ``images`` is uint8 ``n h w c``; ``labels`` uses -1 for none;
+    ``factors`` is int ``n k`` (k = ``len(meta.factor_names)``; ``n 0`` when there are none)."""
 
     meta: ImageTableMeta
     ids: np.ndarray
     labels: np.ndarray
     splits: np.ndarray
     images: np.ndarray
+    factors: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.factors is None:
+            self.factors = np.zeros((len(self.ids), 0), np.int64)
 
     def split(self, name: str) -> ImageTable:
         mask = self.splits == name
         return ImageTable(
-            self.meta, self.ids[mask], self.labels[mask], self.splits[mask], self.images[mask]
+            self.meta,
+            self.ids[mask],
+            self.labels[mask],
+            self.splits[mask],
+            self.images[mask],
+            self.factors[mask],
         )
 
     def __len__(self) -> int:
@@ -87,15 +102,17 @@ def write_image_table(
         stop = min(start + rows_per_file, n)
         labels = table.labels[start:stop]
         pixels = np.ascontiguousarray(table.images[start:stop]).reshape(stop - start, -1)
-        arrow = pa.table(
-            {
-                "id": pa.array(table.ids[start:stop], pa.int64()),
-                "label": pa.array(labels, pa.int16(), mask=labels < 0),
-                "split": pa.array(table.splits[start:stop].tolist(), pa.string()),
-                "image": pa.array([row.tobytes() for row in pixels], pa.binary()),
-            },
-            schema=ARROW_SCHEMA.with_metadata({META_KEY: meta.to_json()}),
-        )
+        columns = {
+            "id": pa.array(table.ids[start:stop], pa.int64()),
+            "label": pa.array(labels, pa.int16(), mask=labels < 0),
+            "split": pa.array(table.splits[start:stop].tolist(), pa.string()),
+            "image": pa.array([row.tobytes() for row in pixels], pa.binary()),
+        }
+        schema = ARROW_SCHEMA
+        for j, name in enumerate(meta.factor_names):
+            columns[f"factor_{name}"] = pa.array(table.factors[start:stop, j], pa.int16())
+            schema = schema.append(pa.field(f"factor_{name}", pa.int16(), nullable=False))
+        arrow = pa.table(columns, schema=schema.with_metadata({META_KEY: meta.to_json()}))
         name = f"{prefix}-{part:05d}.parquet"
         pq.write_table(
             arrow,
@@ -173,12 +190,18 @@ def table_from_arrow(table: pa.Table, meta: ImageTableMeta) -> ImageTable:
     """Converts an Arrow image table to numpy arrays."""
     images = decode_pixels(table["image"], meta)
     labels = pc.fill_null(table["label"], -1).to_numpy().astype(np.int64)
+    factors = np.stack(
+        [table[f"factor_{name}"].to_numpy().astype(np.int64) for name in meta.factor_names]
+        or [np.zeros(len(table), np.int64)],
+        axis=1,
+    )[:, : len(meta.factor_names)]
     return ImageTable(
         meta=meta,
         ids=table["id"].to_numpy().astype(np.int64),
         labels=labels,
         splits=np.asarray(table["split"].to_pylist(), dtype=object),
         images=images,
+        factors=factors,
     )
 
 

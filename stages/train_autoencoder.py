@@ -1,4 +1,9 @@
-"""Train-autoencoder stage: an image table -> a trained VQ-VAE-2 artifact.
+"""Train-autoencoder stage: an image table -> a trained autoencoder artifact.
+
+``model.family`` picks the model (`models.families`): ``vqvae2`` (the default; codes for the
+prior), or one of the classic families ``autoencoder``, ``denoising``, ``sparse``, ``ksparse``,
+``contractive``, ``vae``, ``beta_vae``, ``cvae``. VQ-VAE-2 sees images in [-1, 1]; the other
+families see [0, 1], optionally binarized (``train.binarize``) for Bernoulli likelihoods.
 
 The training loop (`train_loop`) is written out once and runs either in this process
 (``train.workers: 0``) or as Ray Train's ``train_loop_per_worker`` under a ``TorchTrainer`` with
@@ -31,6 +36,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from models.families import ModelConfig, build, is_quantized
+from models.families import load as load_model
 from models.vqvae2 import VQVAE2, VQVAE2Config
 from pipeline.config import from_dict, to_dict
 from stages import Input
@@ -66,6 +73,9 @@ class TrainConfig:
         cpus_per_worker: CPU threads per worker (None: the free CPUs divided among workers).
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         val_images: At most this many val images are evaluated.
+        binarize: For the non-quantized families: ``none`` keeps grey levels in [0, 1];
+            ``threshold`` maps pixels above 0.5 to 1; ``dynamic`` draws each pixel as 1 with
+            its intensity as probability, afresh for every batch (val images: one fixed draw).
     """
 
     steps: int = 2000
@@ -83,6 +93,7 @@ class TrainConfig:
     cpus_per_worker: int | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     val_images: int = 10_000
+    binarize: Literal["none", "threshold", "dynamic"] = "none"
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
@@ -100,7 +111,7 @@ class TrainConfig:
 class Config:
     """Stage options: the model and how to train it."""
 
-    model: VQVAE2Config = field(default_factory=VQVAE2Config)
+    model: ModelConfig = field(default_factory=VQVAE2Config)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -134,17 +145,19 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
         for name in ("config.json", "model.safetensors"):
             shutil.copyfile(final_dir / name, out / name)
         history = json.loads((final_dir / "history.json").read_text())
-    model = VQVAE2.load(out)
+    model = load_model(out)
     table = read_image_table(artifact, splits=("val",))
     if len(table) == 0:
         table = read_image_table(artifact, splits=("train",))
-    _reconstructions(model, table.images[:24], out / "reconstructions.png")
+    _reconstructions(model, table, config.train.binarize, out / "reconstructions.png")
     metrics = {**metrics, "image_shape": [meta.height, meta.width, meta.channels]}
     (out / "metrics.json").write_text(json.dumps({"final": metrics, "history": history}, indent=2))
     return metrics
 
 
-def _describe(model: VQVAE2Config) -> str:
+def _describe(model) -> str:
+    if model.family != "vqvae2":
+        return f"{model.family} autoencoder, {model.latent_dim} latent dims"
     grids = ", ".join(f"{k} {h}x{w}" for k, (h, w) in model.grid_shapes().items())
     return f"VQ-VAE-2 {model.levels} level(s) ({grids}), {model.codebook_size} codes"
 
@@ -163,6 +176,11 @@ def _check_images(config: Config, artifact):
             f"model.in_channels is {model.in_channels} but the images have {meta.channels} "
             f"channel(s); set model.in_channels: {meta.channels} or the ingest step's channels"
         )
+    if model.family == "cvae" and len(meta.class_names) != model.num_classes:
+        raise ValueError(
+            f"model.num_classes is {model.num_classes} but the images have "
+            f"{len(meta.class_names)} classes; set model.num_classes: {len(meta.class_names)}"
+        )
     return meta
 
 
@@ -176,11 +194,26 @@ def _loop(loop_config: dict, session) -> dict:
 
 
 def _to_input(batch: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """uint8 ``b h w c`` -> float ``b c h w`` in [-1, 1]."""
+    """uint8 ``b h w c`` -> float ``b c h w`` in [-1, 1] (VQ-VAE-2's input)."""
     x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
     return x.contiguous(
         memory_format=torch.channels_last if channels_last else torch.contiguous_format
     )
+
+
+def _to_unit(
+    batch: torch.Tensor,
+    device: torch.device,
+    binarize: str,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """uint8 ``b h w c`` -> float ``b c h w`` in [0, 1] (the other families' input)."""
+    x = batch.permute(0, 3, 1, 2).float().div_(255.0)
+    if binarize == "threshold":
+        x = (x > 0.5).float()
+    elif binarize == "dynamic":
+        x = torch.bernoulli(x, generator=generator)
+    return x.to(device, non_blocking=True)
 
 
 def _lr_at(step: int, train: TrainConfig) -> float:
@@ -201,17 +234,28 @@ def train_loop(config: Config, images_ref: dict, session) -> dict:
     torch.set_num_threads(max(1, session.cpus))
     artifact = Store(images_ref["store"]).open(images_ref["stage"], images_ref["key"])
     table = read_image_table(artifact, splits=("train", "val"))
-    train_images = torch.from_numpy(table.images[table.splits == "train"])
-    val_images = torch.from_numpy(table.images[table.splits == "val"][: train.val_images])
+    is_train, is_val = table.splits == "train", table.splits == "val"
+    train_images = torch.from_numpy(table.images[is_train])
+    train_labels = torch.from_numpy(table.labels[is_train].astype(np.int64))
+    val_images = torch.from_numpy(table.images[is_val][: train.val_images])
+    val_labels = torch.from_numpy(table.labels[is_val][: train.val_images].astype(np.int64))
     if len(train_images) == 0:
         raise ValueError("the image table has no train split")
+    if config.model.family == "cvae" and bool((train_labels < 0).any()):
+        raise ValueError("model.family cvae needs a label for every training image")
     # each rank draws its batches from its own shard of the training images
     train_images = train_images[session.rank :: session.world_size]
+    train_labels = train_labels[session.rank :: session.world_size]
 
     device = session.device
     bf16 = use_bf16(train.precision, device)
     torch.manual_seed(train.seed)  # same initial weights on every rank
-    model = VQVAE2(config.model)
+    model = build(config.model)
+    quantized = is_quantized(model)
+    if not quantized:  # the val images' one binarization, the same at every evaluation
+        val_images = _to_unit(
+            val_images, torch.device("cpu"), train.binarize, torch.Generator().manual_seed(1)
+        )
     generator = torch.Generator().manual_seed(train.seed * 1000 + session.rank)
     start_step, history = 0, []
     resume_dir = session.latest_checkpoint()
@@ -224,7 +268,7 @@ def train_loop(config: Config, images_ref: dict, session) -> dict:
         generator.set_state(state["rng"][session.rank % len(state["rng"])])
         if session.rank == 0:
             log.info("train_autoencoder: resuming from the checkpoint at step %d", start_step)
-    if train.channels_last:
+    if train.channels_last and quantized:
         model = model.to(memory_format=torch.channels_last)
     wrapped = session.wrap(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=train.lr)
@@ -240,27 +284,32 @@ def train_loop(config: Config, images_ref: dict, session) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         index = torch.randint(len(train_images), (train.batch_size,), generator=generator)
-        x = _to_input(train_images[index], device, train.channels_last)
         model.train()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = wrapped(x)
+            if quantized:
+                out = wrapped(_to_input(train_images[index], device, train.channels_last))
+            else:
+                x = _to_unit(train_images[index], device, train.binarize, generator)
+                out = wrapped(x, train_labels[index].to(device))
+        terms = {k: v for k, v in out.items() if not torch.is_tensor(v) or v.ndim == 0}
         loss = out["loss"]
         if not torch.isfinite(loss):
             where = f"step {last_good}" if last_good is not None else "none yet"
+            named = ", ".join(f"{k} {float(v):.4g}" for k, v in terms.items() if k != "loss")
             raise FloatingPointError(
-                f"loss became {loss.item()} at step {step + 1} (recon {out['recon'].item():.4g}, "
-                f"commitment {out['commitment'].item():.4g}); last good checkpoint: {where}; "
-                "lower train.lr or check the input data"
+                f"loss became {loss.item()} at step {step + 1} ({named}); last good "
+                f"checkpoint: {where}; lower train.lr or check the input data"
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
         optimizer.step()
+        if hasattr(model, "advance"):  # capacity-controlled beta-VAE: C grows per optimizer step
+            model.advance()
 
-        for k, v in out.items():
-            if k != "x_hat":
-                running[k] = running.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+        for k, v in terms.items():
+            running[k] = running.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
         running["_n"] = running.get("_n", 0) + 1
         window_images += train.batch_size * session.world_size
         done = step + 1
@@ -271,21 +320,29 @@ def train_loop(config: Config, images_ref: dict, session) -> dict:
             history.append(row)
             running, window_start, window_images = {}, time.perf_counter(), 0
             if session.rank == 0:
-                levels = config.model.level_names
+                if quantized:
+                    levels = config.model.level_names
+                    detail = " ".join(f"{lv} ppl {row[f'perplexity/{lv}']:.0f}" for lv in levels)
+                else:
+                    detail = " ".join(
+                        f"{k} {row[k]:.4g}" for k in terms if k not in ("loss", "recon")
+                    )
                 log.info(
                     "train_autoencoder: step %d/%d loss %.4f recon %.4f | %s | %.0f img/s",
                     done,
                     train.steps,
                     row["loss"],
                     row["recon"],
-                    " ".join(f"{lv} ppl {row[f'perplexity/{lv}']:.0f}" for lv in levels),
+                    detail,
                     row["images_per_s"],
                 )
         if done % train.checkpoint_every == 0 or done == train.steps:
             final = done == train.steps
             metrics = {"step": done}
-            if session.rank == 0:
+            if session.rank == 0 and quantized:
                 metrics.update(evaluate(model, val_images, device, bf16, train.channels_last))
+            elif session.rank == 0:
+                metrics.update(evaluate_continuous(model, val_images, val_labels, device))
             if final:
                 metrics["resumed_from_step"] = start_step
                 metrics["bf16"] = bf16
@@ -373,12 +430,59 @@ def evaluate(
 
 
 @torch.no_grad()
-def _reconstructions(model: VQVAE2, images: np.ndarray, path: Path) -> None:
-    """Writes originals above reconstructions, 12 per row."""
+def evaluate_continuous(
+    model, images: torch.Tensor, labels: torch.Tensor, device: torch.device, batch_size: int = 256
+) -> dict:
+    """Val figures of a non-quantized family on ``b c h w`` inputs in [0, 1].
+
+    ``val_<term>``: each loss term's mean over the val images (for VAEs ``val_recon + val_kl`` is
+    the negative ELBO in nats, reported as ``val_neg_elbo``); ``val_mse`` and ``val_psnr`` of
+    ``decode(encode(x))`` in [0, 1] pixel units; ``val_active_units``: latent dimensions whose
+    code varies across the val images with variance above 0.01 (Burda et al. 2016).
+    """
+    if len(images) == 0:
+        return {}
     model.eval()
-    x = _to_input(torch.from_numpy(images), torch.device("cpu"), False)
-    x_hat = model.decode_indices(model.encode_indices(x)).clamp(-1, 1)
-    to_uint8 = lambda t: ((t + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()  # noqa: E731
+    sums: dict[str, float] = {}
+    sq_err, codes = 0.0, []
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size].to(device)
+        y = labels[start : start + batch_size].to(device)
+        out = model(x, y)
+        for k, v in out.items():
+            if torch.is_tensor(v) and v.ndim == 0:
+                sums[k] = sums.get(k, 0.0) + float(v) * len(x)
+        z = model.encode(x, y)
+        codes.append(z.float().cpu())
+        sq_err += float((model.decode(z, y).float() - x).pow(2).sum())
+    mse = sq_err / images.numel()
+    metrics = {f"val_{k}": v / len(images) for k, v in sums.items()}
+    if "val_kl" in metrics:
+        metrics["val_neg_elbo"] = metrics["val_recon"] + metrics["val_kl"]
+    variance = torch.cat(codes).var(0)
+    metrics.update(
+        val_mse=mse,
+        val_psnr=10 * math.log10(1 / max(mse, 1e-12)),
+        val_active_units=int((variance > 0.01).sum()),
+    )
+    model.train()
+    return metrics
+
+
+@torch.no_grad()
+def _reconstructions(model, table, binarize: str, path: Path) -> None:
+    """Writes originals above reconstructions, 12 per row (24 images)."""
+    model.eval()
+    images = torch.from_numpy(table.images[:24])
+    if is_quantized(model):
+        x = _to_input(images, torch.device("cpu"), False)
+        x_hat = model.decode_indices(model.encode_indices(x)).clamp(-1, 1)
+        x, x_hat = (x + 1) / 2, (x_hat + 1) / 2
+    else:
+        x = _to_unit(images, torch.device("cpu"), binarize, torch.Generator().manual_seed(1))
+        labels = torch.from_numpy(table.labels[:24].astype(np.int64))
+        x_hat = model.decode(model.encode(x, labels), labels).clamp(0, 1)
+    to_uint8 = lambda t: (t * 255).round().byte().permute(0, 2, 3, 1).numpy()  # noqa: E731
     originals, recon = to_uint8(x), to_uint8(x_hat)
     rows = []
     for start in range(0, len(images), 12):

@@ -1,0 +1,271 @@
+"""Analyze-latents stage: what a trained continuous autoencoder's latents mean, with pictures.
+
+Inputs: a `train_autoencoder` artifact of a non-quantized family (``autoencoder``, ...,
+``vae``, ``beta_vae``, ``cvae``) and the image table it was trained on. Images go in as the
+training stage fed them (``[0, 1]``, binarized the same way, the val split with one fixed draw).
+
+Pictures:
+
+- ``traversals.png``: one row per latent dimension (the most used first: by mean KL for VAEs,
+  by code variance otherwise), each dimension swept over ``±traversal_range`` (prior standard
+  deviations for VAEs, code standard deviations otherwise) around a val image's code while the
+  others stay fixed;
+- ``interpolations.png``: decodings along the straight line between two val images' codes
+  (posterior means), the two originals at the ends;
+- ``class_swap.png`` (``cvae``): each val image's code decoded with every class label.
+
+Figures (``metrics.json``):
+
+- ``iw_nll``: importance-weighted NLL in nats on the val images (VAE-type models; Burda et al.
+  2016 with ``iw_samples`` samples), ``neg_elbo`` beside it, ``kl_per_dim`` and
+  ``active_units`` (dimensions with ``Cov_x E_q[z_j] > 0.01``, Burda et al.);
+- on tables with ground-truth factors (dSprites): ``mig`` (Chen et al. 2018, from the posterior
+  means of the table's images and their stored factors) and ``factor_vae_score`` (Kim & Mnih
+  2018, on images rendered for the votes).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.families import is_quantized, load
+from stages import Input, dsprites
+from stages.disentanglement import factor_vae_score, mig
+from stages.images import grid, save_png
+from stages.tables import read_image_table
+from stages.train_autoencoder import _to_unit
+
+VERSION = "1"
+INPUTS = {
+    "autoencoder": Input(kinds=("train_autoencoder",)),
+    "images": Input(kinds=("ingest",)),
+}
+MODEL_FILES = ("config.json", "model.safetensors")
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Analysis options.
+
+    Args:
+        traversal_dims: Latent dimensions shown in ``traversals.png`` (the most used first).
+        traversal_range: Sweep ``±range`` standard deviations around the reference code.
+        traversal_steps: Images per traversal row.
+        interpolation_pairs: Rows of ``interpolations.png``.
+        interpolation_steps: Decodings between the two ends of a row.
+        iw_samples: Importance samples per image for ``iw_nll`` (k; 0 skips it).
+        iw_images: Val images the NLL is averaged over.
+        mig_images: Images (all splits) whose codes give MIG.
+        factor_vae_votes: Train and eval votes each for the FactorVAE metric (0 skips it).
+        factor_vae_batch: Images per vote (L in Kim & Mnih).
+        seed: Seed of the images picked and of the samples drawn.
+    """
+
+    traversal_dims: int = 10
+    traversal_range: float = 2.5
+    traversal_steps: int = 9
+    interpolation_pairs: int = 6
+    interpolation_steps: int = 8
+    iw_samples: int = 500
+    iw_images: int = 1000
+    mig_images: int = 10_000
+    factor_vae_votes: int = 500
+    factor_vae_batch: int = 64
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("traversal_dims", "traversal_steps", "interpolation_steps", "mig_images"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"{name}: must be at least 2, got {getattr(self, name)}")
+        for name in ("iw_samples", "iw_images", "factor_vae_votes", "interpolation_pairs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.traversal_range <= 0:
+            raise ValueError(f"traversal_range: must be positive, got {self.traversal_range}")
+
+
+def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
+    """Writes the pictures and figures listed in the module docstring into `out`."""
+    artifact = inputs["autoencoder"]
+    model = load(artifact.local_dir(*MODEL_FILES)).eval()
+    if is_quantized(model):
+        raise ValueError(
+            f"{artifact.uri} is a VQ-VAE-2 (discrete codes); analyze_latents takes the "
+            "continuous families (autoencoder ... vae, beta_vae, cvae)"
+        )
+    binarize = artifact.config.get("train", {}).get("binarize", "none")
+    table = read_image_table(inputs["images"])
+    val = table.split("val") if (table.splits == "val").any() else table
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+
+    def prepare(images: np.ndarray) -> torch.Tensor:
+        return _to_unit(torch.from_numpy(images), torch.device("cpu"), binarize, generator)
+
+    x_val = prepare(val.images[: max(config.iw_images, 64)])
+    y_val = torch.from_numpy(val.labels[: len(x_val)].astype(np.int64))
+    labels = y_val if model.config.family == "cvae" else None
+    metrics: dict = {"family": model.config.family, "latent_dim": model.config.latent_dim}
+
+    with torch.no_grad():
+        codes = _batched(lambda x, y: model.encode(x, y), x_val, labels)
+        usage = _usage(model, x_val, labels, codes)
+    order = np.argsort(-usage)[: config.traversal_dims]
+    metrics["active_units"] = int((codes.var(0) > 0.01).sum())
+    if hasattr(model, "posterior"):
+        metrics["kl_per_dim"] = [round(float(u), 4) for u in usage]
+    _traversals(model, codes, labels, order, config, out / "traversals.png")
+    if config.interpolation_pairs:
+        _interpolations(model, x_val, codes, labels, config, out / "interpolations.png")
+    if model.config.family == "cvae":
+        _class_swap(model, x_val[:8], codes[:8], len(table.meta.class_names), out)
+
+    if hasattr(model, "iw_nll") and config.iw_samples and config.iw_images:
+        start = time.perf_counter()
+        x = x_val[: config.iw_images]
+        y = None if labels is None else labels[: len(x)]
+        with torch.no_grad():
+            nll = _batched(lambda a, b: model.iw_nll(a, config.iw_samples, b), x, y, 50)
+            neg_elbo = _batched(lambda a, b: model.iw_nll(a, 1, b), x, y, 50)
+        metrics.update(
+            iw_nll=float(nll.mean()),
+            iw_nll_stderr=float(nll.std() / np.sqrt(len(nll))),
+            neg_elbo=float(neg_elbo.mean()),
+            iw_samples=config.iw_samples,
+            iw_images=len(x),
+        )
+        log.info(
+            "analyze_latents: IW-NLL %.2f nats (k=%d, %d val images, %.0f s), -ELBO %.2f",
+            metrics["iw_nll"],
+            config.iw_samples,
+            len(x),
+            time.perf_counter() - start,
+            metrics["neg_elbo"],
+        )
+
+    if table.meta.factor_names:
+        metrics.update(_disentanglement(model, table, prepare, config))
+    log.info(
+        "analyze_latents: %s",
+        ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)),
+    )
+    return metrics
+
+
+# ----- pieces -------------------------------------------------------------------------------
+
+
+def _batched(fn, x: torch.Tensor, labels: torch.Tensor | None, batch_size: int = 256):
+    parts = []
+    for start in range(0, len(x), batch_size):
+        y = None if labels is None else labels[start : start + batch_size]
+        parts.append(fn(x[start : start + batch_size], y).float().cpu())
+    return torch.cat(parts)
+
+
+def _usage(model, x: torch.Tensor, labels, codes: torch.Tensor) -> np.ndarray:
+    """Per-dimension use: mean KL(q(z_j|x) || N(0, 1)) for VAEs, code variance otherwise."""
+    if not hasattr(model, "posterior"):
+        return codes.var(0).numpy()
+    kl = []
+    for start in range(0, len(x), 256):
+        y = None if labels is None else labels[start : start + 256]
+        mu, logvar = model.posterior(x[start : start + 256], y)
+        kl.append(0.5 * (mu.float() ** 2 + logvar.float().exp() - 1 - logvar.float()))
+    return torch.cat(kl).mean(0).numpy()
+
+
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    return (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+@torch.no_grad()
+def _traversals(model, codes, labels, order, config: Config, path: Path) -> None:
+    """Rows: latent dims in `order`; columns: that dim swept, the others at a val image's code."""
+    vae = hasattr(model, "posterior")
+    scale = torch.ones(codes.shape[1]) if vae else codes.std(0)
+    centre = torch.zeros(codes.shape[1]) if vae else codes.mean(0)
+    steps = torch.linspace(-config.traversal_range, config.traversal_range, config.traversal_steps)
+    reference = codes[0]
+    rows = []
+    for dim in order:
+        z = reference.repeat(len(steps), 1)
+        z[:, dim] = centre[dim] + steps * scale[dim]
+        y = None if labels is None else labels[:1].repeat(len(steps))
+        rows.append(model.decode(z, y))
+    save_png(grid(_to_uint8(torch.cat(rows)), nrow=len(steps), scale=2), path)
+
+
+@torch.no_grad()
+def _interpolations(model, x, codes, labels, config: Config, path: Path) -> None:
+    """Rows: original a, decodings along codes a -> b, original b."""
+    pairs = min(config.interpolation_pairs, len(x) // 2)
+    weights = torch.linspace(0, 1, config.interpolation_steps)[:, None]
+    rows = []
+    for i in range(pairs):
+        a, b = 2 * i, 2 * i + 1
+        z = (1 - weights) * codes[a] + weights * codes[b]
+        y = None
+        if labels is not None:  # the conditional model keeps a's class along the row
+            y = labels[a : a + 1].repeat(len(z))
+        rows += [x[a : a + 1], model.decode(z, y), x[b : b + 1]]
+    save_png(grid(_to_uint8(torch.cat(rows)), nrow=config.interpolation_steps + 2, scale=2), path)
+
+
+@torch.no_grad()
+def _class_swap(model, x, codes, num_classes: int, out: Path) -> None:
+    """Rows: a val image, then its code decoded with each class label."""
+    rows = []
+    for i in range(len(x)):
+        z = codes[i].repeat(num_classes, 1)
+        rows += [x[i : i + 1], model.decode(z, torch.arange(num_classes))]
+    save_png(
+        grid(_to_uint8(torch.cat(rows)), nrow=num_classes + 1, scale=2), out / "class_swap.png"
+    )
+
+
+def _disentanglement(model, table, prepare, config: Config) -> dict:
+    """MIG on the table's images and factors; the FactorVAE score on rendered dSprites."""
+    rng = np.random.default_rng(config.seed)
+    index = rng.permutation(len(table))[: config.mig_images]
+
+    def code_fn(images: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return _batched(lambda x, y: model.encode(x, y), prepare(images), None).numpy()
+
+    start = time.perf_counter()
+    result = mig(code_fn(table.images[index]), table.factors[index])
+    metrics = {
+        "mig": result["mig"],
+        "mig_per_factor": dict(zip(table.meta.factor_names, result["per_factor"], strict=True)),
+    }
+    if config.factor_vae_votes and list(table.meta.factor_names) == list(dsprites.FACTOR_NAMES):
+        size = table.meta.height
+        score = factor_vae_score(
+            code_fn,
+            dsprites.FACTOR_SIZES,
+            lambda factors: dsprites.render_batch(factors, size),
+            num_train=config.factor_vae_votes,
+            num_eval=config.factor_vae_votes,
+            batch_size=config.factor_vae_batch,
+            seed=config.seed,
+        )
+        metrics["factor_vae_score"] = score["score"]
+        metrics["factor_vae_active_dims"] = score["active_dims"]
+    log.info(
+        "analyze_latents: MIG %.3f%s (%.0f s)",
+        metrics["mig"],
+        f", FactorVAE score {metrics['factor_vae_score']:.3f}"
+        if "factor_vae_score" in metrics
+        else "",
+        time.perf_counter() - start,
+    )
+    return metrics
