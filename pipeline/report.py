@@ -19,7 +19,7 @@ import math
 from pathlib import Path
 
 # history keys worth a curve, in display order; the first ones found per step are drawn
-CURVE_KEYS = ("loss", "recon", "bits_per_code", "ce", "kl", "commitment", "lr")
+CURVE_KEYS = ("loss", "recon", "bits_per_code", "ce", "kl", "commitment", "capacity", "lr")
 MAX_CURVES_PER_STEP = 4
 
 
@@ -53,6 +53,11 @@ def write_report(path: Path, record: dict, metrics: dict, histories: dict, image
                 f"<figure><img src='{_png_uri(Path(png).read_bytes())}'>"
                 f"<figcaption>{_e(name)}: {_e(Path(png).name)}</figcaption></figure>"
             )
+    analyses = {
+        n: s for n, s in steps.items() if s.get("stage") == "analyze_latents" and n in metrics
+    }
+    if analyses:
+        parts += ["<h2>Autoencoders</h2>", _autoencoders_table(analyses, metrics)]
     priors = {n: s for n, s in steps.items() if s.get("stage") == "train_prior" and n in metrics}
     if priors:
         parts += ["<h2>Priors</h2>", _priors_table(priors, metrics)]
@@ -169,6 +174,43 @@ def _priors_table(priors: dict, metrics: dict) -> str:
         ]
         rows.append("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>")
     return f"<table>{head}{''.join(rows)}</table>"
+
+
+AUTOENCODER_COLUMNS = (
+    ("val recon (nats)", "autoencoder", "val_recon"),
+    ("val MSE", "autoencoder", "val_mse"),
+    ("-ELBO (nats)", "analysis", "neg_elbo"),
+    ("IW-NLL (nats)", "analysis", "iw_nll"),
+    ("k", "analysis", "iw_samples"),
+    ("active units", "analysis", "active_units"),
+    ("linear probe acc.", "analysis", "probe_accuracy"),
+    ("MIG", "analysis", "mig"),
+    ("FactorVAE score", "analysis", "factor_vae_score"),
+)
+
+
+def _autoencoders_table(analyses: dict, metrics: dict) -> str:
+    """One row per analyze_latents step, with its autoencoder's val figures beside it."""
+    head = "<tr><th>step</th><th>family</th><th>latent dims</th>" + "".join(
+        f"<th>{_e(title)}</th>" for title, _, _ in AUTOENCODER_COLUMNS
+    )
+    rows = []
+    for name, step in analyses.items():
+        source = (step.get("inputs") or {}).get("autoencoder")
+        found = {"analysis": metrics[name], "autoencoder": metrics.get(source, {})}
+        cells = [
+            source or name,
+            found["analysis"].get("family"),
+            found["analysis"].get("latent_dim"),
+        ]
+        cells += [_fmt(found[where].get(key)) for _, where, key in AUTOENCODER_COLUMNS]
+        rows.append("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>")
+    note = (
+        "<p><small>val recon: the reconstruction term in nats per image (Bernoulli or unit "
+        "Gaussian); IW-NLL: importance-weighted NLL with k samples (VAE-type models); active "
+        "units: latent dimensions with variance above 0.01 over the val codes.</small></p>"
+    )
+    return f"<table>{head}</tr>{''.join(rows)}</table>{note}"
 
 
 def _fmt(value) -> str:

@@ -2,7 +2,9 @@
 
 Inputs: a `train_autoencoder` artifact of a non-quantized family (``autoencoder``, ...,
 ``vae``, ``beta_vae``, ``cvae``) and the image table it was trained on. Images go in as the
-training stage fed them (``[0, 1]``, binarized the same way, the val split with one fixed draw).
+training stage fed them (``[0, 1]``, binarized the same way, held-out images with one fixed
+draw). The held-out images are the ``split`` option's (``val`` by default; ``test`` for figures
+comparable with published ones, e.g. MNIST's t10k set).
 
 Pictures:
 
@@ -19,6 +21,9 @@ Figures (``metrics.json``):
 - ``iw_nll``: importance-weighted NLL in nats on the val images (VAE-type models; Burda et al.
   2016 with ``iw_samples`` samples), ``neg_elbo`` beside it, ``kl_per_dim`` and
   ``active_units`` (dimensions with ``Cov_x E_q[z_j] > 0.01``, Burda et al.);
+- ``probe_accuracy`` (labelled tables): a linear classifier (multinomial logistic regression) fit
+  on the train images' codes, scored on the val images' codes: how linearly readable the class
+  is from the code;
 - on tables with ground-truth factors (dSprites): ``mig`` (Chen et al. 2018, from the posterior
   means of the table's images and their stored factors) and ``factor_vae_score`` (Kim & Mnih
   2018, on images rendered for the votes).
@@ -30,6 +35,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -66,6 +72,8 @@ class Config:
         mig_images: Images (all splits) whose codes give MIG.
         factor_vae_votes: Train and eval votes each for the FactorVAE metric (0 skips it).
         factor_vae_batch: Images per vote (L in Kim & Mnih).
+        probe_images: Train images whose codes fit the linear probe (0 skips it).
+        split: The held-out split the figures and pictures use (``val`` or ``test``).
         seed: Seed of the images picked and of the samples drawn.
     """
 
@@ -79,6 +87,8 @@ class Config:
     mig_images: int = 10_000
     factor_vae_votes: int = 500
     factor_vae_batch: int = 64
+    probe_images: int = 5000
+    split: Literal["val", "test"] = "val"
     seed: int = 0
 
     def __post_init__(self):
@@ -103,7 +113,9 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
         )
     binarize = artifact.config.get("train", {}).get("binarize", "none")
     table = read_image_table(inputs["images"])
-    val = table.split("val") if (table.splits == "val").any() else table
+    val = table.split(config.split)
+    if len(val) == 0:
+        raise ValueError(f"{inputs['images'].uri}: has no {config.split!r} images; set split")
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
 
@@ -153,6 +165,15 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
 
     if table.meta.factor_names:
         metrics.update(_disentanglement(model, table, prepare, config))
+    train = table.split("train")
+    if config.probe_images and (train.labels >= 0).any() and (y_val >= 0).all():
+        x_train = prepare(train.images[: config.probe_images])
+        y_train = torch.from_numpy(train.labels[: len(x_train)].astype(np.int64))
+        with torch.no_grad():
+            train_codes = _batched(
+                lambda x, y: model.encode(x, y), x_train, y_train if labels is not None else None
+            )
+        metrics["probe_accuracy"] = linear_probe(train_codes, y_train, codes, y_val)
     log.info(
         "analyze_latents: %s",
         ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)),
@@ -169,6 +190,37 @@ def _batched(fn, x: torch.Tensor, labels: torch.Tensor | None, batch_size: int =
         y = None if labels is None else labels[start : start + batch_size]
         parts.append(fn(x[start : start + batch_size], y).float().cpu())
     return torch.cat(parts)
+
+
+def linear_probe(
+    train_codes: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_codes: torch.Tensor,
+    test_labels: torch.Tensor,
+    weight_decay: float = 1e-4,
+) -> float:
+    """Accuracy on the test codes of a multinomial logistic regression fit on the train codes.
+
+    Codes are standardised with the train statistics; the fit is full-batch L-BFGS on the
+    cross-entropy plus ``weight_decay * |W|^2``.
+    """
+    mean, std = train_codes.mean(0), train_codes.std(0).clamp_min(1e-6)
+    a, b = (train_codes - mean) / std, (test_codes - mean) / std
+    classes = int(max(train_labels.max(), test_labels.max())) + 1
+    linear = torch.nn.Linear(a.shape[1], classes)
+    optimizer = torch.optim.LBFGS(linear.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(linear(a), train_labels)
+        loss = loss + weight_decay * linear.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    with torch.no_grad():
+        return float((linear(b).argmax(1) == test_labels).float().mean())
 
 
 def _usage(model, x: torch.Tensor, labels, codes: torch.Tensor) -> np.ndarray:

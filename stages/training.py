@@ -85,7 +85,10 @@ def _launch_ray_train(
             failure_config=FailureConfig(max_failures=0),
         ),
         datasets=datasets or None,
-        dataset_config=DataConfig(datasets_to_split=list(split)) if datasets else None,
+        # one worker reads the datasets directly (a split adds a coordinator actor per epoch)
+        dataset_config=DataConfig(datasets_to_split=list(split) if workers > 1 else [])
+        if datasets
+        else None,
     )
     try:
         result = trainer.fit()

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,3 +151,42 @@ def test_analyze_latents_refuses_a_vqvae2(mnist, tmp_path):
         analyze_latents.run(
             analyze_latents.Config(), {"autoencoder": artifact, "images": images}, tmp_path, ""
         )
+
+
+def test_pipeline_compares_families_in_the_report(tmp_path):
+    from tests.conftest import run_json, write_yaml
+
+    config = write_yaml(
+        tmp_path / "families.yaml",
+        """
+name: families
+ray: {num_cpus: 2}
+steps:
+  data: {stage: ingest, image_size: 32, limit: 300}
+  ae:
+    stage: train_autoencoder
+    inputs: {images: data}
+    model: {family: autoencoder, channels: 8, latent_dim: 8}
+    train: &train {steps: 6, batch_size: 16, log_every: 3, checkpoint_every: 6, workers: 0,
+                   binarize: dynamic}
+  vae:
+    stage: train_autoencoder
+    inputs: {images: data}
+    model: {family: vae, channels: 8, latent_dim: 8}
+    train: *train
+  analyze_ae: {stage: analyze_latents, inputs: {autoencoder: ae, images: data}, probe_images: 200}
+  analyze_vae:
+    stage: analyze_latents
+    inputs: {autoencoder: vae, images: data}
+    iw_samples: 10
+    iw_images: 30
+    probe_images: 200
+""",
+    )
+    summary = run_json(config, cwd=tmp_path, timeout=600)
+    assert summary["status"] == "ok", summary
+    report = (Path(summary["run_dir"]) / "report.html").read_text()
+    table = report.split("<h2>Autoencoders</h2>", 1)[1].split("</table>", 1)[0]
+    assert "<td>ae</td><td>autoencoder</td>" in table and "<td>vae</td><td>vae</td>" in table
+    assert "IW-NLL" in table and "linear probe" in table
+    assert report.count("traversals.png") == 2
