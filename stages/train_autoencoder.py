@@ -295,7 +295,11 @@ def train_loop(config: Config, images_ref: dict, session) -> dict:
         loss = out["loss"]
         if not torch.isfinite(loss):
             where = f"step {last_good}" if last_good is not None else "none yet"
-            named = ", ".join(f"{k} {float(v):.4g}" for k, v in terms.items() if k != "loss")
+            named = ", ".join(
+                f"{k} {float(v.detach() if torch.is_tensor(v) else v):.4g}"
+                for k, v in terms.items()
+                if k != "loss"
+            )
             raise FloatingPointError(
                 f"loss became {loss.item()} at step {step + 1} ({named}); last good "
                 f"checkpoint: {where}; lower train.lr or check the input data"
