@@ -155,10 +155,11 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
             iw_images=len(x),
         )
         log.info(
-            "analyze_latents: IW-NLL %.2f nats (k=%d, %d val images, %.0f s), -ELBO %.2f",
+            "analyze_latents: IW-NLL %.2f nats (k=%d, %d %s images, %.0f s), -ELBO %.2f",
             metrics["iw_nll"],
             config.iw_samples,
             len(x),
+            config.split,
             time.perf_counter() - start,
             metrics["neg_elbo"],
         )
