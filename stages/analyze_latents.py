@@ -45,7 +45,7 @@ from stages import Input, dsprites
 from stages.disentanglement import factor_vae_score, mig
 from stages.images import grid, save_png
 from stages.tables import read_image_table
-from stages.train_autoencoder import _to_unit
+from stages.train_autoencoder import to_unit
 
 VERSION = "1"
 INPUTS = {
@@ -120,7 +120,7 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
     torch.manual_seed(config.seed)
 
     def prepare(images: np.ndarray) -> torch.Tensor:
-        return _to_unit(torch.from_numpy(images), torch.device("cpu"), binarize, generator)
+        return to_unit(torch.from_numpy(images), torch.device("cpu"), binarize, generator)
 
     x_val = prepare(val.images[: max(config.iw_images, 64)])
     y_val = torch.from_numpy(val.labels[: len(x_val)].astype(np.int64))

@@ -201,7 +201,7 @@ def _to_input(batch: torch.Tensor, device: torch.device, channels_last: bool) ->
     )
 
 
-def _to_unit(
+def to_unit(
     batch: torch.Tensor,
     device: torch.device,
     binarize: str,
@@ -253,7 +253,7 @@ def train_loop(config: Config, images_ref: dict, session) -> dict:
     model = build(config.model)
     quantized = is_quantized(model)
     if not quantized:  # the val images' one binarization, the same at every evaluation
-        val_images = _to_unit(
+        val_images = to_unit(
             val_images, torch.device("cpu"), train.binarize, torch.Generator().manual_seed(1)
         )
     generator = torch.Generator().manual_seed(train.seed * 1000 + session.rank)
@@ -289,7 +289,7 @@ def train_loop(config: Config, images_ref: dict, session) -> dict:
             if quantized:
                 out = wrapped(_to_input(train_images[index], device, train.channels_last))
             else:
-                x = _to_unit(train_images[index], device, train.binarize, generator)
+                x = to_unit(train_images[index], device, train.binarize, generator)
                 out = wrapped(x, train_labels[index].to(device))
         terms = {k: v for k, v in out.items() if not torch.is_tensor(v) or v.ndim == 0}
         loss = out["loss"]
@@ -483,7 +483,7 @@ def _reconstructions(model, table, binarize: str, path: Path) -> None:
         x_hat = model.decode_indices(model.encode_indices(x)).clamp(-1, 1)
         x, x_hat = (x + 1) / 2, (x_hat + 1) / 2
     else:
-        x = _to_unit(images, torch.device("cpu"), binarize, torch.Generator().manual_seed(1))
+        x = to_unit(images, torch.device("cpu"), binarize, torch.Generator().manual_seed(1))
         labels = torch.from_numpy(table.labels[:24].astype(np.int64))
         x_hat = model.decode(model.encode(x, labels), labels).clamp(0, 1)
     to_uint8 = lambda t: (t * 255).round().byte().permute(0, 2, 3, 1).numpy()  # noqa: E731

@@ -69,3 +69,43 @@ def write_idx(path: Path, array) -> Path:
     with opener(path, "wb") as f:
         f.write(header + array.tobytes())
     return path
+
+
+def kill_after_first_checkpoint(config: Path, cwd: Path, stage: str, within: float = 240) -> None:
+    """Starts ``twostage run config`` and kills it (driver and Ray processes) as soon as Ray
+    Train has registered the first checkpoint of a `stage` step (what a rerun resumes from)."""
+    import glob
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", str(config), "--json"],
+        cwd=cwd,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    snapshot = str(cwd / f"artifacts/_scratch/{stage}/*/ray_train/checkpoint_manager_snapshot.json")
+    deadline = time.time() + within
+    while time.time() < deadline:
+        if _registered_checkpoint(glob.glob(snapshot)):
+            break
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        time.sleep(0.2)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"no {stage} checkpoint within {within:.0f} s")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(3)
+
+
+def _registered_checkpoint(snapshots: list[str]) -> bool:
+    try:
+        return (
+            bool(snapshots)
+            and json.loads(Path(snapshots[0]).read_text())["latest_checkpoint_result"] is not None
+        )
+    except (ValueError, OSError):
+        return False  # being written

@@ -2,11 +2,6 @@
 
 import glob
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +9,7 @@ import pytest
 from pipeline.config import from_dict
 from pipeline.store import Store
 from stages import ingest, train_autoencoder
-from tests.conftest import cli_env, run_json, write_yaml
+from tests.conftest import kill_after_first_checkpoint, run_json, write_yaml
 
 TINY_MODEL = (
     "{in_channels: 1, channels: 16, res_blocks: 1, res_channels: 8, codebook_size: 32, "
@@ -101,30 +96,7 @@ steps:
     train: {{steps: 600, checkpoint_every: 50, log_every: 50, warmup_steps: 10}}
 """,
     )
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(config), "--json"]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=tmp_path,
-        env=cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    snapshot = str(
-        tmp_path / "artifacts/_scratch/train_autoencoder/*/ray_train/"
-        "checkpoint_manager_snapshot.json"
-    )
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if _registered_checkpoint(glob.glob(snapshot)):
-            break
-        assert proc.poll() is None, "the run ended before its first checkpoint"
-        time.sleep(0.2)
-    else:
-        pytest.fail("no checkpoint within 240 s")
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
-    proc.wait()
-    time.sleep(3)
+    kill_after_first_checkpoint(config, tmp_path, "train_autoencoder")
     assert not glob.glob(str(tmp_path / "artifacts/train_autoencoder/*"))  # nothing committed
 
     summary = run_json(config, cwd=tmp_path, timeout=600)
@@ -136,17 +108,6 @@ steps:
     assert artifact.metrics["step"] == 600
     history = json.loads(artifact.read_bytes("metrics.json"))["history"]
     assert [r["step"] for r in history] == list(range(50, 601, 50))  # no step trained twice
-
-
-def _registered_checkpoint(snapshots: list[str]) -> bool:
-    """True once Ray Train has recorded a checkpoint (what a rerun resumes from)."""
-    try:
-        return (
-            bool(snapshots)
-            and json.loads(Path(snapshots[0]).read_text())["latest_checkpoint_result"] is not None
-        )
-    except (ValueError, OSError):
-        return False  # being written
 
 
 def test_in_process_resume_and_checkpoint_contents(tmp_path):

@@ -7,11 +7,6 @@ the same store (cached stages, a refused prior, a killed prior run that resumes)
 
 import glob
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +17,7 @@ import torch
 from pipeline.store import Store
 from stages import sample
 from stages.codes import CodeShardError
-from tests.conftest import cli_env, run_json, twostage, write_yaml
+from tests.conftest import kill_after_first_checkpoint, run_json, twostage, write_yaml
 
 TINY_AE = (
     "{in_channels: 1, channels: 16, res_blocks: 1, res_channels: 8, codebook_size: 32, "
@@ -232,28 +227,7 @@ def test_killed_prior_run_resumes_from_its_last_checkpoint(two_stage):
     train: {{steps: 100, batch_size: 16, log_every: 20, checkpoint_every: 20, workers: 1}}
 """,
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", str(config), "--json"],
-        cwd=root,
-        env=cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    snapshot = str(
-        root / "artifacts/_scratch/train_prior/*/ray_train/checkpoint_manager_snapshot.json"
-    )
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if _registered_checkpoint(glob.glob(snapshot)):
-            break
-        assert proc.poll() is None, "the run ended before its first checkpoint"
-        time.sleep(0.2)
-    else:
-        pytest.fail("no prior checkpoint within 240 s")
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
-    proc.wait()
-    time.sleep(3)
+    kill_after_first_checkpoint(config, root, "train_prior")
 
     summary = run_json(config, cwd=root, timeout=600)
     assert [s["status"] for s in summary["stages"]] == ["cached", "cached", "cached", "resumed"]
@@ -262,13 +236,3 @@ def test_killed_prior_run_resumes_from_its_last_checkpoint(two_stage):
     assert 20 <= resumed_from < 100 and resumed_from % 20 == 0
     history = json.loads(artifact.read_bytes("metrics.json"))["history"]
     assert [r["step"] for r in history] == list(range(20, 101, 20))  # no step logged twice
-
-
-def _registered_checkpoint(snapshots: list[str]) -> bool:
-    try:
-        return (
-            bool(snapshots)
-            and json.loads(Path(snapshots[0]).read_text())["latest_checkpoint_result"] is not None
-        )
-    except (ValueError, OSError):
-        return False
