@@ -1,6 +1,6 @@
-"""Ingest stage: a data source -> an image table artifact (see `stages.tables`).
+"""Ingest stage: a data source -> an image table (`stages.tables`) or a sequence table artifact.
 
-Sources (``source.kind``):
+Image sources (``source.kind``), written as an image table:
 
 - ``embedded``: 7,000 real MNIST digits shipped in ``stages/data/mnist_subset`` (licence note there),
   so a fresh machine needs no network and no data directory;
@@ -16,6 +16,20 @@ Sources (``source.kind``):
 Images of the training pool are split into ``train`` and ``val`` by a seeded permutation. An
 optional ``image_size`` pads (centred, zeros) or resizes every image to a square. Unreadable
 image files are counted and listed in the metrics, or stop the stage when ``strict`` is set.
+
+Sequence sources, written as a sequence table (`stages.sequences`) for the TD-VAE stage:
+
+- ``moving_mnist``: bouncing Moving MNIST (`stages.moving_mnist.Bouncing`: ``num_digits``
+  digits moving at ``speed`` on a ``canvas``, ``frames`` per sequence);
+- ``shifted_mnist``: one digit shifted ``shift`` px per frame with wrap-around
+  (`stages.moving_mnist.Shifted`).
+
+Their digits come from the embedded subset, or from the IDX directory ``source.path``. The
+train file's digits are split by ``val_fraction`` with ``seed`` into two disjoint parts: ``train``
+sequences draw only from one, ``val`` sequences only from the other. ``source.count`` sequences
+are written to train and val (``val_fraction`` of them to val), and as many ``test`` sequences as
+val ones from the ``t10k`` digits when the directory has them. Row ``i`` (its ``id``) is drawn
+with seed ``seed * 1_000_003 + i`` (`stages.moving_mnist.sequence_seeds`), stored in the row.
 """
 
 from __future__ import annotations
@@ -23,14 +37,15 @@ from __future__ import annotations
 import gzip
 import logging
 import struct
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
 from pipeline.config import ConfigError
-from stages import Input, dsprites
+from stages import Input, dsprites, moving_mnist
+from stages.sequences import SequenceTable, SequenceTableMeta, write_sequence_table
 from stages.tables import ImageTable, ImageTableMeta, write_image_table
 
 VERSION = "1"
@@ -38,31 +53,70 @@ INPUTS: dict[str, Input] = {}
 EMBEDDED_DIR = Path(__file__).parent / "data" / "mnist_subset"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MNIST_CLASSES = [str(d) for d in range(10)]
+SEQUENCE_KINDS = {"moving_mnist": moving_mnist.Bouncing, "shifted_mnist": moving_mnist.Shifted}
+SEQUENCE_FIELDS = ("frames", "canvas", "num_digits", "digit_size", "speed", "shift")
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Source:
-    """Where the images come from.
+    """Where the images or sequences come from.
 
     Args:
-        kind: ``embedded``, ``mnist``, ``image_folder``, ``parquet`` or ``dsprites``.
-        path: Directory or file to read (not used by ``embedded`` and ``dsprites``).
-        count: Images to generate (``dsprites`` only).
+        kind: ``embedded``, ``mnist``, ``image_folder``, ``parquet`` or ``dsprites`` (images);
+            ``moving_mnist`` or ``shifted_mnist`` (sequences).
+        path: Directory or file to read (not used by ``embedded`` and ``dsprites``; optional for
+            the sequence kinds: an MNIST IDX directory, else the embedded digits).
+        count: Images to generate (``dsprites``) or train + val sequences (sequence kinds; at
+            the defaults a sequence takes 82 KB, and ingest holds them all in memory).
+        frames: Frames per sequence (sequence kinds).
+        canvas: Frame side in pixels (sequence kinds).
+        num_digits: Digits per sequence (``moving_mnist``).
+        digit_size: Digit side on the canvas in pixels, resized bilinearly from MNIST's 28
+            (sequence kinds).
+        speed: Distance per frame as a fraction of ``canvas - digit_size`` (``moving_mnist``).
+        shift: Pixels moved per frame (``shifted_mnist``).
     """
 
-    kind: Literal["embedded", "mnist", "image_folder", "parquet", "dsprites"] = "embedded"
+    kind: Literal[
+        "embedded", "mnist", "image_folder", "parquet", "dsprites", "moving_mnist", "shifted_mnist"
+    ] = "embedded"
     path: str | None = None
     count: int = 20_000
+    frames: int = 20
+    canvas: int = 64
+    num_digits: int = 2
+    digit_size: int = 28
+    speed: float = 0.1
+    shift: int = 1
 
     def __post_init__(self):
         if self.kind in ("embedded", "dsprites") and self.path is not None:
             raise ConfigError(f"path: source kind {self.kind!r} reads no files; remove path")
-        if self.kind not in ("embedded", "dsprites") and not self.path:
+        if self.kind in ("mnist", "image_folder", "parquet") and not self.path:
             raise ConfigError(f"path: required for source kind {self.kind!r}")
         if self.count < 1:
             raise ConfigError(f"count: must be positive, got {self.count}")
+        generator = SEQUENCE_KINDS.get(self.kind)
+        used = {f.name for f in fields(generator)} if generator else set()
+        for name in SEQUENCE_FIELDS:
+            if name not in used and getattr(self, name) != _SOURCE_DEFAULTS[name]:
+                raise ConfigError(f"{name}: not used by source kind {self.kind!r}; remove {name}")
+        if generator:
+            try:
+                sequence_generator(self)
+            except ValueError as e:  # messages start with the field name, as Source's do
+                raise ConfigError(str(e)) from None
+
+
+_SOURCE_DEFAULTS = {f.name: f.default for f in fields(Source)}
+
+
+def sequence_generator(source: Source) -> moving_mnist.Bouncing | moving_mnist.Shifted:
+    """The `stages.moving_mnist` generator of a sequence source, with the source's parameters."""
+    generator = SEQUENCE_KINDS[source.kind]
+    return generator(**{f.name: getattr(source, f.name) for f in fields(generator)})
 
 
 @dataclass(frozen=True)
@@ -103,11 +157,19 @@ class Config:
             raise ConfigError(f"limit: must be positive or null, got {self.limit}")
         if self.rows_per_file < 1:
             raise ConfigError(f"rows_per_file: must be positive, got {self.rows_per_file}")
+        if self.source.kind in SEQUENCE_KINDS:
+            if self.image_size is not None:
+                raise ConfigError(
+                    "image_size: sequence sources size their frames with source.canvas; "
+                    "remove image_size"
+                )
+            if self.channels not in (None, 1):
+                raise ConfigError("channels: sequence frames are grey; remove channels")
 
 
 def fingerprint(config: Config) -> str | None:
     """Sizes and modification times of the source files, so edited data is not served from cache."""
-    if config.source.kind in ("embedded", "dsprites"):
+    if config.source.path is None:  # embedded or generated data
         return None
     root = Path(config.source.path).expanduser()
     if not root.exists():
@@ -121,7 +183,10 @@ def fingerprint(config: Config) -> str | None:
 
 
 def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
-    """Reads the source, splits, resizes and writes the image table into `out`."""
+    """Reads the source, splits, resizes and writes the image table into `out` (or generates
+    and writes the sequence table, for the sequence sources)."""
+    if config.source.kind in SEQUENCE_KINDS:
+        return _run_sequences(config, out)
     pools, class_names, problems = _read_source(config)
     pool_images, pool_labels, pool_splits, pool_ids, pool_factors = [], [], [], [], []
     for pool in pools:
@@ -189,6 +254,122 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
         "class_counts": np.bincount(labelled, minlength=len(class_names)).tolist(),
         "corrupt": {"count": len(problems), "examples": problems[:20]},
     }
+
+
+# ----- sequences ----------------------------------------------------------------------------
+
+
+def _run_sequences(config: Config, out: Path) -> dict:
+    """Draws the train, val and test sequences from their digit pools; writes the table."""
+    generator = sequence_generator(config.source)
+    pools = _digit_pools(config)
+    n_val = int(round(config.val_fraction * config.source.count))
+    counts = {
+        "train": config.source.count - n_val,
+        "val": n_val,
+        "test": n_val if "test" in pools else 0,
+    }
+    parts, start = [], 0
+    for split, count in counts.items():
+        if count == 0:
+            continue
+        pool = pools[split]
+        if not len(pool["images"]):
+            raise ValueError(
+                f"no {split} digits to draw {count} {split} sequences from; "
+                "raise val_fraction or limit"
+            )
+        seeds = moving_mnist.sequence_seeds(config.seed, count, start)
+        sequences = moving_mnist.generate(generator, pool["images"], seeds)
+        labels = pool["labels"][sequences.digits[:, 0]]
+        parts.append((np.full(count, split, dtype=object), seeds, labels, sequences.frames))
+        start += count
+        log.info(
+            "ingest: %d %s %s sequences from %d digits of %s",
+            count,
+            split,
+            generator.name,
+            len(pool["images"]),
+            pool["name"],
+        )
+
+    splits, seeds, labels, frames = (np.concatenate(column) for column in zip(*parts, strict=True))
+    meta = SequenceTableMeta(
+        frames=generator.frames,
+        height=generator.canvas,
+        width=generator.canvas,
+        channels=1,
+        generator=generator.name,
+        params=asdict(generator),
+        digit_pool=_describe_digit_pool(config, pools),
+    )
+    table = SequenceTable(
+        meta, np.arange(len(seeds), dtype=np.int64), splits, seeds, labels, frames
+    )
+    files = write_sequence_table(out, table, config.rows_per_file)
+    log.info(
+        "ingest: wrote %d %s sequences (%s) of %d frames of %dx%d in %d file(s)",
+        len(table),
+        generator.name,
+        ", ".join(f"{k} {v}" for k, v in counts.items()),
+        meta.frames,
+        meta.height,
+        meta.width,
+        len(files),
+    )
+    return {
+        "sequences": len(table),
+        "splits": counts,
+        "frames": meta.frames,
+        "height": meta.height,
+        "width": meta.width,
+        "channels": meta.channels,
+        "generator": generator.name,
+        "digits": {split: len(pool["images"]) for split, pool in pools.items()},
+    }
+
+
+def _digit_pools(config: Config) -> dict[str, dict]:
+    """The digits each split's sequences draw from: the train file's digits split by
+    ``val_fraction`` with ``seed`` into disjoint ``train`` and ``val`` parts (as images are);
+    the t10k file's, when there is one, for ``test``. Each: images ``n h w``, labels, ids."""
+    root = EMBEDDED_DIR if config.source.path is None else Path(config.source.path).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"source.path {str(root)!r} does not exist")
+    pools = {}
+    for pool in _read_mnist_dir(root):
+        images, labels, ids = (pool[k][: config.limit] for k in ("images", "labels", "ids"))
+        if pool["split"] == "test":
+            parts = {"test": np.arange(len(ids))}
+        else:
+            n_val = int(round(config.val_fraction * len(ids)))
+            order = np.random.default_rng(config.seed).permutation(len(ids))
+            parts = {"train": np.sort(order[n_val:]), "val": np.sort(order[:n_val])}
+        for split, rows in parts.items():
+            pools[split] = {
+                "name": pool["name"],
+                "images": images[rows, ..., 0],
+                "labels": labels[rows].astype(np.int64),
+                "ids": ids[rows],
+            }
+    return pools
+
+
+def _describe_digit_pool(config: Config, pools: dict[str, dict]) -> str:
+    source = (
+        "the embedded MNIST subset"
+        if config.source.path is None
+        else f"the MNIST IDX files in {config.source.path}"
+    )
+    limit = "" if config.limit is None else f" (first {config.limit})"
+    text = (
+        f"{source}: train-file digits{limit} split by val_fraction {config.val_fraction} with "
+        f"seed {config.seed} into train ({len(pools['train']['ids'])}) and val "
+        f"({len(pools['val']['ids'])}) digits"
+    )
+    if "test" in pools:
+        text += f"; test: t10k digits{limit} ({len(pools['test']['ids'])})"
+    return text
 
 
 # ----- sources ------------------------------------------------------------------------------
