@@ -75,6 +75,26 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return reduce(-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()), "b d -> b", "sum")
 
 
+def gaussian_kl_between(
+    mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor
+) -> torch.Tensor:
+    """KL(N(mu_q, exp(logvar_q)) || N(mu_p, exp(logvar_p))) of diagonal Gaussians, closed form.
+
+    ``0.5 * sum_j (logvar_p - logvar_q + (exp(logvar_q) + (mu_q - mu_p)**2) / exp(logvar_p) - 1)``
+    over the last dimension, in fp32. The caller clamps the log-variances.
+
+    Args:
+        mu_q, logvar_q: Parameters of q, ``... d``.
+        mu_p, logvar_p: Parameters of p, broadcastable to q's.
+
+    Returns:
+        ``...`` (the last dimension summed out).
+    """
+    mu_q, logvar_q, mu_p, logvar_p = (t.float() for t in (mu_q, logvar_q, mu_p, logvar_p))
+    ratio = (logvar_q.exp() + (mu_q - mu_p).pow(2)) * torch.exp(-logvar_p)
+    return 0.5 * (logvar_p - logvar_q + ratio - 1).sum(-1)
+
+
 def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """``log N(z; mu, diag(exp(logvar)))`` summed over the last dimension, fp32.
 
