@@ -43,7 +43,7 @@ from pipeline.config import from_dict, to_dict
 from stages import Input
 from stages.images import grid, save_png
 from stages.tables import image_table_meta, read_image_table
-from stages.training import launch, use_bf16
+from stages.training import cosine_lr, launch, load_checkpoint, save_checkpoint, use_bf16
 
 VERSION = "1"
 INPUTS = {"images": Input(kinds=("ingest",))}
@@ -216,18 +216,8 @@ def to_unit(
     return x.to(device, non_blocking=True)
 
 
-def _lr_at(step: int, train: TrainConfig) -> float:
-    if step < train.warmup_steps:
-        return train.lr * (step + 1) / train.warmup_steps
-    progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return train.lr * (train.final_lr_fraction + (1 - train.final_lr_fraction) * cosine)
-
-
 def train_loop(config: Config, images_ref: dict, session) -> dict:
     """Trains a VQ-VAE-2; checkpoints and reports through `session`. Returns final metrics."""
-    from safetensors.torch import load_file
-
     from pipeline.store import Store
 
     train = config.train
@@ -261,10 +251,8 @@ def train_loop(config: Config, images_ref: dict, session) -> dict:
     resume_dir = session.latest_checkpoint()
     state = None
     if resume_dir is not None:
-        model.load_state_dict(load_file(resume_dir / "model.safetensors"))
-        state = torch.load(resume_dir / "state.pt", weights_only=True)
+        state, history = load_checkpoint(resume_dir, model)
         start_step = int(state["step"])
-        history = json.loads((resume_dir / "history.json").read_text())
         generator.set_state(state["rng"][session.rank % len(state["rng"])])
         if session.rank == 0:
             log.info("train_autoencoder: resuming from the checkpoint at step %d", start_step)
@@ -280,7 +268,7 @@ def train_loop(config: Config, images_ref: dict, session) -> dict:
     last_good = start_step if resume_dir is not None else None
     final_metrics = {}
     for step in range(start_step, train.steps):
-        lr = _lr_at(step, train)
+        lr = cosine_lr(step, train)
         for group in optimizer.param_groups:
             group["lr"] = lr
         index = torch.randint(len(train_images), (train.batch_size,), generator=generator)
@@ -352,24 +340,12 @@ def train_loop(config: Config, images_ref: dict, session) -> dict:
                 metrics["bf16"] = bf16
                 metrics["workers"] = session.world_size
                 metrics["train_images_per_s"] = _mean_rate(history)
-            checkpoint_dir = None
-            if session.rank == 0:
-                checkpoint_dir = Path(tempfile.mkdtemp(prefix="twostage-ckpt-"))
-                model.save(checkpoint_dir)
-                torch.save(
-                    {
-                        "step": done,
-                        "optimizer": optimizer.state_dict(),
-                        "rng": [generator.get_state()],
-                    },
-                    checkpoint_dir / "state.pt",
-                )
-                (checkpoint_dir / "history.json").write_text(json.dumps(history))
-                if final:
-                    (checkpoint_dir / "final_metrics.json").write_text(json.dumps(metrics))
-            session.report(metrics, checkpoint_dir)
-            if checkpoint_dir is not None:
-                shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            state = {
+                "step": done,
+                "optimizer": optimizer.state_dict(),
+                "rng": [generator.get_state()],
+            }
+            save_checkpoint(session, model, state, history, metrics)
             last_good = done
             if session.rank == 0:
                 log.info(
@@ -379,13 +355,8 @@ def train_loop(config: Config, images_ref: dict, session) -> dict:
                 )
             final_metrics = metrics
     if start_step >= train.steps and session.rank == 0:  # resumed a finished run
-        final_metrics = (
-            json.loads((resume_dir / "final_metrics.json").read_text())
-            if (resume_dir / "final_metrics.json").is_file()
-            else {"step": start_step}
-        )
-        checkpoint_dir = resume_dir
-        session.report({**final_metrics, "step": start_step}, checkpoint_dir)
+        final_metrics = json.loads((resume_dir / "final_metrics.json").read_text())
+        session.report({**final_metrics, "step": start_step}, resume_dir)
     return final_metrics
 
 

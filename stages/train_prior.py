@@ -42,7 +42,7 @@ from models.prior import CodePrior, PriorConfig
 from pipeline.config import from_dict, to_dict
 from stages import Input
 from stages.codes import column, open_codes
-from stages.training import launch, use_bf16
+from stages.training import cosine_lr, launch, load_checkpoint, save_checkpoint, use_bf16
 
 VERSION = "1"
 INPUTS = {"codes": Input(kinds=("encode",))}
@@ -271,18 +271,8 @@ def _loop(loop_config: dict, session) -> dict:
 # ----- the loop -------------------------------------------------------------------------------
 
 
-def _lr_at(step: int, train: TrainConfig) -> float:
-    if step < train.warmup_steps:
-        return train.lr * (step + 1) / train.warmup_steps
-    progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return train.lr * (train.final_lr_fraction + (1 - train.final_lr_fraction) * cosine)
-
-
 def train_loop(config: Config, prior: PriorConfig, session) -> dict:
     """Trains the prior; checkpoints and reports through `session`. Returns final metrics."""
-    from safetensors.torch import load_file
-
     train = config.train
     torch.set_num_threads(max(1, session.cpus))
     device = session.device
@@ -293,10 +283,8 @@ def train_loop(config: Config, prior: PriorConfig, session) -> dict:
     start_step, history, state = 0, [], None
     resume_dir = session.latest_checkpoint()
     if resume_dir is not None:
-        model.load_state_dict(load_file(resume_dir / "model.safetensors"))
-        state = torch.load(resume_dir / "state.pt", weights_only=True)
+        state, history = load_checkpoint(resume_dir, model)
         start_step = int(state["step"])
-        history = json.loads((resume_dir / "history.json").read_text())
         if session.rank == 0:
             log.info("train_prior: resuming %s from the checkpoint at step %d", level, start_step)
     model.to(device)
@@ -330,7 +318,7 @@ def train_loop(config: Config, prior: PriorConfig, session) -> dict:
             local_shuffle_seed=train.seed + 7919 * (start_step + epoch) + session.rank,
         ):
             batches += 1
-            lr = _lr_at(step, train)
+            lr = cosine_lr(step, train)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             codes, context, labels = unpack(batch)
@@ -402,7 +390,6 @@ def _checkpoint(model, optimizer, step, start_step, history, val, unpack, bf16, 
     metrics = {"step": step}
     if session.rank == 0 and val is not None:
         metrics.update(evaluate(model, val, unpack, bf16))
-    checkpoint_dir = None
     if session.rank == 0:
         rates = [r["tokens_per_s"] for r in history[1:]] or [r["tokens_per_s"] for r in history]
         metrics.update(
@@ -414,11 +401,6 @@ def _checkpoint(model, optimizer, step, start_step, history, val, unpack, bf16, 
                 "workers": session.world_size,
             }
         )
-        checkpoint_dir = Path(tempfile.mkdtemp(prefix="twostage-ckpt-"))
-        model.save(checkpoint_dir)
-        torch.save({"step": step, "optimizer": optimizer.state_dict()}, checkpoint_dir / "state.pt")
-        (checkpoint_dir / "history.json").write_text(json.dumps(history))
-        (checkpoint_dir / "final_metrics.json").write_text(json.dumps(metrics))
         log.info(
             "train_prior: checkpoint at step %d%s",
             step,
@@ -426,9 +408,8 @@ def _checkpoint(model, optimizer, step, start_step, history, val, unpack, bf16, 
             if "val_bits_per_code" in metrics
             else "",
         )
-    session.report(metrics, checkpoint_dir)
-    if checkpoint_dir is not None:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    state = {"step": step, "optimizer": optimizer.state_dict()}
+    save_checkpoint(session, model, state, history, metrics)
     return metrics
 
 

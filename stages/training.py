@@ -5,7 +5,8 @@ rebuilds its typed config from ``loop_config``, trains, and talks to the outside
 the session: ``rank``, ``world_size``, ``device``, ``cpus``, ``latest_checkpoint()``,
 ``wrap(model)`` (DDP under Ray Train), ``dataset(name)`` (a Ray Dataset passed to `launch`: the
 whole dataset in-process, this worker's shard under Ray Train) and
-``report(metrics, checkpoint_dir)``. `launch` picks
+``report(metrics, checkpoint_dir)``. The loops share `cosine_lr`, `save_checkpoint` and
+`load_checkpoint`. `launch` picks
 the session: `LocalSession` (``workers: 0``; checkpoints in ``<scratch>/checkpoint_<step>``) or
 `RaySession` inside a ``TorchTrainer`` with N workers (checkpoints through
 ``ray.train.report``; a rerun with the same ``RunConfig(name, storage_path)`` resumes).
@@ -15,6 +16,7 @@ The final checkpoint must hold ``final_metrics.json``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -123,6 +125,51 @@ def _training_error(error: BaseException, scratch: str) -> str:
         return f"{match.group(1)}; checkpoints before it are kept in {scratch}"
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return f"training failed: {lines[-1] if lines else type(error).__name__}"
+
+
+# ----- pieces every loop uses -----------------------------------------------------------------
+
+
+def cosine_lr(step: int, train) -> float:
+    """Learning rate at `step`: linear warm-up, then cosine decay to ``lr * final_lr_fraction``.
+
+    Args:
+        step: Optimizer steps taken so far.
+        train: A train config with ``lr``, ``steps``, ``warmup_steps``, ``final_lr_fraction``.
+    """
+    if step < train.warmup_steps:
+        return train.lr * (step + 1) / train.warmup_steps
+    progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return train.lr * (train.final_lr_fraction + (1 - train.final_lr_fraction) * cosine)
+
+
+def save_checkpoint(session, model, state: dict, history: list, metrics: dict) -> None:
+    """Rank 0 writes a checkpoint, every rank reports it (Ray Train needs all ranks to report).
+
+    The checkpoint holds the model's own files (``model.save``), ``state.pt`` (`state`: step,
+    optimizer, RNG), ``history.json`` and ``final_metrics.json`` (`metrics`; the run's result
+    when this is the last checkpoint).
+    """
+    checkpoint_dir = None
+    if session.rank == 0:
+        checkpoint_dir = Path(tempfile.mkdtemp(prefix="twostage-ckpt-"))
+        model.save(checkpoint_dir)
+        torch.save(state, checkpoint_dir / "state.pt")
+        (checkpoint_dir / "history.json").write_text(json.dumps(history))
+        (checkpoint_dir / "final_metrics.json").write_text(json.dumps(metrics))
+    session.report(metrics, checkpoint_dir)
+    if checkpoint_dir is not None:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+
+def load_checkpoint(directory: Path, model) -> tuple[dict, list]:
+    """Loads a `save_checkpoint` directory's weights into `model`; returns (state, history)."""
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(directory / "model.safetensors"))
+    state = torch.load(directory / "state.pt", weights_only=True)
+    return state, json.loads((directory / "history.json").read_text())
 
 
 # ----- sessions: what differs between in-process and Ray Train ------------------------------
