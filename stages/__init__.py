@@ -37,6 +37,8 @@ BUILTIN = {
     "train_classifier": "stages.train_classifier",
     "evaluate": "stages.evaluate",
     "analyze_latents": "stages.analyze_latents",
+    "train_sequence": "stages.train_sequence",
+    "rollout": "stages.rollout",
 }
 
 

@@ -1,0 +1,139 @@
+"""TD-VAE through its stages: ingest (bouncing Moving MNIST) -> train_sequence -> rollout, in
+process on a real store, then the whole pipeline through the CLI with a killed-and-resumed
+training run and the report's prediction table."""
+
+import glob
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.config import ConfigError, from_dict
+from pipeline.store import Store
+from stages import ingest, rollout, train_sequence
+from tests.conftest import kill_after_first_checkpoint, run_json, write_yaml
+
+TINY_MODEL = {
+    "image_size": 16,
+    "channels": 4,
+    "frame_features": 16,
+    "belief_dim": 16,
+    "hidden_dim": 16,
+    "latent_dim": 3,
+    "layers": 2,
+    "max_jump": 3,
+}
+SOURCE = {"kind": "moving_mnist", "count": 60, "frames": 8, "canvas": 16, "num_digits": 1}
+
+
+def _key(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    store = Store(str(tmp_path_factory.mktemp("tdvae") / "store"))
+    config = from_dict(ingest.Config, {"source": {**SOURCE, "digit_size": 8}, "limit": 300}, "data")
+    with store.staging("ingest", _key("data")) as out:
+        metrics = ingest.run(config, {}, out, "")
+        data, _ = store.commit("ingest", _key("data"), out, {"metrics": metrics})
+    config = from_dict(
+        train_sequence.Config,
+        {
+            "model": TINY_MODEL,
+            "train": {"workers": 0, "steps": 12, "batch_size": 8, "log_every": 4,
+                      "checkpoint_every": 6, "binarize": "dynamic"},
+        },
+        "tdvae",
+    )  # fmt: skip
+    with store.staging("train_sequence", _key("tdvae")) as out:
+        metrics = train_sequence.run(config, {"sequences": data}, out, str(out) + "-scratch")
+        manifest = {"metrics": metrics, "config": train_sequence.to_dict(config)}
+        model, _ = store.commit("train_sequence", _key("tdvae"), out, manifest)
+    return store, data, model
+
+
+def test_training_logs_every_term_and_scores_val(trained):
+    _, _, model = trained
+    m = model.metrics
+    assert m["step"] == 12 and np.isfinite(m["val_loss"]) and m["val_kl"] >= 0
+    history = json.loads(model.read_bytes("metrics.json"))["history"]
+    assert [r["step"] for r in history] == [4, 8, 12]
+    assert {"loss", "recon", "kl", "belief_t2", "transition", "lr", "sequences_per_s"} <= set(
+        history[0]
+    )
+
+
+def test_rollout_scores_every_jump_against_both_baselines(trained, tmp_path):
+    store, data, model = trained
+    config = from_dict(rollout.Config, {"context": 3, "samples": 2, "rollout_samples": 2}, "r")
+    out = tmp_path / "out"
+    out.mkdir()
+    metrics = rollout.run(config, {"model": model, "sequences": data}, out, "")
+    rows = metrics["per_delta"]
+    assert [r["delta"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        for who in ("model", "copy_last", "mean_frame"):
+            assert r[f"{who}_bce"] > 0 and 0 <= r[f"{who}_mse"] <= 1
+    assert np.isfinite(metrics["val_bound"])
+    # copy-last is exact for a frame it copies: scoring uses the true frames, not a model output
+    assert rows[0]["copy_last_mse"] < rows[2]["copy_last_mse"]
+    assert (out / "rollouts.png").is_file() and (out / "predictions.json").is_file()
+    from PIL import Image
+
+    with Image.open(out / "rollouts.png") as im:  # 4 sequences x (truth + 2 samples) rows
+        assert im.size[1] == 2 * (12 * (16 + 2) + 2)
+
+
+def test_rollout_refuses_a_context_that_leaves_no_room(trained, tmp_path):
+    store, data, model = trained
+    config = from_dict(rollout.Config, {"context": 7}, "r")
+    with pytest.raises(ValueError, match="context 7 \\+ max_delta 3 exceeds the 8 frames"):
+        rollout.run(config, {"model": model, "sequences": data}, tmp_path, "")
+
+
+def test_model_and_frames_must_agree(trained, tmp_path):
+    store, data, _ = trained
+    config = from_dict(train_sequence.Config, {"model": {**TINY_MODEL, "image_size": 32}}, "t")
+    with pytest.raises(ValueError, match="frames are 16x16x1 but the model expects 32x32x1"):
+        train_sequence.run(config, {"sequences": data}, tmp_path, str(tmp_path / "s"))
+    with pytest.raises(ConfigError, match=r"t\.model\.max_jump"):
+        from_dict(train_sequence.Config, {"model": {"max_jump": 0}}, "t")
+
+
+def test_killed_training_resumes_and_the_report_has_the_prediction_table(tmp_path):
+    source = ", ".join(f"{k}: {v}" for k, v in {**SOURCE, "digit_size": 8}.items())
+    model = ", ".join(f"{k}: {v}" for k, v in TINY_MODEL.items())
+    config = write_yaml(
+        tmp_path / "tdvae.yaml",
+        f"""
+name: tdvae
+steps:
+  data: {{stage: ingest, source: {{{source}}}, limit: 300}}
+  tdvae:
+    stage: train_sequence
+    inputs: {{sequences: data}}
+    model: {{{model}}}
+    train: {{steps: 400, batch_size: 8, checkpoint_every: 20, log_every: 20, warmup_steps: 5}}
+  rollout:
+    stage: rollout
+    inputs: {{model: tdvae, sequences: data}}
+    context: 3
+    samples: 2
+""",
+    )
+    kill_after_first_checkpoint(config, tmp_path, "train_sequence")
+    assert not glob.glob(str(tmp_path / "artifacts/train_sequence/*"))  # nothing committed
+
+    summary = run_json(config, cwd=tmp_path, timeout=600)
+    assert [s["status"] for s in summary["stages"]] == ["cached", "resumed", "ran"]
+    store = Store(str(tmp_path / "artifacts"))
+    artifact = store.open("train_sequence", summary["stages"][1]["key"])
+    resumed_from = artifact.metrics["resumed_from_step"]
+    assert 20 <= resumed_from < 400 and resumed_from % 20 == 0
+    history = json.loads(artifact.read_bytes("metrics.json"))["history"]
+    assert [r["step"] for r in history] == list(range(20, 401, 20))  # no step trained twice
+    page = (tmp_path / summary["run_dir"] / "report.html").read_text()
+    assert "Predictions (rollout)" in page and "BCE copy last frame" in page
+    assert "rollouts.png" in page
