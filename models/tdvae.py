@@ -68,6 +68,13 @@ class TDVAEConfig:
         latent_dim: Latent width ``d`` of each layer.
         layers: Latent layers (1, or 2 as in the paper).
         max_jump: Largest jump ``Δ`` drawn in training (and the size of the Δ one-hot).
+        pairs: (t1, Δ) pairs drawn per sequence and step, each independently: the frames are
+            encoded once and decoded `pairs` times, so the decoder sees more targets per step.
+        warmup_steps: Optimizer steps over which the weight ``w`` of the information terms
+            (``kl + belief_t2 - transition``) grows linearly from 0 to 1 (0: always 1). A
+            KL warm-up (Bowman et al. 2016; Sønderby et al. 2016): the decoder learns to use
+            the latents before their cost is paid in full, instead of collapsing to the mean
+            frame.
     """
 
     family: Literal["tdvae"] = "tdvae"
@@ -80,6 +87,8 @@ class TDVAEConfig:
     latent_dim: int = 8
     layers: int = 2
     max_jump: int = 4
+    pairs: int = 1
+    warmup_steps: int = 0
 
     def __post_init__(self):
         if self.family != "tdvae":
@@ -94,9 +103,12 @@ class TDVAEConfig:
             "latent_dim",
             "layers",
             "max_jump",
+            "pairs",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
 
 
 class _GaussianHead(nn.Module):
@@ -142,6 +154,20 @@ class TDVAE(nn.Module):
             _GaussianHead(L * d + c.max_jump + i * d, h, d) for i in range(L)
         )
         self.decoder = ConvDecoder(L * d, c.in_channels, c.image_size, c.channels)
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+
+    # ----- warm-up schedule ------------------------------------------------------------
+
+    @torch.no_grad()
+    def advance(self) -> None:
+        """Counts one optimizer step; call once after each ``optimizer.step()``."""
+        self.step.add_(1)
+
+    def info_weight(self) -> torch.Tensor:
+        """Current weight ``w`` of the information terms (1 after the warm-up)."""
+        if self.config.warmup_steps == 0:
+            return torch.ones((), device=self.step.device)
+        return (self.step.double() / self.config.warmup_steps).clamp(max=1.0).float()
 
     # ----- the parts -------------------------------------------------------------------
 
@@ -225,18 +251,22 @@ class TDVAE(nn.Module):
 
         Args:
             frames: ``b t c h w`` in [0, 1].
-            t1, delta: ``b`` int64 on the CPU; drawn with `sample_pairs` when not given.
+            t1, delta: ``b`` int64 on the CPU; when not given, ``pairs`` per sequence are drawn
+                with `sample_pairs` (``(pairs b)``, sequence-major within each repeat).
             generator: Seeds the pair draw (the latent samples use the global RNG).
 
         Returns:
             dict with scalar ``loss``, ``recon``, ``kl``, ``belief_t2``, ``transition`` (see
-            the module docstring) and ``t1``, ``delta`` (``b``).
+            the module docstring), ``info_weight`` (``w``; ``loss = recon + w * (kl + belief_t2
+            - transition)``, the negative objective once ``w = 1``) and ``t1``, ``delta``
+            (``b``).
         """
         b, t = frames.shape[:2]
+        rows = torch.arange(b, device=frames.device)
         if t1 is None or delta is None:
-            t1, delta = self.sample_pairs(b, t, generator)
+            rows = rows.repeat(self.config.pairs)
+            t1, delta = self.sample_pairs(len(rows), t, generator)
         device = frames.device
-        rows = torch.arange(b, device=device)
         beliefs = self.beliefs(frames)
         b1 = beliefs[rows, t1.to(device)]
         b2 = beliefs[rows, (t1 + delta).to(device)]
@@ -259,8 +289,10 @@ class TDVAE(nn.Module):
             "belief_t2": log_belief2.mean(),
             "transition": log_trans.mean(),
         }
-        loss = terms["recon"] + terms["kl"] + terms["belief_t2"] - terms["transition"]
-        return {"loss": loss, **terms, "t1": t1, "delta": delta}
+        weight = self.info_weight()
+        info = terms["kl"] + terms["belief_t2"] - terms["transition"]
+        loss = terms["recon"] + weight * info
+        return {"loss": loss, **terms, "info_weight": weight, "t1": t1, "delta": delta}
 
     # ----- prediction ------------------------------------------------------------------
 

@@ -41,7 +41,7 @@ from stages.training import cosine_lr, launch, load_checkpoint, save_checkpoint
 VERSION = "1"
 INPUTS = {"sequences": Input(kinds=("ingest",))}
 DEFAULT_NUM_CPUS = 0  # the Ray Train workers reserve the CPUs
-TERMS = ("loss", "recon", "kl", "belief_t2", "transition")
+TERMS = ("loss", "recon", "kl", "belief_t2", "transition", "info_weight")
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,7 @@ def train_loop(config: Config, sequences_ref: dict, session) -> dict:
         if train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
         optimizer.step()
+        model.advance()  # the warm-up counts optimizer steps
 
         for k in TERMS:
             running[k] = running.get(k, 0.0) + float(out[k].detach())
@@ -237,11 +238,12 @@ def evaluate(
     model: TDVAE, frames: torch.Tensor, device: torch.device, draws: int = 4, seed: int = 0
 ) -> dict:
     """Val loss terms (``val_<term>``) averaged over `draws` draws of one (t1, Δ) pair per
-    sequence, with fixed pairs and latent samples (the global RNG is restored afterwards)."""
+    sequence, with fixed pairs and latent samples (the global RNG is restored afterwards).
+    ``val_loss`` is the negative objective with weight 1 on every term, warm-up or not."""
     if len(frames) == 0:
         return {}
     model.eval()
-    sums = dict.fromkeys(TERMS, 0.0)
+    sums = dict.fromkeys(TERMS[1:-1], 0.0)  # the unweighted terms
     pairs = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -249,7 +251,14 @@ def evaluate(
             for start in range(0, len(frames), 256):
                 x = frames[start : start + 256].to(device)
                 out = model(x, generator=pairs)
-                for k in TERMS:
+                for k in sums:
                     sums[k] += float(out[k]) * len(x)
     model.train()
-    return {f"val_{k}": v / (draws * len(frames)) for k, v in sums.items()}
+    metrics = {f"val_{k}": v / (draws * len(frames)) for k, v in sums.items()}
+    metrics["val_loss"] = (
+        metrics["val_recon"]
+        + metrics["val_kl"]
+        + metrics["val_belief_t2"]
+        - metrics["val_transition"]
+    )
+    return metrics

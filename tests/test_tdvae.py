@@ -68,12 +68,30 @@ def test_exact_kl_matches_monte_carlo():
 
 def test_loss_terms_are_named_finite_and_combine():
     out = _model()(_frames())
-    assert set(out) == {"loss", "recon", "kl", "belief_t2", "transition", "t1", "delta"}
+    assert set(out) == {
+        "loss", "recon", "kl", "belief_t2", "transition", "info_weight", "t1", "delta"
+    }  # fmt: skip
     for key in ("loss", "recon", "kl", "belief_t2", "transition"):
         assert out[key].ndim == 0 and torch.isfinite(out[key]), key
     expected = out["recon"] + out["kl"] + out["belief_t2"] - out["transition"]
     torch.testing.assert_close(out["loss"], expected)
     assert out["kl"] >= 0
+
+
+def test_warmup_weight_follows_optimizer_steps():
+    model = _model(warmup_steps=4)
+    frames = _frames()
+    weights = []
+    for _ in range(6):
+        out = model(frames)
+        weights.append(float(out["info_weight"]))
+        info = out["kl"] + out["belief_t2"] - out["transition"]
+        torch.testing.assert_close(out["loss"], out["recon"] + out["info_weight"] * info)
+        model.advance()
+    assert weights == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    model.eval()
+    model(frames)  # forward passes never advance it
+    assert int(model.step) == 6
 
 
 def test_given_pairs_pick_the_target_frame():
@@ -139,3 +157,11 @@ def test_predict_and_rollout_shapes_and_seeded():
     assert roll.shape == (2, 3, 5, 1, 8, 8)
     assert torch.equal(roll, again)
     assert not torch.equal(roll[0], roll[1])  # two samples differ
+
+
+def test_several_independent_pairs_per_sequence():
+    out = _model(pairs=3)(_frames(b=6, t=10), generator=torch.Generator().manual_seed(0))
+    assert out["t1"].shape == (18,) and out["delta"].shape == (18,)
+    pairs = list(zip(out["t1"].tolist(), out["delta"].tolist(), strict=True))
+    assert len(set(pairs[0::6])) > 1  # sequence 0's three pairs are drawn independently
+    assert torch.isfinite(out["loss"])
