@@ -26,8 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +41,7 @@ from pipeline.config import from_dict, to_dict
 from stages import Input
 from stages.images import grid, save_png
 from stages.tables import image_table_meta, read_image_table
-from stages.training import cosine_lr, launch, load_checkpoint, save_checkpoint, use_bf16
+from stages.training import cosine_lr, load_checkpoint, save_checkpoint, train_into, use_bf16, where
 
 VERSION = "1"
 INPUTS = {"images": Input(kinds=("ingest",))}
@@ -127,24 +125,12 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
         _describe(config.model),
         config.train.steps,
         config.train.batch_size,
-        "in-process"
-        if config.train.workers == 0
-        else f"{config.train.workers} Ray Train worker(s)",
+        where(config.train),
     )
     images_ref = {"store": artifact.store.spec, "stage": artifact.stage, "key": artifact.key}
-    with tempfile.TemporaryDirectory(prefix="twostage-final-") as tmp:
-        final_dir, metrics = launch(
-            _loop,
-            {"config": to_dict(config), "images": images_ref},
-            workers=config.train.workers,
-            cpus_per_worker=config.train.cpus_per_worker,
-            device=config.train.device,
-            scratch=scratch,
-            final=Path(tmp),
-        )
-        for name in ("config.json", "model.safetensors"):
-            shutil.copyfile(final_dir / name, out / name)
-        history = json.loads((final_dir / "history.json").read_text())
+    metrics, history = train_into(
+        out, _loop, {"config": to_dict(config), "images": images_ref}, config.train, scratch
+    )
     model = load_model(out)
     table = read_image_table(artifact, splits=("val",))
     if len(table) == 0:

@@ -28,8 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +40,7 @@ from models.prior import CodePrior, PriorConfig
 from pipeline.config import from_dict, to_dict
 from stages import Input
 from stages.codes import column, open_codes
-from stages.training import cosine_lr, launch, load_checkpoint, save_checkpoint, use_bf16
+from stages.training import cosine_lr, load_checkpoint, save_checkpoint, train_into, use_bf16, where
 
 VERSION = "1"
 INPUTS = {"codes": Input(kinds=("encode",))}
@@ -188,25 +186,17 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
         n_params / 1e6,
         config.train.steps,
         config.train.batch_size,
-        "in-process"
-        if config.train.workers == 0
-        else f"{config.train.workers} Ray Train worker(s)",
+        where(config.train),
     )
-    with tempfile.TemporaryDirectory(prefix="twostage-final-") as tmp:
-        final_dir, metrics = launch(
-            _loop,
-            {"config": to_dict(config), "prior": to_dict(prior_config)},
-            workers=config.train.workers,
-            cpus_per_worker=config.train.cpus_per_worker,
-            device=config.train.device,
-            scratch=scratch,
-            final=Path(tmp),
-            datasets=datasets,
-            split=("train",),
-        )
-        for name in ("config.json", "model.safetensors"):
-            shutil.copyfile(final_dir / name, out / name)
-        history = json.loads((final_dir / "history.json").read_text())
+    metrics, history = train_into(
+        out,
+        _loop,
+        {"config": to_dict(config), "prior": to_dict(prior_config)},
+        config.train,
+        scratch,
+        datasets=datasets,
+        split=("train",),
+    )
     metrics = {
         **metrics,
         "level": config.level,

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +34,7 @@ from pipeline.config import from_dict, to_dict
 from stages import Input
 from stages.sequences import read_sequence_table, sequence_table_meta
 from stages.train_autoencoder import TrainConfig, to_unit
-from stages.training import cosine_lr, launch, load_checkpoint, save_checkpoint
+from stages.training import cosine_lr, load_checkpoint, save_checkpoint, train_into, where
 
 VERSION = "1"
 INPUTS = {"sequences": Input(kinds=("ingest",))}
@@ -80,24 +78,12 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
         meta.frames,
         config.train.steps,
         config.train.batch_size,
-        "in-process"
-        if config.train.workers == 0
-        else f"{config.train.workers} Ray Train worker(s)",
+        where(config.train),
     )
     ref = {"store": artifact.store.spec, "stage": artifact.stage, "key": artifact.key}
-    with tempfile.TemporaryDirectory(prefix="twostage-final-") as tmp:
-        final_dir, metrics = launch(
-            _loop,
-            {"config": to_dict(config), "sequences": ref},
-            workers=config.train.workers,
-            cpus_per_worker=config.train.cpus_per_worker,
-            device=config.train.device,
-            scratch=scratch,
-            final=Path(tmp),
-        )
-        for name in ("config.json", "model.safetensors"):
-            shutil.copyfile(final_dir / name, out / name)
-        history = json.loads((final_dir / "history.json").read_text())
+    metrics, history = train_into(
+        out, _loop, {"config": to_dict(config), "sequences": ref}, config.train, scratch
+    )
     (out / "metrics.json").write_text(json.dumps({"final": metrics, "history": history}, indent=2))
     return metrics
 

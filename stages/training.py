@@ -62,6 +62,39 @@ def launch(
     )
 
 
+def train_into(
+    out: Path, loop: Callable, loop_config: dict, train, scratch: str, **data
+) -> tuple[dict, list]:
+    """`launch`es a loop, copies the final model files into `out`; returns (metrics, history).
+
+    Args:
+        out: The stage's output directory (gets ``config.json`` and ``model.safetensors``).
+        loop, loop_config, scratch: As for `launch`.
+        train: The stage's train config (``workers``, ``cpus_per_worker``, ``device``).
+        **data: ``datasets`` and ``split``, as for `launch`.
+    """
+    with tempfile.TemporaryDirectory(prefix="twostage-final-") as tmp:
+        final_dir, metrics = launch(
+            loop,
+            loop_config,
+            workers=train.workers,
+            cpus_per_worker=train.cpus_per_worker,
+            device=train.device,
+            scratch=scratch,
+            final=Path(tmp),
+            **data,
+        )
+        for name in ("config.json", "model.safetensors"):
+            shutil.copyfile(final_dir / name, out / name)
+        history = json.loads((final_dir / "history.json").read_text())
+    return metrics, history
+
+
+def where(train) -> str:
+    """``in-process`` or ``N Ray Train worker(s)``, for the stages' start-up log line."""
+    return "in-process" if train.workers == 0 else f"{train.workers} Ray Train worker(s)"
+
+
 def _launch_ray_train(
     loop, loop_config, workers, cpus_per_worker, device, scratch, final, datasets, split
 ):
