@@ -42,6 +42,11 @@ class ContractiveConfig:
         latent_dim: Number of sigmoid code units ``d`` (the penalty costs ``d`` backward passes).
         likelihood: ``bernoulli`` (decoder outputs logits) or ``gaussian`` (decoder outputs means).
         weight: lambda of Eq. 7, the weight of the contractive penalty (>= 0).
+        penalty_examples: Compute the penalty on the first this-many examples of each batch
+            only (None: all). The training batches are random draws, so this is an unbiased
+            estimate of the batch mean of the exact per-example penalty, at a fraction of the
+            cost (the penalty costs ``latent_dim`` backward passes per example: about 60x a
+            plain autoencoder step for a conv encoder with 32 code units).
     """
 
     family: Literal["contractive"] = "contractive"
@@ -51,6 +56,7 @@ class ContractiveConfig:
     latent_dim: int = 32
     likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
     weight: float = 1e-2
+    penalty_examples: int | None = None
 
     def __post_init__(self):
         if self.family != "contractive":
@@ -66,6 +72,8 @@ class ContractiveConfig:
             raise ValueError(f"likelihood: must be one of {LIKELIHOODS}, got {self.likelihood!r}")
         if self.weight < 0:
             raise ValueError(f"weight: must be >= 0, got {self.weight}")
+        if self.penalty_examples is not None and self.penalty_examples < 1:
+            raise ValueError(f"penalty_examples: positive or null, got {self.penalty_examples}")
 
 
 class ContractiveAutoencoder(nn.Module):
@@ -113,10 +121,16 @@ class ContractiveAutoencoder(nn.Module):
 
         Returns:
             dict with ``loss`` (``recon + weight * contractive``), ``recon``, ``contractive``
-            (batch mean of the per-example squared Frobenius norm), ``recon_logits`` (decoder
+            (mean of the per-example squared Frobenius norm over the batch, or over its first
+            ``penalty_examples``), ``recon_logits`` (decoder
             output ``b c h w``) and ``z`` (code ``b d`` in (0, 1)).
         """
-        z, penalty = self.code_and_penalty(x)
+        k = self.config.penalty_examples
+        if k is None or k >= len(x):
+            z, penalty = self.code_and_penalty(x)
+        else:
+            _, penalty = self.code_and_penalty(x[:k])
+            z = torch.sigmoid(self.encoder(x))
         logits = self.decoder(z)
         recon = reconstruction(logits, x, self.config.likelihood).mean()
         contractive = penalty.mean()

@@ -326,3 +326,13 @@ def test_cvae_needs_labels_and_uses_them():
     assert not torch.equal(model.decode(z, labels), model.decode(z, (labels + 1) % 3))
     nll = model.iw_nll(x, k=8, labels=labels)
     assert nll.shape == (4,) and torch.isfinite(nll).all()
+
+
+def test_contractive_penalty_on_a_subset_is_that_subsets_exact_penalty():
+    x, _ = _batch(b=6)
+    full = _model("contractive")
+    part = _model("contractive", penalty_examples=2)
+    _, per_example = full.code_and_penalty(x)
+    out = part(x)
+    torch.testing.assert_close(out["contractive"], per_example[:2].mean())
+    torch.testing.assert_close(out["recon"], full(x)["recon"])  # the code is the full batch's
