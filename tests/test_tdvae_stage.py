@@ -115,7 +115,7 @@ steps:
     stage: train_sequence
     inputs: {{sequences: data}}
     model: {{{model}}}
-    train: {{steps: 400, batch_size: 8, checkpoint_every: 20, log_every: 20, warmup_steps: 5}}
+    train: {{steps: 200, batch_size: 8, checkpoint_every: 50, log_every: 50, warmup_steps: 5}}
   rollout:
     stage: rollout
     inputs: {{model: tdvae, sequences: data}}
@@ -131,9 +131,9 @@ steps:
     store = Store(str(tmp_path / "artifacts"))
     artifact = store.open("train_sequence", summary["stages"][1]["key"])
     resumed_from = artifact.metrics["resumed_from_step"]
-    assert 20 <= resumed_from < 400 and resumed_from % 20 == 0
+    assert 50 <= resumed_from < 200 and resumed_from % 50 == 0
     history = json.loads(artifact.read_bytes("metrics.json"))["history"]
-    assert [r["step"] for r in history] == list(range(20, 401, 20))  # no step trained twice
+    assert [r["step"] for r in history] == list(range(50, 201, 50))  # no step trained twice
     page = (tmp_path / summary["run_dir"] / "report.html").read_text()
     assert "Predictions (rollout)" in page and "BCE copy last frame" in page
     assert "rollouts.png" in page
