@@ -183,18 +183,23 @@ class TDVAE(nn.Module):
             raise ValueError(f"jump sizes must be in 1..{self.config.max_jump}")
         return F.one_hot(delta - 1, self.config.max_jump).float()
 
-    def _layers(self, heads, context: tuple, given=None, generator=None):
+    def _layer(self, z: torch.Tensor, i: int) -> torch.Tensor:
+        """Layer `i`'s slice ``b d`` of latents ``b (L d)``."""
+        d = self.config.latent_dim
+        return z[:, i * d : (i + 1) * d]
+
+    def _layers(self, heads, context: tuple, given=None, generator=None, residual=None):
         """Top-down over the layers: per layer (mu, logvar) and a sample (or the given one).
 
+        With `residual` (latents ``b (L d)``), layer i's mean is ``residual[i] + head output``.
         Returns (list of (mu, logvar), latents ``b (L d)``).
         """
         params, zs = [], []
-        d = self.config.latent_dim
         for i, head in enumerate(heads):
             mu, logvar = head(*context, *zs)
-            z = given[:, i * d : (i + 1) * d] if given is not None else None
-            if z is None:
-                z = _sample(mu, logvar, generator)
+            if residual is not None:
+                mu = mu + self._layer(residual, i)
+            z = self._layer(given, i) if given is not None else _sample(mu, logvar, generator)
             params.append((mu, logvar))
             zs.append(z)
         return params, torch.cat(zs, dim=-1)
@@ -209,15 +214,7 @@ class TDVAE(nn.Module):
         The means are residual: layer i's mean is ``z1[i] + head output``.
         """
         code = self._jump_code(delta)
-        d = self.config.latent_dim
-        params, zs = [], []
-        for i, head in enumerate(self.transition_heads):
-            mu, logvar = head(z1, code, *zs)
-            mu = mu + z1[:, i * d : (i + 1) * d]
-            z = z2[:, i * d : (i + 1) * d] if z2 is not None else _sample(mu, logvar, generator)
-            params.append((mu, logvar))
-            zs.append(z)
-        return params, torch.cat(zs, dim=-1)
+        return self._layers(self.transition_heads, (z1, code), z2, generator, residual=z1)
 
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
         """Bernoulli logits ``b c h w`` of p_D(x | z)."""
@@ -277,11 +274,9 @@ class TDVAE(nn.Module):
         belief1, _ = self.belief_distribution(b1, z=z1)  # p_B(z1 | b1) at the smoothed z1
         trans, _ = self.transition(z1, delta.to(device), z2=z2)
 
-        d = self.config.latent_dim
         kl = sum(gaussian_kl_between(*q, *p) for q, p in zip(smooth, belief1, strict=True))
-        layer = lambda z, i: z[:, i * d : (i + 1) * d]  # noqa: E731
-        log_belief2 = sum(gaussian_log_prob(layer(z2, i), *p) for i, p in enumerate(belief2))
-        log_trans = sum(gaussian_log_prob(layer(z2, i), *p) for i, p in enumerate(trans))
+        log_belief2 = sum(gaussian_log_prob(self._layer(z2, i), *p) for i, p in enumerate(belief2))
+        log_trans = sum(gaussian_log_prob(self._layer(z2, i), *p) for i, p in enumerate(trans))
         recon = reconstruction(self.decode_logits(z2), x2, "bernoulli")
         terms = {
             "recon": recon.mean(),

@@ -44,6 +44,7 @@ INPUTS = {
     "sequences": Input(kinds=("ingest",)),
 }
 MODEL_FILES = ("config.json", "model.safetensors")
+PREDICTORS = ("model", "copy_last", "mean_frame")
 
 log = logging.getLogger(__name__)
 
@@ -172,9 +173,6 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
     (out / "predictions.json").write_text(json.dumps(metrics, indent=2))
     _rollouts_png(model, x, config, generator, out / "rollouts.png")
     return metrics
-
-
-PREDICTORS = ("model", "copy_last", "mean_frame")
 
 
 def _scores(guess: torch.Tensor, target: torch.Tensor, eps: float):
