@@ -5,7 +5,11 @@ Shapes: images ``b c H W`` (``H = W = image_size``, a power of two >= 8); vector
 `ConvEncoder` halves the resolution with 4x4 stride-2 convolutions (each followed by ReLU) down to
 a 4x4 map, doubling the channels at each step (``channels``, ``2 * channels``, ...), then flattens
 and maps linearly to ``out_features``. `ConvDecoder` mirrors it: a linear layer and ReLU to a 4x4
-map, then 4x4 stride-2 transposed convolutions (ReLU between them) up to ``image_size``. The
+map, then 4x4 stride-2 transposed convolutions (ReLU between them) up to ``image_size``. With
+``hidden > 0`` both put two fully connected layers of that width (each with ReLU) between the
+4x4 map and the vector, as in the β-VAE architecture of Burgess et al. 2017 (Appendix A.1:
+256): a single linear layer can only turn a latent into features that grow monotonically with
+it, which makes a latent that slides a sprite across the image hard to learn. The
 decoder has no final activation: it returns logits (Bernoulli likelihood) or means (Gaussian).
 Neither block has normalization layers, so every example is processed independently (the
 contractive penalty's per-example Jacobian relies on this).
@@ -38,6 +42,15 @@ def _levels(image_size: int) -> int:
     return int(math.log2(image_size // 4))
 
 
+def _mlp(in_features: int, hidden: int) -> list[nn.Module]:
+    """Two ``Linear -> ReLU`` layers of width `hidden` (none when `hidden` is 0)."""
+    if hidden < 0:
+        raise ValueError(f"hidden: must be >= 0, got {hidden}")
+    if hidden == 0:
+        return []
+    return [nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU()]
+
+
 class ConvEncoder(nn.Module):
     """Image ``b c H W`` -> vector ``b out_features`` (stride-2 convs to 4x4, flatten, linear).
 
@@ -46,9 +59,12 @@ class ConvEncoder(nn.Module):
         image_size: Image height and width (a power of two >= 8).
         channels: Channels of the first convolution; doubled after each one.
         out_features: Output width.
+        hidden: Width of two fully connected ReLU layers before the output (0: none).
     """
 
-    def __init__(self, in_channels: int, image_size: int, channels: int, out_features: int):
+    def __init__(
+        self, in_channels: int, image_size: int, channels: int, out_features: int, hidden: int = 0
+    ):
         super().__init__()
         check_image_size(image_size)
         layers, c = [], in_channels
@@ -56,7 +72,8 @@ class ConvEncoder(nn.Module):
             out = channels * 2**i
             layers += [nn.Conv2d(c, out, 4, stride=2, padding=1), nn.ReLU()]
             c = out
-        layers += [Rearrange("b c h w -> b (c h w)"), nn.Linear(c * 4 * 4, out_features)]
+        layers += [Rearrange("b c h w -> b (c h w)"), *_mlp(c * 4 * 4, hidden)]
+        layers.append(nn.Linear(hidden or c * 4 * 4, out_features))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,15 +89,19 @@ class ConvDecoder(nn.Module):
         image_size: Image height and width (a power of two >= 8).
         channels: Channels of the last hidden feature map (the encoder's first); the 4x4 map has
             ``channels * 2**(levels - 1)``.
+        hidden: Width of two fully connected ReLU layers after the input (0: none).
     """
 
-    def __init__(self, latent_dim: int, out_channels: int, image_size: int, channels: int):
+    def __init__(
+        self, latent_dim: int, out_channels: int, image_size: int, channels: int, hidden: int = 0
+    ):
         super().__init__()
         check_image_size(image_size)
         n = _levels(image_size)
         c = channels * 2 ** (n - 1)
         layers = [
-            nn.Linear(latent_dim, c * 4 * 4),
+            *_mlp(latent_dim, hidden),
+            nn.Linear(hidden or latent_dim, c * 4 * 4),
             nn.ReLU(),
             Rearrange("b (c h w) -> b c h w", h=4, w=4),
         ]

@@ -53,6 +53,8 @@ class VAEConfig:
         image_size: Image height and width (a power of two >= 8).
         channels: Channels of the first encoder convolution (doubled per downsampling).
         latent_dim: Latent width ``d``.
+        hidden: Width of the two fully connected layers between the 4x4 feature map and the
+            latents, in encoder and decoder (0: none; Burgess et al. 2017 use 256 on dSprites).
         likelihood: ``bernoulli`` (decoder outputs logits) or ``gaussian`` (decoder outputs the
             mean of a unit-variance Gaussian).
         beta: Weight of ``kl`` (Higgins et al. 2017); 1 gives the ELBO.
@@ -67,6 +69,7 @@ class VAEConfig:
     image_size: int = 32
     channels: int = 32
     latent_dim: int = 32
+    hidden: int = 0
     likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
     beta: float = 1.0
     capacity_max: float | None = None
@@ -83,6 +86,8 @@ class VAEConfig:
             raise ValueError(f"channels: must be positive, got {self.channels}")
         if self.latent_dim < 1:
             raise ValueError(f"latent_dim: must be positive, got {self.latent_dim}")
+        if self.hidden < 0:
+            raise ValueError(f"hidden: must be >= 0 (0: none), got {self.hidden}")
         if self.likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood: must be one of {LIKELIHOODS}, got {self.likelihood!r}")
         if self.beta < 0:
@@ -106,8 +111,12 @@ class VAE(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
         self.config = c = config
-        self.encoder = ConvEncoder(c.in_channels, c.image_size, c.channels, 2 * c.latent_dim)
-        self.decoder = ConvDecoder(c.latent_dim, c.in_channels, c.image_size, c.channels)
+        self.encoder = ConvEncoder(
+            c.in_channels, c.image_size, c.channels, 2 * c.latent_dim, hidden=c.hidden
+        )
+        self.decoder = ConvDecoder(
+            c.latent_dim, c.in_channels, c.image_size, c.channels, hidden=c.hidden
+        )
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
 
     # ----- capacity schedule -------------------------------------------------------------

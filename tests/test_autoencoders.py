@@ -155,6 +155,8 @@ def test_config_errors_name_the_field():
         DenoisingConfig(noise_level=1.5)
     with pytest.raises(ValueError, match="family"):
         ContractiveConfig(family="vae")
+    with pytest.raises(ValueError, match="hidden: must be >= 0"):
+        VAEConfig(hidden=-1)
 
 
 @pytest.mark.parametrize("size", [8, 16, 32, 64])
@@ -163,6 +165,19 @@ def test_conv_blocks_round_trip_the_image_size(size):
     z = encoder(torch.rand(2, 3, size, size))
     assert z.shape == (2, 5)
     assert decoder(z).shape == (2, 3, size, size)
+
+
+def test_conv_blocks_hidden_adds_two_fully_connected_layers():
+    plain, wide = ConvEncoder(1, 16, 4, 6), ConvEncoder(1, 16, 4, 6, hidden=32)
+    linear = [m for m in wide.net if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linear] == [(8 * 16, 32), (32, 32), (32, 6)]
+    assert sum(isinstance(m, torch.nn.Linear) for m in plain.net) == 1
+    decoder = ConvDecoder(6, 1, 16, 4, hidden=32)
+    linear = [m for m in decoder.net if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linear] == [(6, 32), (32, 32), (32, 8 * 16)]
+    assert decoder(wide(torch.rand(2, 1, 16, 16))).shape == (2, 1, 16, 16)
+    model = VAE(VAEConfig(image_size=16, channels=4, latent_dim=3, hidden=32))
+    assert torch.isfinite(model(torch.rand(2, 1, 16, 16))["loss"])
 
 
 # ----- numeric checks ----------------------------------------------------------------------
