@@ -8,6 +8,9 @@ Parts (Sec. 3 and Appendix D of the paper):
 
 - frame encoder: the shared conv blocks (`models.conv`), one feature vector per frame;
 - belief network ``b_t = LSTM(b_{t-1}, enc(x_t))``: an aggregate of the frames seen so far;
+  with ``frame_skip`` the belief is ``[LSTM state, enc(x_t)]``, still a function of the
+  frames 0..t only, so the current frame's content (the digit's shape) reaches p_B and p_S
+  without passing through the LSTM's gates (see `TDVAEConfig`);
 - belief distribution ``p_B(z_t | b_t)``, top layer first, each lower layer also seeing the
   layers above it (``layers: 2`` is the paper's two-layer model);
 - transition ``p_T(z_t2 | z_t1, Δ)``: conditioned on the jump size ``Δ = t2 - t1`` (one-hot), as
@@ -63,7 +66,7 @@ class TDVAEConfig:
         image_size: Frame height and width (a power of two >= 8).
         channels: Channels of the first encoder convolution (doubled per downsampling).
         frame_features: Width of the frame encoder's output (the LSTM input).
-        belief_dim: LSTM state width ``e``.
+        belief_dim: LSTM state width.
         hidden_dim: Width of the MLPs of p_B, p_T and p_S.
         latent_dim: Latent width ``d`` of each layer.
         layers: Latent layers (1, or 2 as in the paper).
@@ -75,6 +78,10 @@ class TDVAEConfig:
             KL warm-up (Bowman et al. 2016; Sønderby et al. 2016): the decoder learns to use
             the latents before their cost is paid in full, instead of collapsing to the mean
             frame.
+        frame_skip: Append the current frame's features to the LSTM state (the belief is
+            ``belief_dim + frame_features`` wide). On 32x32 bouncing MNIST the val
+            reconstruction term after 2,000 steps fell from 60.2 to 54.9 nats with it
+            (README, TD-VAE).
     """
 
     family: Literal["tdvae"] = "tdvae"
@@ -89,6 +96,12 @@ class TDVAEConfig:
     max_jump: int = 4
     pairs: int = 1
     warmup_steps: int = 0
+    frame_skip: bool = False
+
+    @property
+    def belief_width(self) -> int:
+        """Width of a belief ``b_t`` (LSTM state, and the frame features with frame_skip)."""
+        return self.belief_dim + (self.frame_features if self.frame_skip else 0)
 
     def __post_init__(self):
         if self.family != "tdvae":
@@ -140,11 +153,11 @@ class TDVAE(nn.Module):
     def __init__(self, config: TDVAEConfig):
         super().__init__()
         self.config = c = config
-        d, e, h, L = c.latent_dim, c.belief_dim, c.hidden_dim, c.layers
+        d, e, h, L = c.latent_dim, c.belief_width, c.hidden_dim, c.layers
         self.encoder = nn.Sequential(
             ConvEncoder(c.in_channels, c.image_size, c.channels, c.frame_features), nn.ReLU()
         )
-        self.belief = nn.LSTM(c.frame_features, e, batch_first=True)
+        self.belief = nn.LSTM(c.frame_features, c.belief_dim, batch_first=True)
         # layer i (0 = top) of each distribution also sees the i layers above it
         self.belief_heads = nn.ModuleList(_GaussianHead(e + i * d, h, d) for i in range(L))
         self.smoothing_heads = nn.ModuleList(
@@ -172,11 +185,12 @@ class TDVAE(nn.Module):
     # ----- the parts -------------------------------------------------------------------
 
     def beliefs(self, frames: torch.Tensor) -> torch.Tensor:
-        """Belief states ``b t e`` of frames ``b t c h w`` (b_t has seen frames 0..t)."""
+        """Beliefs ``b t e`` of frames ``b t c h w`` (b_t has seen frames 0..t only)."""
         t = frames.shape[1]
         features = self.encoder(rearrange(frames, "b t c h w -> (b t) c h w"))
-        out, _ = self.belief(rearrange(features, "(b t) f -> b t f", t=t))
-        return out
+        features = rearrange(features, "(b t) f -> b t f", t=t)
+        out, _ = self.belief(features)
+        return torch.cat([out, features], -1) if self.config.frame_skip else out
 
     def _jump_code(self, delta: torch.Tensor) -> torch.Tensor:
         if bool((delta < 1).any()) or bool((delta > self.config.max_jump).any()):

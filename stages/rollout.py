@@ -3,14 +3,16 @@
 For every held-out sequence the model sees the first ``context`` frames (``t = 0..k-1``) and
 predicts frame ``k - 1 + Δ`` for ``Δ = 1..max_delta`` with one jump of size Δ from the belief
 at ``k - 1`` (`models.tdvae.TDVAE.predict`); the prediction is the mean over ``samples`` latent
-draws of the decoded pixel probabilities. Scored against the true frame (grey values in [0, 1]):
+draws of the decoded pixel probabilities. Frames are used as the model was trained on them:
+thresholded at 0.5 for ``binarize: threshold``, else grey values in [0, 1] (the expected value
+of ``dynamic`` binarization). Scored against the true frame:
 
 - ``bce``: binary cross-entropy summed over the frame's pixels (nats per frame);
 - ``mse``: mean squared error per pixel.
 
 Two baselines are scored on the same frames in the same run: ``copy_last`` (predict the last
 observed frame ``x_{k-1}`` for every Δ) and ``mean_frame`` (the pixelwise mean of the train
-frames). Every prediction's probabilities are clipped to ``[eps, 1 - eps]`` before the BCE, so
+frames, in the same form). Every prediction's probabilities are clipped to ``[eps, 1 - eps]`` before the BCE, so
 a baseline's confident mistakes cost a finite amount. ``val_bound``: the negative TD-VAE
 objective on these sequences in nats per predicted frame (random (t1, Δ) pairs, fixed seed).
 
@@ -112,10 +114,14 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
         )
     generator = torch.Generator().manual_seed(config.seed)
     cpu = torch.device("cpu")
-    x = to_frames(torch.from_numpy(held_out), cpu, "none")  # grey targets in [0, 1]
-    train_frames = table.frames[table.splits == "train"]
-    mean_frame = torch.from_numpy(train_frames.reshape(-1, *train_frames.shape[2:]).mean(0))
-    mean_frame = rearrange(mean_frame.float() / 255.0, "h w c -> c h w")
+    seen_as = "threshold" if binarize == "threshold" else "none"  # deterministic forms only
+    x = to_frames(torch.from_numpy(held_out), cpu, seen_as)
+    train_frames = torch.from_numpy(table.frames[table.splits == "train"])
+    mean_frame = torch.zeros(x.shape[2:])
+    for start in range(0, len(train_frames), 512):
+        chunk = to_frames(train_frames[start : start + 512], cpu, seen_as)
+        mean_frame += chunk.sum((0, 1))
+    mean_frame /= train_frames.shape[0] * train_frames.shape[1]
 
     deltas = list(range(1, max_delta + 1))
     k = config.context

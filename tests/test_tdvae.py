@@ -165,3 +165,20 @@ def test_several_independent_pairs_per_sequence():
     pairs = list(zip(out["t1"].tolist(), out["delta"].tolist(), strict=True))
     assert len(set(pairs[0::6])) > 1  # sequence 0's three pairs are drawn independently
     assert torch.isfinite(out["loss"])
+
+
+def test_frame_skip_belief_sees_the_current_frame_but_not_later_ones():
+    model = _model(frame_skip=True)
+    frames = _frames(b=2, t=5)
+    beliefs = model.beliefs(frames)
+    assert beliefs.shape == (2, 5, TINY.belief_dim + TINY.frame_features)
+    changed = frames.clone()
+    changed[:, 3] = 1 - changed[:, 3]
+    after = model.beliefs(changed)
+    torch.testing.assert_close(after[:, :3], beliefs[:, :3], rtol=0, atol=0)  # causal
+    skip = slice(TINY.belief_dim, None)  # the current frame's own features
+    assert not torch.allclose(after[:, 3, skip], beliefs[:, 3, skip])
+    torch.testing.assert_close(after[:, 4, skip], beliefs[:, 4, skip], rtol=0, atol=0)
+    out = model(frames, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out["loss"])
+    assert model.predict(frames[:, :3], [1, 2], samples=2).shape == (2, 2, 2, 1, 8, 8)
