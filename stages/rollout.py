@@ -40,7 +40,7 @@ from stages.images import grid, save_png
 from stages.sequences import read_sequence_table
 from stages.train_sequence import evaluate, to_frames
 
-VERSION = "1"
+VERSION = "2"  # 2: frames scored in the form the model was trained on
 INPUTS = {
     "model": Input(kinds=("train_sequence",)),
     "sequences": Input(kinds=("ingest",)),
