@@ -13,8 +13,9 @@ of ``dynamic`` binarization). Scored against the true frame:
 Two baselines are scored on the same frames in the same run: ``copy_last`` (predict the last
 observed frame ``x_{k-1}`` for every Δ) and ``mean_frame`` (the pixelwise mean of the train
 frames, in the same form). Every prediction's probabilities are clipped to ``[eps, 1 - eps]``
-before the BCE, so a baseline's confident mistakes cost a finite amount. ``val_bound``: the negative TD-VAE
-objective on these sequences in nats per predicted frame (random (t1, Δ) pairs, fixed seed).
+before the BCE, so a baseline's confident mistakes cost a finite amount. ``val_bound``: the
+negative TD-VAE objective on these sequences in nats per predicted frame (random (t1, Δ)
+pairs, fixed seed).
 
 ``rollouts.png``: for each of ``rollout_sequences`` sequences, one row of true frames
 (``0..k-1`` then every ``rollout_jump``-th frame after) above ``rollout_samples`` rows of
