@@ -36,6 +36,12 @@ log-densities and the KL are in fp32; log-variances are clamped.
 
 Prediction (`TDVAE.predict`, `TDVAE.rollout`): from the belief at the last observed frame draw
 ``z ~ p_B``, then apply ``p_T`` with a chosen jump, as often as needed, and decode.
+
+Pre-training (`FrameVAE`): a plain VAE on single frames built on the TD-VAE's own encoder and
+decoder (plus a linear head to ``q(z | x)``), trained before the TD-VAE objective so the frame
+path already turns a digit into latents and back. Trained from scratch, the TD-VAE's frame path
+learns far more slowly than the same blocks in a plain VAE: the decoder sees the frame only
+through the belief, smoothing and transition chain (README, TD-VAE).
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ from torch import nn
 
 from models.conv import ConvDecoder, ConvEncoder, check_image_size
 from models.io import load_model, save_model
-from models.losses import gaussian_kl_between, gaussian_log_prob, reconstruction
+from models.losses import gaussian_kl, gaussian_kl_between, gaussian_log_prob, reconstruction
 
 LOGVAR_MIN, LOGVAR_MAX = -12.0, 8.0
 
@@ -362,3 +368,27 @@ class TDVAE(nn.Module):
     def load(cls, directory: Path, map_location: str = "cpu") -> TDVAE:
         """Loads a model written by `save`; names any missing file."""
         return load_model(cls, TDVAEConfig, directory, map_location)
+
+
+class FrameVAE(nn.Module):
+    """A VAE on single frames that shares a TD-VAE's encoder and decoder (for pre-training).
+
+    ``q(z | x) = N(head(encoder(x)))`` over the decoder's full input width ``L d``, prior
+    ``N(0, I)``, likelihood the TD-VAE's Bernoulli decoder. Only `head` is its own; the encoder
+    and decoder are the `model`'s modules, so training this trains them in place.
+    """
+
+    def __init__(self, model: TDVAE):
+        super().__init__()
+        c = model.config
+        self.encoder, self.decoder = model.encoder, model.decoder
+        self.head = nn.Linear(c.frame_features, 2 * c.layers * c.latent_dim)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        """Negative ELBO of frames ``b c h w`` in [0, 1]: ``loss = recon + kl``, batch means
+        in nats per frame."""
+        mu, logvar = self.head(self.encoder(x)).chunk(2, dim=-1)
+        logvar = logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
+        recon = reconstruction(self.decoder(_sample(mu, logvar)), x, "bernoulli").mean()
+        kl = gaussian_kl(mu, logvar).mean()
+        return {"loss": recon + kl, "recon": recon, "kl": kl}

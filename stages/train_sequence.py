@@ -9,7 +9,13 @@ from its last checkpoint. ``train`` takes the train-autoencoder stage's options
 val sequences evaluated, and ``binarize: dynamic`` draws every frame's pixels afresh per batch;
 training is in fp32 (``precision`` and ``channels_last`` are not used).
 
-Each step draws a batch of sequences; the model draws one (t1, Δ) pair per sequence
+With ``pretrain.steps`` > 0 the loop first trains the encoder and decoder as a plain VAE on
+single frames (`models.tdvae.FrameVAE`; logged as ``pretrain_*``, val ``val_pretrain_*``), then
+runs ``train.steps`` TD-VAE steps with a fresh optimizer and learning-rate schedule; step numbers
+count both phases. On the 32x32 preset this took the val reconstruction term at 2,000 TD-VAE
+steps from 54.9 to 39.2 nats (README, TD-VAE).
+
+Each TD-VAE step draws a batch of sequences; the model draws one (t1, Δ) pair per sequence
 (`models.tdvae`). Logged: every loss term, the learning rate, sequences/s. At each checkpoint the
 val sequences are scored with a fixed draw of pairs and latent samples: ``val_loss`` is the
 negative TD-VAE objective in nats per predicted frame.
@@ -29,7 +35,7 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from models.tdvae import TDVAE, TDVAEConfig
+from models.tdvae import TDVAE, FrameVAE, TDVAEConfig
 from pipeline.config import from_dict, to_dict
 from stages import Input
 from stages.sequences import read_sequence_table, sequence_table_meta
@@ -40,15 +46,40 @@ VERSION = "1"
 INPUTS = {"sequences": Input(kinds=("ingest",))}
 DEFAULT_NUM_CPUS = 0  # the Ray Train workers reserve the CPUs
 TERMS = ("loss", "recon", "kl", "belief_t2", "transition", "info_weight")
+PRETRAIN_TERMS = ("loss", "recon", "kl")
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class PretrainConfig:
+    """Frame-VAE pre-training of the encoder and decoder, before the TD-VAE steps.
+
+    Args:
+        steps: Pre-training steps (0: none; the TD-VAE trains from scratch).
+        batch_size: Frames per step per worker, drawn from random sequences and positions.
+        lr: Constant learning rate (Adam; no gradient clipping).
+    """
+
+    steps: int = 0
+    batch_size: int = 256
+    lr: float = 1e-3
+
+    def __post_init__(self):
+        if self.steps < 0:
+            raise ValueError(f"steps: must be >= 0, got {self.steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be positive, got {self.batch_size}")
+        if self.lr <= 0:
+            raise ValueError(f"lr: must be positive, got {self.lr}")
+
+
+@dataclass(frozen=True)
 class Config:
-    """Stage options: the model and how to train it."""
+    """Stage options: the model, its frame pre-training and how to train it."""
 
     model: TDVAEConfig = field(default_factory=TDVAEConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -71,11 +102,14 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
         raise ValueError(f"{artifact.uri}: sequences of {meta.frames} frame(s); TD-VAE needs 2+")
     log.info(
         "train_sequence: TD-VAE (%d layer(s) of %d latents, jumps up to %d) on %d-frame "
-        "sequences, %d steps of %d sequences, %s",
+        "sequences, %d frame-VAE pre-training steps of %d frames, then %d steps of %d sequences, "
+        "%s",
         model.layers,
         model.latent_dim,
         model.max_jump,
         meta.frames,
+        config.pretrain.steps,
+        config.pretrain.batch_size,
         config.train.steps,
         config.train.batch_size,
         where(config.train),
@@ -104,10 +138,11 @@ def to_frames(
 
 
 def train_loop(config: Config, sequences_ref: dict, session) -> dict:
-    """Trains the TD-VAE; checkpoints and reports through `session`. Returns final metrics."""
+    """Trains the TD-VAE (after the frame pre-training, if any); checkpoints and reports through
+    `session`. Returns final metrics."""
     from pipeline.store import Store
 
-    train = config.train
+    train, pre = config.train, config.pretrain
     torch.set_num_threads(max(1, session.cpus))
     artifact = Store(sequences_ref["store"]).open(sequences_ref["stage"], sequences_ref["key"])
     table = read_sequence_table(artifact, splits=("train", "val"))
@@ -123,6 +158,7 @@ def train_loop(config: Config, sequences_ref: dict, session) -> dict:
     device = session.device
     torch.manual_seed(train.seed)  # same initial weights on every rank
     model = TDVAE(config.model)
+    frame_vae = FrameVAE(model).to(device) if pre.steps else None
     generator = torch.Generator().manual_seed(train.seed * 1000 + session.rank)
     start_step, history, state = 0, [], None
     resume_dir = session.latest_checkpoint()
@@ -134,89 +170,184 @@ def train_loop(config: Config, sequences_ref: dict, session) -> dict:
         if session.rank == 0:
             log.info("train_sequence: resuming from the checkpoint at step %d", start_step)
     wrapped = session.wrap(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=train.lr)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+    if frame_vae is not None and start_step < pre.steps:
+        if state is not None:
+            frame_vae.head.load_state_dict(state["frame_head"])
+        phase = _Phase("pretrain", frame_vae, PRETRAIN_TERMS, pre.lr, state)
+    else:
+        phase = _Phase("tdvae", model, TERMS, train.lr, state)
 
+    total = pre.steps + train.steps
     running: dict[str, float] = {}
     window_start, window_rows = time.perf_counter(), 0
     final_metrics: dict = {}
-    for step in range(start_step, train.steps):
-        lr = cosine_lr(step, train)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        index = torch.randint(len(train_frames), (train.batch_size,), generator=generator)
-        x = to_frames(train_frames[index], device, train.binarize, generator)
-        model.train()
-        out = wrapped(x, generator=generator)
-        loss = out["loss"]
-        if not torch.isfinite(loss):
-            named = ", ".join(f"{k} {float(out[k]):.4g}" for k in TERMS[1:])
-            raise FloatingPointError(
-                f"loss became {loss.item()} at step {step + 1} ({named}); lower train.lr; "
-                f"the last checkpoint is kept"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-        optimizer.step()
-        model.advance()  # the warm-up counts optimizer steps
+    for step in range(start_step, total):
+        if step == pre.steps and phase.name == "pretrain":  # the TD-VAE starts afresh
+            phase = _Phase("tdvae", model, TERMS, train.lr, None)
+            running, window_start, window_rows = {}, time.perf_counter(), 0
+        if phase.name == "pretrain":
+            lr = pre.lr
+            index = torch.randint(len(train_frames), (pre.batch_size,), generator=generator)
+            frame = torch.randint(train_frames.shape[1], (pre.batch_size,), generator=generator)
+            x = to_unit(train_frames[index, frame], device, train.binarize, generator)
+            frame_vae.train()
+            out = frame_vae(x)
+            rows = pre.batch_size
+        else:
+            lr = cosine_lr(step - pre.steps, train)
+            index = torch.randint(len(train_frames), (train.batch_size,), generator=generator)
+            x = to_frames(train_frames[index], device, train.binarize, generator)
+            model.train()
+            out = wrapped(x, generator=generator)
+            rows = train.batch_size
+        phase.step(
+            out, lr, train.grad_clip if phase.name == "tdvae" else 0.0, session.world_size, step
+        )
+        if phase.name == "tdvae":
+            model.advance()  # the warm-up counts the TD-VAE's optimizer steps
 
-        for k in TERMS:
+        for k in phase.terms:
             running[k] = running.get(k, 0.0) + float(out[k].detach())
         running["_n"] = running.get("_n", 0) + 1
-        window_rows += train.batch_size * session.world_size
+        window_rows += rows * session.world_size
         done = step + 1
-        if done % train.log_every == 0 or done == train.steps:
-            n = running.pop("_n")
-            row = {"step": done, "lr": lr, **{k: v / n for k, v in running.items()}}
-            row["sequences_per_s"] = window_rows / (time.perf_counter() - window_start)
-            history.append(row)
+        if done % train.log_every == 0 or done in (pre.steps, total):
+            history.append(
+                _log_row(phase.name, done, total, lr, running, window_rows, window_start)
+            )
             running, window_start, window_rows = {}, time.perf_counter(), 0
             if session.rank == 0:
-                log.info(
-                    "train_sequence: step %d/%d loss %.2f | recon %.2f kl %.3f log p_B(z2) %.2f "
-                    "log p_T(z2) %.2f | %.0f seq/s",
-                    done,
-                    train.steps,
-                    row["loss"],
-                    row["recon"],
-                    row["kl"],
-                    row["belief_t2"],
-                    row["transition"],
-                    row["sequences_per_s"],
-                )
-        if done % train.checkpoint_every == 0 or done == train.steps:
+                _log_progress(history[-1], total)
+        if done % train.checkpoint_every == 0 or done in (pre.steps, total):
             metrics = {"step": done}
             if session.rank == 0:
-                metrics.update(evaluate(model, val, device))
-                rates = [r["sequences_per_s"] for r in history[1:]] or [
-                    r["sequences_per_s"] for r in history
-                ]
+                if phase.name == "pretrain":
+                    metrics.update(evaluate_frames(frame_vae, val, device))
+                else:
+                    metrics.update(evaluate(model, val, device))
+                rates = [r["sequences_per_s"] for r in history if "sequences_per_s" in r]
                 metrics.update(
                     resumed_from_step=start_step,
                     workers=session.world_size,
-                    train_sequences_per_s=float(np.mean(rates)) if rates else 0.0,
+                    train_sequences_per_s=float(np.mean(rates[1:] or rates or [0.0])),
                 )
             state = {
                 "step": done,
-                "optimizer": optimizer.state_dict(),
+                "optimizer": phase.optimizer.state_dict(),
                 "rng": [generator.get_state()],
                 "torch_rng": torch.get_rng_state(),
+                "phase": phase.name,
             }
+            if phase.name == "pretrain":
+                state["frame_head"] = frame_vae.head.state_dict()
             save_checkpoint(session, model, state, history, metrics)
             if session.rank == 0:
+                score = metrics.get("val_loss", metrics.get("val_pretrain_loss"))
                 log.info(
-                    "train_sequence: checkpoint at step %d (val loss %s nats/frame)",
+                    "train_sequence: checkpoint at step %d (val %s %s nats/frame)",
                     done,
-                    f"{metrics['val_loss']:.2f}" if "val_loss" in metrics else "n/a",
+                    "frame VAE loss" if phase.name == "pretrain" else "loss",
+                    "n/a" if score is None else f"{score:.2f}",
                 )
             final_metrics = metrics
-    if start_step >= train.steps and session.rank == 0:  # resumed a finished run
+    if start_step >= total and session.rank == 0:  # resumed a finished run
         final_metrics = json.loads((resume_dir / "final_metrics.json").read_text())
         session.report(final_metrics, resume_dir)
     return final_metrics
+
+
+class _Phase:
+    """One training phase: which module and terms, and its own Adam optimizer (the TD-VAE phase
+    starts with fresh moments after the pre-training)."""
+
+    def __init__(self, name: str, module: torch.nn.Module, terms: tuple, lr: float, state):
+        self.name, self.module, self.terms = name, module, terms
+        self.optimizer = torch.optim.Adam(module.parameters(), lr=lr)
+        if state is not None and state.get("phase", "tdvae") == name:
+            self.optimizer.load_state_dict(state["optimizer"])
+
+    def step(self, out: dict, lr: float, grad_clip: float, world_size: int, step: int) -> None:
+        """One optimizer step on ``out["loss"]`` (refuses a non-finite loss)."""
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            named = ", ".join(f"{k} {float(out[k]):.4g}" for k in self.terms[1:])
+            raise FloatingPointError(
+                f"{self.name} loss became {loss.item()} at step {step + 1} ({named}); lower "
+                f"the learning rate; the last checkpoint is kept"
+            )
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.name == "pretrain" and world_size > 1:
+            # the frame VAE is not DDP-wrapped (it shares modules with the wrapped TD-VAE):
+            # average its gradients across the workers here
+            for p in self.module.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= world_size
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), grad_clip)
+        self.optimizer.step()
+
+
+def _log_row(phase, done, total, lr, running, window_rows, window_start) -> dict:
+    """A history row: the phase's mean terms over the window and its throughput."""
+    n = running.pop("_n")
+    elapsed = time.perf_counter() - window_start
+    if phase == "pretrain":
+        row = {"step": done, "lr": lr, **{f"pretrain_{k}": v / n for k, v in running.items()}}
+        row["frames_per_s"] = window_rows / elapsed
+    else:
+        row = {"step": done, "lr": lr, **{k: v / n for k, v in running.items()}}
+        row["sequences_per_s"] = window_rows / elapsed
+    return row
+
+
+def _log_progress(row: dict, total: int) -> None:
+    if "pretrain_loss" in row:
+        log.info(
+            "train_sequence: step %d/%d frame VAE pre-training: loss %.2f | recon %.2f kl %.2f | "
+            "%.0f frames/s",
+            row["step"],
+            total,
+            row["pretrain_loss"],
+            row["pretrain_recon"],
+            row["pretrain_kl"],
+            row["frames_per_s"],
+        )
+    else:
+        log.info(
+            "train_sequence: step %d/%d loss %.2f | recon %.2f kl %.3f log p_B(z2) %.2f "
+            "log p_T(z2) %.2f | %.0f seq/s",
+            row["step"],
+            total,
+            row["loss"],
+            row["recon"],
+            row["kl"],
+            row["belief_t2"],
+            row["transition"],
+            row["sequences_per_s"],
+        )
+
+
+@torch.no_grad()
+def evaluate_frames(frame_vae: FrameVAE, frames: torch.Tensor, device, seed: int = 0) -> dict:
+    """The frame VAE's val terms (``val_pretrain_<term>``) over every frame of the val
+    sequences, with fixed latent samples (the global RNG is restored afterwards)."""
+    if len(frames) == 0:
+        return {}
+    flat = rearrange(frames, "b t c h w -> (b t) c h w")
+    sums = dict.fromkeys(PRETRAIN_TERMS, 0.0)
+    frame_vae.eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for start in range(0, len(flat), 1024):
+            out = frame_vae(flat[start : start + 1024].to(device))
+            for k in sums:
+                sums[k] += float(out[k]) * min(1024, len(flat) - start)
+    frame_vae.train()
+    return {f"val_pretrain_{k}": v / len(flat) for k, v in sums.items()}
 
 
 @torch.no_grad()

@@ -8,10 +8,14 @@ import json
 
 import numpy as np
 import pytest
+import safetensors.torch
+import torch
 
+from models.tdvae import TDVAE
 from pipeline.config import ConfigError, from_dict
 from pipeline.store import Store
 from stages import ingest, rollout, train_sequence
+from stages.training import LocalSession
 from tests.conftest import kill_after_first_checkpoint, run_json, write_yaml
 
 TINY_MODEL = {
@@ -91,6 +95,66 @@ def test_rollout_refuses_a_context_that_leaves_no_room(trained, tmp_path):
     config = from_dict(rollout.Config, {"context": 7}, "r")
     with pytest.raises(ValueError, match="context 7 \\+ max_delta 3 exceeds the 8 frames"):
         rollout.run(config, {"model": model, "sequences": data}, tmp_path, "")
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _StoppingSession(LocalSession):
+    """An in-process session that dies right after reporting the checkpoint at `stop_at`."""
+
+    def __init__(self, scratch, stop_at=None):
+        super().__init__(scratch, torch.device("cpu"), 1)
+        self.stop_at = stop_at
+
+    def report(self, metrics, checkpoint):
+        super().report(metrics, checkpoint)
+        if metrics["step"] == self.stop_at:
+            raise _Interrupted
+
+
+def test_frame_pretraining_trains_the_frame_path_and_resumes_in_either_phase(trained, tmp_path):
+    store, data, _ = trained
+    config = from_dict(
+        train_sequence.Config,
+        {
+            "model": TINY_MODEL,
+            "pretrain": {"steps": 4, "batch_size": 16},
+            "train": {"steps": 4, "batch_size": 8, "log_every": 2, "checkpoint_every": 2,
+                      "binarize": "dynamic"},
+        },
+        "tdvae",
+    )  # fmt: skip
+    ref = {"store": store.spec, "stage": data.stage, "key": data.key}
+    whole = _StoppingSession(tmp_path / "whole")
+    final = train_sequence.train_loop(config, ref, whole)
+    assert final["step"] == 8 and np.isfinite(final["val_loss"])
+
+    # killed mid pre-training, then at the phase boundary, then run to the end
+    split = tmp_path / "split"
+    for stop_at in (2, 4, None):
+        try:
+            train_sequence.train_loop(config, ref, _StoppingSession(split, stop_at))
+        except _Interrupted:
+            pass
+        if stop_at == 4:  # the boundary checkpoint: only the encoder and decoder have moved
+            boundary = (split / "checkpoint_00000004" / "model.safetensors").read_bytes()
+            pretrained = safetensors.torch.load(boundary)
+            metrics = json.loads((split / "checkpoint_00000004/final_metrics.json").read_text())
+            assert metrics["val_pretrain_kl"] > 0 and metrics["resumed_from_step"] == 2
+    torch.manual_seed(config.train.seed)
+    initial = TDVAE(config.model).state_dict()
+    moved = {k for k in initial if not torch.equal(initial[k], pretrained[k])}
+    assert moved and all(k.startswith(("encoder.", "decoder.")) for k in moved)
+
+    history = json.loads((whole.last_checkpoint / "history.json").read_text())
+    assert [r["step"] for r in history] == [2, 4, 6, 8]
+    assert {"pretrain_recon", "pretrain_kl", "frames_per_s"} <= set(history[0])
+    assert {"recon", "belief_t2", "sequences_per_s"} <= set(history[2])
+    a = safetensors.torch.load((whole.last_checkpoint / "model.safetensors").read_bytes())
+    b = safetensors.torch.load((split / "checkpoint_00000008/model.safetensors").read_bytes())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # as if never killed
 
 
 def test_model_and_frames_must_agree(trained, tmp_path):
