@@ -19,7 +19,18 @@ import math
 from pathlib import Path
 
 # history keys worth a curve, in display order; the first ones found per step are drawn
-CURVE_KEYS = ("loss", "recon", "bits_per_code", "ce", "kl", "commitment", "capacity", "lr")
+# (pretrain_recon: the TD-VAE's frame-VAE pre-training phase)
+CURVE_KEYS = (
+    "loss",
+    "recon",
+    "pretrain_recon",
+    "bits_per_code",
+    "ce",
+    "kl",
+    "commitment",
+    "capacity",
+    "lr",
+)
 MAX_CURVES_PER_STEP = 4
 
 
