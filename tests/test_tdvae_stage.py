@@ -157,6 +157,30 @@ def test_frame_pretraining_trains_the_frame_path_and_resumes_in_either_phase(tra
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # as if never killed
 
 
+def test_pretraining_resets_only_the_decoder_input_layer(trained, tmp_path):
+    store, data, _ = trained
+    ref = {"store": store.spec, "stage": data.stage, "key": data.key}
+    boundary = {}
+    for reset in (True, False):
+        config = from_dict(
+            train_sequence.Config,
+            {
+                "model": TINY_MODEL,
+                "pretrain": {"steps": 3, "batch_size": 8, "reset_decoder_input": reset},
+                "train": {"steps": 1, "batch_size": 4, "checkpoint_every": 3, "log_every": 3},
+            },
+            "tdvae",
+        )
+        scratch = tmp_path / str(reset)
+        with pytest.raises(_Interrupted):
+            train_sequence.train_loop(config, ref, _StoppingSession(scratch, stop_at=3))
+        boundary[reset] = safetensors.torch.load(
+            (scratch / "checkpoint_00000003/model.safetensors").read_bytes()
+        )
+    differ = {k for k in boundary[True] if not torch.equal(boundary[True][k], boundary[False][k])}
+    assert differ == {"decoder.net.0.weight", "decoder.net.0.bias"}
+
+
 def test_model_and_frames_must_agree(trained, tmp_path):
     store, data, _ = trained
     config = from_dict(train_sequence.Config, {"model": {**TINY_MODEL, "image_size": 32}}, "t")
