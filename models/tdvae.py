@@ -38,10 +38,11 @@ Prediction (`TDVAE.predict`, `TDVAE.rollout`): from the belief at the last obser
 ``z ~ p_B``, then apply ``p_T`` with a chosen jump, as often as needed, and decode.
 
 Pre-training (`FrameVAE`): a plain VAE on single frames built on the TD-VAE's own encoder and
-decoder (plus a linear head to ``q(z | x)``), trained before the TD-VAE objective so the frame
-path already turns a digit into latents and back. Trained from scratch, the TD-VAE's frame path
-learns far more slowly than the same blocks in a plain VAE: the decoder sees the frame only
-through the belief, smoothing and transition chain (README, TD-VAE).
+decoder (plus a linear head to ``q(z | x)``), trained before the TD-VAE objective so the
+convolutions already draw digits. Trained from scratch, the TD-VAE's frame path learns far more
+slowly than the same blocks in a plain VAE, and its predictions stay blurred (README, TD-VAE).
+The train-sequence stage then re-initializes the decoder's input layer, so the latent layout is
+the TD-VAE's own (`stages.train_sequence.PretrainConfig`).
 """
 
 from __future__ import annotations
