@@ -180,9 +180,9 @@ def train_loop(config: Config, sequences_ref: dict, session) -> dict:
     if frame_vae is not None and start_step < pre.steps:
         if state is not None:
             frame_vae.head.load_state_dict(state["frame_head"])
-        phase = _Phase("pretrain", frame_vae, PRETRAIN_TERMS, pre.lr, state)
+        phase = _Phase("pretrain", frame_vae, PRETRAIN_TERMS, pre.lr, 0.0, state)
     else:
-        phase = _Phase("tdvae", model, TERMS, train.lr, state)
+        phase = _Phase("tdvae", model, TERMS, train.lr, train.grad_clip, state)
 
     total = pre.steps + train.steps
     running: dict[str, float] = {}
@@ -190,7 +190,7 @@ def train_loop(config: Config, sequences_ref: dict, session) -> dict:
     final_metrics: dict = {}
     for step in range(start_step, total):
         if step == pre.steps and phase.name == "pretrain":  # the TD-VAE starts afresh
-            phase = _Phase("tdvae", model, TERMS, train.lr, None)
+            phase = _Phase("tdvae", model, TERMS, train.lr, train.grad_clip, None)
             running, window_start, window_rows = {}, time.perf_counter(), 0
         if phase.name == "pretrain":
             lr = pre.lr
@@ -207,9 +207,7 @@ def train_loop(config: Config, sequences_ref: dict, session) -> dict:
             model.train()
             out = wrapped(x, generator=generator)
             rows = train.batch_size
-        phase.step(
-            out, lr, train.grad_clip if phase.name == "tdvae" else 0.0, session.world_size, step
-        )
+        phase.step(out, lr, session.world_size, step)
         if phase.name == "tdvae":
             model.advance()  # the warm-up counts the TD-VAE's optimizer steps
 
@@ -219,9 +217,7 @@ def train_loop(config: Config, sequences_ref: dict, session) -> dict:
         window_rows += rows * session.world_size
         done = step + 1
         if done % train.log_every == 0 or done in (pre.steps, total):
-            history.append(
-                _log_row(phase.name, done, total, lr, running, window_rows, window_start)
-            )
+            history.append(_log_row(phase.name, done, lr, running, window_rows, window_start))
             running, window_start, window_rows = {}, time.perf_counter(), 0
             if session.rank == 0:
                 _log_progress(history[-1], total)
@@ -276,16 +272,16 @@ def _reset_decoder_input(model: TDVAE) -> None:
 
 
 class _Phase:
-    """One training phase: which module and terms, and its own Adam optimizer (the TD-VAE phase
-    starts with fresh moments after the pre-training)."""
+    """One training phase: which module and terms, its gradient clipping (0: off) and its own
+    Adam optimizer (the TD-VAE phase starts with fresh moments after the pre-training)."""
 
-    def __init__(self, name: str, module: torch.nn.Module, terms: tuple, lr: float, state):
-        self.name, self.module, self.terms = name, module, terms
+    def __init__(self, name: str, module, terms: tuple, lr: float, grad_clip: float, state):
+        self.name, self.module, self.terms, self.grad_clip = name, module, terms, grad_clip
         self.optimizer = torch.optim.Adam(module.parameters(), lr=lr)
         if state is not None and state.get("phase", "tdvae") == name:
             self.optimizer.load_state_dict(state["optimizer"])
 
-    def step(self, out: dict, lr: float, grad_clip: float, world_size: int, step: int) -> None:
+    def step(self, out: dict, lr: float, world_size: int, step: int) -> None:
         """One optimizer step on ``out["loss"]`` (refuses a non-finite loss)."""
         loss = out["loss"]
         if not torch.isfinite(loss):
@@ -305,12 +301,12 @@ class _Phase:
                 if p.grad is not None:
                     torch.distributed.all_reduce(p.grad)
                     p.grad /= world_size
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), grad_clip)
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
         self.optimizer.step()
 
 
-def _log_row(phase, done, total, lr, running, window_rows, window_start) -> dict:
+def _log_row(phase, done, lr, running, window_rows, window_start) -> dict:
     """A history row: the phase's mean terms over the window and its throughput."""
     n = running.pop("_n")
     elapsed = time.perf_counter() - window_start
