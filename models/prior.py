@@ -56,6 +56,9 @@ class PriorConfig:
         heads: Attention heads.
         mlp_ratio: MLP width as a multiple of hidden_size.
         dropout: Attention dropout.
+        patch: (ph, pw) codes per sequence token. [1, 1]: one code per token. Larger patches
+            make the decoder take one step per patch, and a small head predicts the patch's
+            codes one after another (see the module docstring).
     """
 
     grid: list[int] = field(default_factory=lambda: [4, 4])
@@ -69,6 +72,7 @@ class PriorConfig:
     heads: int = 4
     mlp_ratio: int = 4
     dropout: float = 0.0
+    patch: list[int] = field(default_factory=lambda: [1, 1])
 
     def __post_init__(self):
         if self.hidden_size % self.heads:
@@ -79,11 +83,33 @@ class PriorConfig:
             raise ValueError("context_grids: must name the same levels as context_codebook_sizes")
         if not 0.0 <= self.class_dropout < 1.0:
             raise ValueError(f"class_dropout: must be in [0, 1), got {self.class_dropout}")
+        if len(self.patch) != 2 or any(
+            p < 1 or g % p for p, g in zip(self.patch, self.grid, strict=True)
+        ):
+            raise ValueError(
+                f"patch: must be two positive sizes that divide the grid {self.grid}, "
+                f"got {self.patch}"
+            )
 
     @property
     def length(self) -> int:
-        """Tokens of the modelled level."""
+        """Codes of the modelled level."""
         return self.grid[0] * self.grid[1]
+
+    @property
+    def patch_codes(self) -> int:
+        """Codes per sequence token."""
+        return self.patch[0] * self.patch[1]
+
+    @property
+    def patch_grid(self) -> list[int]:
+        """(h, w) of the grid of patches."""
+        return [g // p for g, p in zip(self.grid, self.patch, strict=True)]
+
+    @property
+    def steps(self) -> int:
+        """Sequence tokens (patches) of the modelled level: decoder steps to sample it."""
+        return self.length // self.patch_codes
 
     @property
     def prefix_length(self) -> int:
@@ -92,15 +118,21 @@ class PriorConfig:
 
 
 class _GridEmbedding(nn.Module):
-    """Code embedding + row + column + level embedding for one level's grid."""
+    """Token embedding for one level's grid: code (per place in the patch) + row + column + level.
 
-    def __init__(self, codebook_size: int, grid: list[int], dim: int):
+    A token is one patch of ``s`` codes; its embedding is the sum of one embedding per code,
+    looked up in a table per place in the patch, plus the patch's 2D position.
+    """
+
+    def __init__(self, codebook_size: int, grid: list[int], dim: int, patch_codes: int = 1):
         super().__init__()
         self.h, self.w = grid
-        self.codes = nn.Embedding(codebook_size, dim)
+        self.codebook_size = codebook_size
+        self.codes = nn.Embedding(patch_codes * codebook_size, dim)
         self.rows = nn.Parameter(torch.zeros(self.h, dim))
         self.cols = nn.Parameter(torch.zeros(self.w, dim))
         self.level = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("offsets", torch.arange(patch_codes) * codebook_size, persistent=False)
         for p in (self.rows, self.cols, self.level):
             nn.init.normal_(p, std=0.02)
 
@@ -108,10 +140,46 @@ class _GridEmbedding(nn.Module):
         """2D position embedding of flat positions `index` (any shape)."""
         return self.rows[index // self.w] + self.cols[index % self.w] + self.level
 
-    def forward(self, flat_codes: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """``b n`` codes at flat positions start..start+n -> ``b n d``."""
-        index = torch.arange(start, start + flat_codes.shape[1], device=flat_codes.device)
-        return self.codes(flat_codes) + self.position(index)[None]
+    def forward(self, patches: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """``b n s`` codes of the patches at flat positions start..start+n -> ``b n d``."""
+        index = torch.arange(start, start + patches.shape[1], device=patches.device)
+        return self.codes(patches + self.offsets).sum(2) + self.position(index)[None]
+
+
+class _PatchHead(nn.Module):
+    """Predicts the ``s`` codes of one patch in turn from the decoder's hidden state for it.
+
+    The input for the code at place j is the hidden state plus a place embedding plus one
+    embedding of each code already chosen in the patch (a table per place), followed by a
+    residual MLP; the prior's output layer turns it into logits. So the patch's codes are
+    modelled autoregressively, p(c_0) p(c_1 | c_0) ..., not as independent guesses.
+    """
+
+    def __init__(self, dim: int, codebook_size: int, patch_codes: int, mlp_ratio: int):
+        super().__init__()
+        self.codebook_size = codebook_size
+        self.place = nn.Parameter(torch.randn(patch_codes, dim) * 0.02)
+        self.chosen = nn.Embedding(patch_codes * codebook_size, dim)
+        self.norm = nn.RMSNorm(dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim)
+        )
+
+    def inputs(self, hidden: torch.Tensor, place: int, chosen: torch.Tensor) -> torch.Tensor:
+        """Features for the code at `place` from ``b d`` hidden and ``b d`` summed choices."""
+        z = hidden + self.place[place] + chosen
+        return z + self.mlp(self.norm(z))
+
+    def choice(self, codes: torch.Tensor, place: int) -> torch.Tensor:
+        """Embedding of ``b`` codes chosen at `place`, to add to the running sum."""
+        return self.chosen(codes + place * self.codebook_size)
+
+    def forward(self, hidden: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced features: ``b n d`` hidden, ``b n s`` codes -> ``b n s d``."""
+        offsets = torch.arange(patches.shape[2], device=patches.device) * self.codebook_size
+        chosen = F.pad(self.chosen(patches + offsets).cumsum(2)[:, :, :-1], (0, 0, 1, 0))
+        z = hidden[:, :, None] + self.place + chosen  # place j sees the codes before j
+        return z + self.mlp(self.norm(z))
 
 
 class CodePrior(nn.Module):
@@ -129,7 +197,7 @@ class CodePrior(nn.Module):
                 for name, grid in c.context_grids.items()
             }
         )
-        self.target = _GridEmbedding(c.codebook_size, c.grid, c.hidden_size)
+        self.target = _GridEmbedding(c.codebook_size, c.patch_grid, c.hidden_size, c.patch_codes)
         self.decoder = LlamaModel(
             LlamaConfig(
                 vocab_size=1,  # inputs are embedded here, not by token id
@@ -138,7 +206,7 @@ class CodePrior(nn.Module):
                 num_hidden_layers=c.layers,
                 num_attention_heads=c.heads,
                 num_key_value_heads=c.heads,
-                max_position_embeddings=c.prefix_length + c.length,
+                max_position_embeddings=c.prefix_length + c.steps,
                 attention_dropout=c.dropout,
                 bos_token_id=None,
                 eos_token_id=None,
@@ -146,6 +214,11 @@ class CodePrior(nn.Module):
             )
         )
         self.head = nn.Linear(c.hidden_size, c.codebook_size, bias=False)
+        self.patch_head = (
+            _PatchHead(c.hidden_size, c.codebook_size, c.patch_codes, c.mlp_ratio)
+            if c.patch_codes > 1
+            else None
+        )
 
     @property
     def null_class(self) -> int:
@@ -154,8 +227,20 @@ class CodePrior(nn.Module):
     def _prefix(self, context: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         parts = [self.cond(labels)[:, None]]
         for name, embed in self.context.items():
-            parts.append(embed(rearrange(context[name], "b h w -> b (h w)")))
+            parts.append(embed(rearrange(context[name], "b h w -> b (h w) 1")))
         return torch.cat(parts, 1)
+
+    def to_patches(self, codes: torch.Tensor) -> torch.Tensor:
+        """``b h w ...`` -> ``b n s ...``: patches in raster order, codes in raster order within."""
+        ph, pw = self.config.patch
+        return rearrange(codes, "b (gh ph) (gw pw) ... -> b (gh gw) (ph pw) ...", ph=ph, pw=pw)
+
+    def from_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """Inverse of `to_patches` (extra trailing dims are kept)."""
+        (ph, pw), gh = self.config.patch, self.config.patch_grid[0]
+        return rearrange(
+            patches, "b (gh gw) (ph pw) ... -> b (gh ph) (gw pw) ...", gh=gh, ph=ph, pw=pw
+        )
 
     def _labels(self, labels: torch.Tensor | None, batch: int, device) -> torch.Tensor:
         if labels is None or self.config.num_classes == 0:
@@ -184,11 +269,16 @@ class CodePrior(nn.Module):
         if self.training and self.config.class_dropout > 0 and self.config.num_classes > 0:
             drop = torch.rand(b, device=codes.device) < self.config.class_dropout
             labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
-        flat = rearrange(codes, "b h w -> b (h w)")
-        inputs = torch.cat([self._prefix(context or {}, labels), self.target(flat[:, :-1])], 1)
+        patches = self.to_patches(codes)
+        inputs = torch.cat([self._prefix(context or {}, labels), self.target(patches[:, :-1])], 1)
         hidden = self.decoder(inputs_embeds=inputs).last_hidden_state
-        logits = self.head(hidden[:, self.config.prefix_length - 1 :])
-        nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), flat.reshape(-1))
+        hidden = hidden[:, self.config.prefix_length - 1 :]  # the state before each patch
+        if self.patch_head is not None:
+            hidden = self.patch_head(hidden, patches)  # b n s d
+        else:
+            hidden = hidden[:, :, None]
+        logits = rearrange(self.from_patches(self.head(hidden)), "b h w k -> b (h w) k")
+        nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), codes.reshape(-1))
         return {"logits": logits, "nll": nll, "loss": nll}
 
     @torch.inference_mode()
@@ -224,25 +314,35 @@ class CodePrior(nn.Module):
             labels = torch.cat([labels, torch.full_like(labels, self.null_class)])
             context = {k: torch.cat([v, v]) for k, v in context.items()}
         prefix = self._prefix({k: v.to(device) for k, v in context.items()}, labels)
-        out = torch.empty(n, self.config.length, dtype=torch.long, device=device)
-        total = self.config.prefix_length + self.config.length - 1  # the last code is not input
+        c = self.config
+        out = torch.empty(n, c.steps, c.patch_codes, dtype=torch.long, device=device)
+        total = c.prefix_length + c.steps - 1  # the last patch is not input
         cached = _CachedDecoder(self.decoder, prefix.shape[0], total, prefix) if use_cache else None
         sequence = prefix
-        for t in range(self.config.length):
+        for t in range(c.steps):
             if t > 0:
-                token = self.target(out[:, t - 1 : t].repeat(2 if guided else 1, 1), t - 1)
+                token = self.target(out[:, t - 1 : t].repeat(2 if guided else 1, 1, 1), t - 1)
                 sequence = token if use_cache else torch.cat([sequence, token], 1)
             if use_cache:
                 hidden = cached(sequence)[:, -1]
             else:  # the plain transformers forward over the whole sequence, every step
                 hidden = self.decoder(inputs_embeds=sequence, use_cache=False).last_hidden_state
                 hidden = hidden[:, -1]
-            logits = self.head(hidden).float()
-            if guided:
-                cond, uncond = logits.chunk(2)
-                logits = uncond + guidance * (cond - uncond)
-            out[:, t] = _sample(logits, temperature, top_k, top_p, generator)
-        return rearrange(out, "b (h w) -> b h w", h=self.config.grid[0])
+            chosen = torch.zeros_like(hidden)
+            for j in range(c.patch_codes):
+                features = hidden
+                if self.patch_head is not None:
+                    features = self.patch_head.inputs(hidden, j, chosen)
+                logits = self.head(features).float()
+                if guided:
+                    cond, uncond = logits.chunk(2)
+                    logits = uncond + guidance * (cond - uncond)
+                out[:, t, j] = _sample(logits, temperature, top_k, top_p, generator)
+                if self.patch_head is not None:
+                    chosen = chosen + self.patch_head.choice(
+                        out[:, t, j].repeat(2 if guided else 1), j
+                    )
+        return self.from_patches(out)
 
     # ----- save / load -------------------------------------------------------------------
 

@@ -167,7 +167,8 @@ def _quality_table(evaluations: dict) -> str:
 
 def _priors_table(priors: dict, metrics: dict) -> str:
     head = (
-        "<tr><th>step</th><th>level</th><th>hidden</th><th>layers</th><th>heads</th><th>lr</th>"
+        "<tr><th>step</th><th>level</th><th>hidden</th><th>layers</th><th>heads</th><th>patch</th>"
+        "<th>lr</th>"
         "<th>steps</th><th>parameters</th><th>train bits/code</th><th>val bits/code</th>"
         "<th>tokens/s</th></tr>"
     )
@@ -181,6 +182,7 @@ def _priors_table(priors: dict, metrics: dict) -> str:
             model.get("hidden_size"),
             model.get("layers"),
             model.get("heads"),
+            "x".join(str(p) for p in model.get("patch", [1, 1])),
             train.get("lr"),
             train.get("steps"),
             f"{m.get('parameters', 0) / 1e6:.2f}M",

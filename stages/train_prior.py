@@ -61,6 +61,8 @@ class ModelConfig:
         dropout: Attention dropout.
         class_conditional: Condition on the shards' labels (ignored when they have none).
         class_dropout: Probability of training a row as unconditional (classifier-free guidance).
+        patch: (ph, pw) codes per sequence token; [2, 2] takes a quarter of the decoder steps
+            to sample a level (see `models.prior`). Must divide the level's grid.
     """
 
     hidden_size: int = 256
@@ -70,8 +72,11 @@ class ModelConfig:
     dropout: float = 0.0
     class_conditional: bool = True
     class_dropout: float = 0.1
+    patch: list[int] = field(default_factory=lambda: [1, 1])
 
     def __post_init__(self):
+        if len(self.patch) != 2 or min(self.patch) < 1:
+            raise ValueError(f"patch: must be two positive sizes [ph, pw], got {self.patch}")
         for name in ("hidden_size", "layers", "heads", "mlp_ratio"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
@@ -214,7 +219,7 @@ def prior_config_for(meta, config: Config) -> PriorConfig:
     """The `PriorConfig` of ``config.level`` for shards described by `meta` (`CodeShardMeta`).
 
     Raises:
-        ValueError: the shards have no such level.
+        ValueError: the shards have no such level, or ``model.patch`` does not divide its grid.
     """
     levels = meta.level_names  # bottom first
     if config.level not in levels:
@@ -223,9 +228,15 @@ def prior_config_for(meta, config: Config) -> PriorConfig:
         )
     above = levels[levels.index(config.level) + 1 :][::-1]  # prefix order: top first
     model = config.model
+    grid = list(meta.grid_shapes[config.level])
+    if any(g % p for g, p in zip(grid, model.patch, strict=True)):
+        raise ValueError(
+            f"model.patch: {model.patch} does not divide the {config.level} level's "
+            f"{grid[0]}x{grid[1]} code grid"
+        )
     classes = len(meta.class_names) if model.class_conditional else 0
     return PriorConfig(
-        grid=list(meta.grid_shapes[config.level]),
+        grid=grid,
         codebook_size=meta.codebook_sizes[config.level],
         context_grids={k: list(meta.grid_shapes[k]) for k in above},
         context_codebook_sizes={k: meta.codebook_sizes[k] for k in above},
@@ -236,6 +247,7 @@ def prior_config_for(meta, config: Config) -> PriorConfig:
         heads=model.heads,
         mlp_ratio=model.mlp_ratio,
         dropout=model.dropout,
+        patch=list(model.patch),
     )
 
 

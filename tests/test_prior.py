@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from einops import rearrange
 
 from models.prior import CodePrior, PriorConfig, _CachedDecoder, _sample
 
@@ -32,8 +33,9 @@ def _batch(b=3):
     )
 
 
-def test_shapes_loss_keys_and_initial_nll():
-    prior = _prior().eval()
+@pytest.mark.parametrize("patch", [[1, 1], [2, 2]])
+def test_shapes_loss_keys_and_initial_nll(patch):
+    prior = _prior(patch=patch).eval()
     codes, context, labels = _batch()
     out = prior(codes, context, labels)
     assert set(out) == {"logits", "nll", "loss"}
@@ -55,6 +57,34 @@ def test_logits_are_causal():
     assert not torch.allclose(prior(codes, other_context, labels)["logits"][:, :1], base[:, :1])
 
 
+def test_patch_logits_are_causal_in_patch_order():
+    prior = _prior(patch=[2, 2]).eval()
+    codes, context, labels = _batch()
+
+    def in_patch_order(logits):  # b (h w) k -> b (n s) k
+        grid = rearrange(logits, "b (h w) k -> b h w k", h=4)
+        return rearrange(prior.to_patches(grid), "b n s k -> b (n s) k")
+
+    base = in_patch_order(prior(codes, context, labels)["logits"])
+    changed = codes.clone()
+    changed[:, 1, 0] = (changed[:, 1, 0] + 1) % 16  # patch 0, third code
+    after = in_patch_order(prior(changed, context, labels)["logits"])
+    torch.testing.assert_close(after[:, :3], base[:, :3])  # it and the codes before it
+    for later in range(3, 16):  # the rest of its patch and every later patch see it
+        assert not torch.allclose(after[:, later], base[:, later])
+
+
+@pytest.mark.parametrize("patch", [[1, 1], [2, 2]])
+def test_greedy_sampling_agrees_with_the_teacher_forced_logits(patch):
+    """Sampling and training share one model: greedy codes are the forward's argmax."""
+    prior = _prior(patch=patch).eval()
+    _, context, labels = _batch()
+    codes = prior.sample(3, context, labels, temperature=0.0).clone()
+    with torch.no_grad():
+        logits = prior(codes, context, labels)["logits"]
+    assert torch.equal(logits.argmax(-1), rearrange(codes, "b h w -> b (h w)"))
+
+
 def test_cached_decoder_matches_the_transformers_forward():
     prior = _prior(layers=3).eval()
     x = torch.randn(2, 9, 32)
@@ -67,9 +97,10 @@ def test_cached_decoder_matches_the_transformers_forward():
         cached(x[:, :1])
 
 
+@pytest.mark.parametrize("patch", [[1, 1], [2, 2], [1, 4]])
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
-def test_cached_sampling_equals_full_recompute(guidance):
-    prior = _prior().eval()
+def test_cached_sampling_equals_full_recompute(guidance, patch):
+    prior = _prior(patch=patch).eval()
     _, context, labels = _batch()
     samples = [
         prior.sample(
@@ -125,8 +156,9 @@ def test_class_dropout_only_in_training_and_one_step_learns():
     assert out["loss"].item() < first  # fits the tiny batch
 
 
-def test_save_load_identical(tmp_path):
-    prior = _prior().eval()
+@pytest.mark.parametrize("patch", [[1, 1], [2, 2]])
+def test_save_load_identical(tmp_path, patch):
+    prior = _prior(patch=patch).eval()
     prior.save(tmp_path)
     loaded = CodePrior.load(tmp_path).eval()
     codes, context, labels = _batch()
@@ -144,3 +176,5 @@ def test_save_load_identical(tmp_path):
 def test_config_checks():
     with pytest.raises(ValueError, match="hidden_size: 30 is not divisible by heads 4"):
         PriorConfig(hidden_size=30, heads=4)
+    with pytest.raises(ValueError, match=r"patch: must be two positive sizes that divide"):
+        PriorConfig(grid=[4, 4], patch=[3, 2])

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from pipeline.store import Store
-from stages import sample
-from stages.codes import CodeShardError
+from stages import sample, train_prior
+from stages.codes import CodeShardError, open_codes
 from tests.conftest import kill_after_first_checkpoint, run_json, twostage, write_yaml
 
 TINY_AE = (
@@ -24,6 +24,7 @@ TINY_AE = (
     "embed_dim: 8}"
 )
 TINY_PRIOR = "{hidden_size: 32, layers: 1, heads: 2}"
+PATCH_PRIOR = "{hidden_size: 32, layers: 1, heads: 2, patch: [2, 2]}"  # one step per 2x2 codes
 BASE = f"""
 steps:
   data: {{stage: ingest, image_size: 32, limit: 600}}
@@ -48,7 +49,7 @@ PIPELINE = (
     stage: train_prior
     inputs: {{codes: codes}}
     level: bottom
-    model: {TINY_PRIOR}
+    model: {PATCH_PRIOR}
     train: {{steps: 20, batch_size: 16, log_every: 5, checkpoint_every: 10, workers: 0}}
   classifier: {{stage: train_classifier, inputs: {{images: data}}, steps: 20}}
   samples:
@@ -108,6 +109,7 @@ def test_pipeline_trains_priors_samples_evaluates_and_reports(two_stage):
     assert report.count("data:image/png;base64,") >= 4  # reconstructions, samples, curves
     assert "samples.png" in report and "reconstructions.png" in report
     assert "<h2>Priors</h2>" in report and "val bits/code" in report
+    assert "<td>2x2</td>" in report  # the bottom prior's patch
 
 
 def _priors(store, steps):
@@ -131,8 +133,20 @@ def test_same_seed_same_codes_other_seed_other_codes(two_stage):
     for level in ("top", "bottom"):
         assert torch.equal(first[level], again[level])
     assert not torch.equal(first["bottom"], other["bottom"])
+    bottom = priors["bottom"][0].config
+    assert bottom.patch == [2, 2] and bottom.steps == 16
     guided = draw(3, guidance=2.0, top_k=8, top_p=0.9)
     assert guided["bottom"].shape == (30, 8, 8) and int(guided["bottom"].max()) < 32
+
+
+def test_patch_that_does_not_divide_the_grid_is_refused(two_stage):
+    _, store, steps, _ = two_stage
+    meta = open_codes(store.open("encode", steps["codes"]["key"])).meta
+    config = train_prior.Config(level="top", model=train_prior.ModelConfig(patch=[3, 2]))
+    with pytest.raises(
+        ValueError, match=r"model.patch: \[3, 2\] does not divide the top level's 4x4"
+    ):
+        train_prior.prior_config_for(meta, config)
 
 
 def test_prior_of_another_autoencoder_is_refused(two_stage):
