@@ -445,5 +445,8 @@ def _sample(
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         remove = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the first token always
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(remove, -math.inf))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+    # inverse-CDF draw: one uniform per row (torch.multinomial costs ~10x more per call on CPU)
+    cdf = logits.softmax(-1).cpu().cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator) * cdf[:, -1:]
+    index = torch.searchsorted(cdf, u, right=True).clamp_max(cdf.shape[-1] - 1)
+    return index.squeeze(-1).to(logits.device)

@@ -137,6 +137,15 @@ def test_sampling_filters():
     assert set(_sample(logits, 0.0, 0, 1.0, g).tolist()) == {3}
 
 
+def test_sampling_draws_from_the_softmax():
+    probs = torch.tensor([0.1, 0.0, 0.2, 0.3, 0.4])
+    logits = probs.log().repeat(40_000, 1)  # log 0 = -inf: never drawn
+    draws = _sample(logits, 1.0, 0, 1.0, torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(draws, minlength=5) / len(draws)
+    assert frequencies[1] == 0
+    torch.testing.assert_close(frequencies, probs, rtol=0, atol=0.01)  # ~4 standard errors
+
+
 def test_class_dropout_only_in_training_and_one_step_learns():
     prior = _prior(class_dropout=0.5)
     codes, context, labels = _batch()
