@@ -1,19 +1,30 @@
-"""Prior sampling speed: KV-cached sampling against full recompute per code, in one run.
+"""Prior sampling speed: KV-cached sampling against full recompute per step, in one run.
 
 Two-level VQ-VAE-2 grids from DESIGN.md's reference figures: 32px (4x4 top + 8x8 bottom) and
 64px (8x8 top + 16x16 bottom). For each, 16 class-conditional images are sampled level by
 level (top prior, then bottom prior conditioned on the sampled top codes) with our
-`CodePrior` (hidden 320, 4 layers top / 5 layers bottom: 6.9M + 8.7M parameters at 64px, at
-least the reference's 6.5M + 8.1M) twice: with the KV cache and recomputing the whole sequence
-for every code (what PixelSNAIL does). Weights are untrained: speed does not depend on them.
-Reference: PixelSNAIL small (128 ch) 16 images in 2.0 s at 32px (656 tokens/s), 22.8 s at 64px
-(225 tokens/s).
+`CodePrior` (hidden 320, 4 heads, 4 layers top / 5 layers bottom: at least the reference's
+6.5M + 8.1M parameters at 64px) in two forms:
+
+- ``per_code``: one decoder step per code, as PixelSNAIL;
+- ``patch_2x2``: one decoder step per 2x2 patch of codes, whose four codes a small head then
+  samples in turn (``PriorConfig.patch``): a quarter of the decoder steps, and a quarter of
+  the decoder's work per code, so at the same width it models codes worse;
+- ``patch_2x2_wide``: the same at hidden 640 (8 heads), about the decoder work per code of
+  ``per_code``; on the demo's shards a 2x2 prior of twice the width matched the per-code
+  prior's val bits per code (README).
+
+Each is timed with the KV cache (median of 3 runs) and, for the first two, recomputing the
+whole sequence at every step (once; what PixelSNAIL does); both must give the same codes. Weights are
+untrained: speed does not depend on them. Reference: PixelSNAIL small (128 ch) 16 images in
+2.0 s at 32px (656 tokens/s), 22.8 s at 64px (225 tokens/s).
 
     python -m bench.prior_sampling
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -24,11 +35,19 @@ from models.prior import CodePrior, PriorConfig
 REFERENCE_TOKENS_S = {"32px": 656, "64px": 225}
 REFERENCE_SECONDS = {"32px": 2.0, "64px": 22.8}
 GRIDS = {"32px": ([4, 4], [8, 8]), "64px": ([8, 8], [16, 16])}
+FORMS = {  # name: (patch, hidden size, heads, time full recompute too)
+    "per_code": ([1, 1], 320, 4, True),
+    "patch_2x2": ([2, 2], 320, 4, True),
+    "patch_2x2_wide": ([2, 2], 640, 8, False),
+}
+IMAGES = 16
 
 
-def _priors(top: list[int], bottom: list[int]) -> tuple[CodePrior, CodePrior]:
+def _priors(
+    top: list[int], bottom: list[int], patch: list[int], hidden: int, heads: int
+) -> tuple[CodePrior, CodePrior]:
     torch.manual_seed(0)
-    common = dict(codebook_size=512, num_classes=10, hidden_size=320, heads=4)
+    common = dict(codebook_size=512, num_classes=10, hidden_size=hidden, heads=heads, patch=patch)
     top_prior = CodePrior(PriorConfig(grid=top, layers=4, **common)).eval()
     bottom_prior = CodePrior(
         PriorConfig(
@@ -42,17 +61,30 @@ def _priors(top: list[int], bottom: list[int]) -> tuple[CodePrior, CodePrior]:
     return top_prior, bottom_prior
 
 
+def gflop_per_image(prior: CodePrior) -> float:
+    """Matrix-product GFLOP to sample one grid with the KV cache (attention excluded)."""
+    c = prior.config
+    decoder = sum(p.numel() for n, p in prior.named_parameters() if "decoder.layers" in n)
+    per_code = prior.head.weight.numel()
+    if prior.patch_head is not None:
+        per_code += sum(p.numel() for p in prior.patch_head.mlp.parameters() if p.dim() == 2)
+    return 2 * ((c.prefix_length + c.steps - 1) * decoder + c.length * per_code) / 1e9
+
+
 def sample_rate(top_prior, bottom_prior, n: int, use_cache: bool) -> dict:
     labels = torch.arange(n) % 10
     generator = torch.Generator().manual_seed(0)
     start = time.perf_counter()
     top = top_prior.sample(n, labels=labels, generator=generator, use_cache=use_cache)
+    middle = time.perf_counter()
     bottom = bottom_prior.sample(n, {"top": top}, labels, generator=generator, use_cache=use_cache)
-    seconds = time.perf_counter() - start
+    end = time.perf_counter()
     tokens = n * (top[0].numel() + bottom[0].numel())
     return {
-        "seconds": round(seconds, 3),
-        "tokens_per_s": round(tokens / seconds, 1),
+        "seconds": round(end - start, 3),
+        "seconds_top": round(middle - start, 3),
+        "seconds_bottom": round(end - middle, 3),
+        "tokens_per_s": round(tokens / (end - start), 1),
         "codes": {"top": top, "bottom": bottom},
     }
 
@@ -60,29 +92,48 @@ def sample_rate(top_prior, bottom_prior, n: int, use_cache: bool) -> dict:
 def main() -> dict:
     figures = {
         "machine": machine(),
-        "images": 16,
-        "prior": "hidden 320, 4 heads; 4 layers top, 5 layers bottom",
+        "images": IMAGES,
+        "prior": "mlp_ratio 4; 4 layers top, 5 layers bottom; width per form",
         "grids": {},
     }
     for name, (top, bottom) in GRIDS.items():
-        top_prior, bottom_prior = _priors(top, bottom)
-        params = [sum(p.numel() for p in m.parameters()) for m in (top_prior, bottom_prior)]
-        cached = sample_rate(top_prior, bottom_prior, 16, True)
-        full = sample_rate(top_prior, bottom_prior, 16, False)
-        same = all(torch.equal(cached["codes"][k], full["codes"][k]) for k in ("top", "bottom"))
-        row = {
-            "parameters": {"top": params[0], "bottom": params[1]},
-            "kv_cached": {k: v for k, v in cached.items() if k != "codes"},
-            "full_recompute": {k: v for k, v in full.items() if k != "codes"},
-            "speedup_cache": round(cached["tokens_per_s"] / full["tokens_per_s"], 2),
-            "same_codes": same,
-            "vs_pixelsnail_small_reference": round(
-                cached["tokens_per_s"] / REFERENCE_TOKENS_S[name], 2
-            ),
-            "speedup_vs_reference_seconds": round(REFERENCE_SECONDS[name] / cached["seconds"], 1),
-        }
-        figures["grids"][name] = row
-        print(name, row, flush=True)
+        for form, (patch, hidden, heads, recompute) in FORMS.items():
+            top_prior, bottom_prior = _priors(top, bottom, patch, hidden, heads)
+            runs = [sample_rate(top_prior, bottom_prior, IMAGES, True) for _ in range(3)]
+            cached = sorted(runs, key=lambda r: r["seconds"])[1]  # the median run
+            row = {
+                "patch": patch,
+                "hidden_size": hidden,
+                "parameters": {
+                    "top": sum(p.numel() for p in top_prior.parameters()),
+                    "bottom": sum(p.numel() for p in bottom_prior.parameters()),
+                },
+                "decoder_steps": {
+                    "top": top_prior.config.steps,
+                    "bottom": bottom_prior.config.steps,
+                },
+                "gflop_per_image": round(
+                    gflop_per_image(top_prior) + gflop_per_image(bottom_prior), 3
+                ),
+                "kv_cached": {k: v for k, v in cached.items() if k != "codes"},
+                "kv_cached_runs_seconds": [r["seconds"] for r in runs],
+                "vs_pixelsnail_small_reference": round(
+                    cached["tokens_per_s"] / REFERENCE_TOKENS_S[name], 2
+                ),
+                "speedup_vs_reference_seconds": round(
+                    REFERENCE_SECONDS[name] / cached["seconds"], 1
+                ),
+                "spread_seconds": round(statistics.pstdev(r["seconds"] for r in runs), 3),
+            }
+            if recompute:
+                full = sample_rate(top_prior, bottom_prior, IMAGES, False)
+                row["full_recompute"] = {k: v for k, v in full.items() if k != "codes"}
+                row["speedup_cache"] = round(full["seconds"] / cached["seconds"], 2)
+                row["same_codes"] = all(
+                    torch.equal(cached["codes"][k], full["codes"][k]) for k in ("top", "bottom")
+                )
+            figures["grids"].setdefault(name, {})[form] = row
+            print(name, form, row, flush=True)
     write("prior_sampling", figures)
     return figures
 
