@@ -25,9 +25,10 @@ codes one after another (raster order inside the patch) from the hidden state be
 plus the codes already chosen in it. The factorisation stays exact,
 p(patch) = p(c_0) p(c_1 | c_0) ..., but sampling a level takes ph * pw times fewer decoder steps,
 which is what bounds sampling time on a CPU (one small matrix product per layer and step). The
-idea is that of the local models of MEGABYTE (Yu et al., 2023) and RQ-Transformer (Lee et al.,
-2022); here the local model is one residual MLP. A 2x2 patch of the bottom level covers the
-same image area as one top code of VQ-VAE-2's 2x coarser top level.
+price: each code gets a fraction of the decoder's work, so at the same width a patched prior
+models codes worse (README: on the demo's shards a 2x2 prior needs twice the width to match).
+The idea is that of the local models of MEGABYTE (Yu et al., 2023) and RQ-Transformer (Lee et
+al., 2022); here the local model is one residual MLP.
 
 Loss: ``nll`` = mean cross-entropy over this level's codes in nats; ``loss`` = ``nll``.
 Bits per code = nll / ln 2.
@@ -139,7 +140,6 @@ class _GridEmbedding(nn.Module):
     def __init__(self, codebook_size: int, grid: list[int], dim: int, patch_codes: int = 1):
         super().__init__()
         self.h, self.w = grid
-        self.codebook_size = codebook_size
         self.codes = nn.Embedding(patch_codes * codebook_size, dim)
         self.rows = nn.Parameter(torch.zeros(self.h, dim))
         self.cols = nn.Parameter(torch.zeros(self.w, dim))
