@@ -67,6 +67,8 @@ class PriorConfig:
         hidden_size: Transformer width.
         layers: Decoder layers.
         heads: Attention heads.
+        kv_heads: Key/value heads (grouped-query attention); 0 means as many as ``heads``.
+            Fewer shrink the KV cache that every sampling step reads.
         mlp_ratio: MLP width as a multiple of hidden_size.
         dropout: Attention dropout.
         patch: (ph, pw) codes per sequence token. [1, 1]: one code per token. Larger patches
@@ -83,6 +85,7 @@ class PriorConfig:
     hidden_size: int = 256
     layers: int = 4
     heads: int = 4
+    kv_heads: int = 0
     mlp_ratio: int = 4
     dropout: float = 0.0
     patch: list[int] = field(default_factory=lambda: [1, 1])
@@ -92,6 +95,8 @@ class PriorConfig:
             raise ValueError(
                 f"hidden_size: {self.hidden_size} is not divisible by heads {self.heads}"
             )
+        if self.kv_heads < 0 or (self.kv_heads and self.heads % self.kv_heads):
+            raise ValueError(f"kv_heads: must divide heads {self.heads}, got {self.kv_heads}")
         if set(self.context_grids) != set(self.context_codebook_sizes):
             raise ValueError("context_grids: must name the same levels as context_codebook_sizes")
         if not 0.0 <= self.class_dropout < 1.0:
@@ -217,7 +222,7 @@ class CodePrior(nn.Module):
                 intermediate_size=c.mlp_ratio * c.hidden_size,
                 num_hidden_layers=c.layers,
                 num_attention_heads=c.heads,
-                num_key_value_heads=c.heads,
+                num_key_value_heads=c.kv_heads or c.heads,
                 max_position_embeddings=c.prefix_length + c.steps,
                 attention_dropout=c.dropout,
                 bos_token_id=None,
@@ -383,9 +388,8 @@ class _CachedDecoder:
         config = model.config
         if config.hidden_act != "silu" or config.attention_bias or config.mlp_bias:
             raise ValueError("_CachedDecoder: expects a Llama decoder with SiLU and no biases")
-        if config.num_key_value_heads != config.num_attention_heads:
-            raise ValueError("_CachedDecoder: expects as many key/value heads as query heads")
         self.heads = h = config.num_attention_heads
+        self.kv_heads = kv = config.num_key_value_heads
         self.head_dim = d = model.layers[0].self_attn.head_dim
         dim = config.hidden_size
         cos, sin = model.rotary_emb(like, torch.arange(length, device=like.device)[None])
@@ -393,7 +397,8 @@ class _CachedDecoder:
         # unchanged) so each rotated pair is adjacent, then rotate as complex numbers
         half = d // 2
         pairs = torch.stack([torch.arange(half), torch.arange(half) + half], 1).reshape(-1)
-        order = (torch.arange(h)[:, None] * d + pairs).reshape(-1)
+        q_order = (torch.arange(h)[:, None] * d + pairs).reshape(-1)
+        k_order = (torch.arange(kv)[:, None] * d + pairs).reshape(-1)
         self.rotation = torch.complex(cos[0, :, :half], sin[0, :, :half])  # length d/2
         # rms_norm(x) * g == normalize(x) * sqrt(dim) * g (up to eps): fold sqrt(dim) * g into
         # the next matrix
@@ -403,7 +408,7 @@ class _CachedDecoder:
             a, m = layer.self_attn, layer.mlp
             g1 = layer.input_layernorm.weight * root
             g2 = layer.post_attention_layernorm.weight * root
-            qkv = torch.cat([a.q_proj.weight[order], a.k_proj.weight[order], a.v_proj.weight])
+            qkv = torch.cat([a.q_proj.weight[q_order], a.k_proj.weight[k_order], a.v_proj.weight])
             gate_up = torch.cat([m.gate_proj.weight, m.up_proj.weight])
             self.layers.append(
                 (
@@ -414,7 +419,7 @@ class _CachedDecoder:
                 )
             )
         self.norm = model.norm.weight * root
-        shape = (len(self.layers), batch, h, length, d)
+        shape = (len(self.layers), batch, kv, length, d)
         self.keys, self.values = like.new_zeros(shape), like.new_zeros(shape)
         self.filled = 0
 
@@ -426,18 +431,27 @@ class _CachedDecoder:
                 f"_CachedDecoder: {end} positions exceed the cache's {self.keys.shape[3]}"
             )
         rotation = self.rotation[start:end]
-        h, d = self.heads, self.head_dim
+        h, kv, d = self.heads, self.kv_heads, self.head_dim
         mask = torch.ones(n, end, dtype=torch.bool, device=x.device).tril(start) if n > 1 else None
         for i, (qkv, out, gate_up, down) in enumerate(self.layers):
-            y = (F.normalize(x, dim=-1) @ qkv).view(b, n, 3, h, d).transpose(1, 3)  # b h 3 n d
-            qk = torch.view_as_complex(y[:, :, :2].unflatten(-1, (d // 2, 2)).contiguous())
-            qk = torch.view_as_real(qk * rotation).flatten(-2)  # b h 2 n d
-            self.keys[i, :, :, start:end] = qk[:, :, 1]
-            self.values[i, :, :, start:end] = y[:, :, 2]
-            attn = F.scaled_dot_product_attention(
-                qk[:, :, 0], self.keys[i, :, :, :end], self.values[i, :, :, :end], attn_mask=mask
+            y = F.normalize(x, dim=-1) @ qkv
+            qk = y[..., : (h + kv) * d].unflatten(-1, (h + kv, d // 2, 2)).transpose(1, 2)
+            qk = torch.view_as_real(torch.view_as_complex(qk.contiguous()) * rotation).flatten(-2)
+            self.keys[i, :, :, start:end] = qk[:, h:]
+            self.values[i, :, :, start:end] = (
+                y[..., (h + kv) * d :].unflatten(-1, (kv, d)).transpose(1, 2)
             )
-            x = x + attn.transpose(1, 2).reshape(b, n, h * d) @ out
+            keys, values = self.keys[i, :, :, :end], self.values[i, :, :, :end]
+            if n == 1:  # the query heads that share a key/value head are rows of one product
+                q = qk[:, :h].reshape(b, kv, h // kv, d)
+                attn = F.scaled_dot_product_attention(q, keys, values).reshape(b, 1, h * d)
+            else:
+                if kv < h:
+                    keys = keys.repeat_interleave(h // kv, 1)
+                    values = values.repeat_interleave(h // kv, 1)
+                attn = F.scaled_dot_product_attention(qk[:, :h], keys, values, attn_mask=mask)
+                attn = attn.transpose(1, 2).reshape(b, n, h * d)
+            x = x + attn @ out
             gate, up = (F.normalize(x, dim=-1) @ gate_up).chunk(2, -1)
             x = x + (F.silu(gate) * up) @ down
         self.filled = end

@@ -181,7 +181,9 @@ def _priors_table(priors: dict, metrics: dict) -> str:
             m.get("level"),
             model.get("hidden_size"),
             model.get("layers"),
-            model.get("heads"),
+            model.get("heads")
+            if not model.get("kv_heads")
+            else f"{model.get('heads')} (kv {model['kv_heads']})",
             "x".join(str(p) for p in model.get("patch", [1, 1])),
             train.get("lr"),
             train.get("steps"),

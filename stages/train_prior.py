@@ -57,6 +57,8 @@ class ModelConfig:
         hidden_size: Transformer width.
         layers: Decoder layers.
         heads: Attention heads.
+        kv_heads: Key/value heads (grouped-query attention; must divide ``heads``); 0: as many
+            as ``heads``. Fewer shrink the KV cache that each sampling step reads.
         mlp_ratio: MLP width as a multiple of hidden_size.
         dropout: Attention dropout.
         class_conditional: Condition on the shards' labels (ignored when they have none).
@@ -68,6 +70,7 @@ class ModelConfig:
     hidden_size: int = 256
     layers: int = 4
     heads: int = 4
+    kv_heads: int = 0
     mlp_ratio: int = 4
     dropout: float = 0.0
     class_conditional: bool = True
@@ -84,6 +87,8 @@ class ModelConfig:
             raise ValueError(
                 f"hidden_size: {self.hidden_size} is not divisible by heads: {self.heads}"
             )
+        if self.kv_heads < 0 or (self.kv_heads and self.heads % self.kv_heads):
+            raise ValueError(f"kv_heads: must divide heads ({self.heads}), got {self.kv_heads}")
         if not 0.0 <= self.class_dropout < 1.0:
             raise ValueError(f"class_dropout: must be in [0, 1), got {self.class_dropout}")
 
@@ -245,6 +250,7 @@ def prior_config_for(meta, config: Config) -> PriorConfig:
         hidden_size=model.hidden_size,
         layers=model.layers,
         heads=model.heads,
+        kv_heads=model.kv_heads,
         mlp_ratio=model.mlp_ratio,
         dropout=model.dropout,
         patch=list(model.patch),

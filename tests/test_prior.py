@@ -85,8 +85,9 @@ def test_greedy_sampling_agrees_with_the_teacher_forced_logits(patch):
     assert torch.equal(logits.argmax(-1), rearrange(codes, "b h w -> b (h w)"))
 
 
-def test_cached_decoder_matches_the_transformers_forward():
-    prior = _prior(layers=3).eval()
+@pytest.mark.parametrize("kv_heads", [0, 2, 1])
+def test_cached_decoder_matches_the_transformers_forward(kv_heads):
+    prior = _prior(layers=3, heads=4, kv_heads=kv_heads).eval()
     x = torch.randn(2, 9, 32)
     with torch.no_grad():
         reference = prior.decoder(inputs_embeds=x).last_hidden_state
@@ -97,10 +98,10 @@ def test_cached_decoder_matches_the_transformers_forward():
         cached(x[:, :1])
 
 
-@pytest.mark.parametrize("patch", [[1, 1], [2, 2], [1, 4]])
+@pytest.mark.parametrize("patch,kv_heads", [([1, 1], 0), ([2, 2], 0), ([1, 4], 0), ([1, 1], 1)])
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
-def test_cached_sampling_equals_full_recompute(guidance, patch):
-    prior = _prior(patch=patch).eval()
+def test_cached_sampling_equals_full_recompute(guidance, patch, kv_heads):
+    prior = _prior(patch=patch, kv_heads=kv_heads).eval()
     _, context, labels = _batch()
     samples = [
         prior.sample(
@@ -187,3 +188,5 @@ def test_config_checks():
         PriorConfig(hidden_size=30, heads=4)
     with pytest.raises(ValueError, match=r"patch: must be two positive sizes that divide"):
         PriorConfig(grid=[4, 4], patch=[3, 2])
+    with pytest.raises(ValueError, match="kv_heads: must divide heads 4, got 3"):
+        PriorConfig(heads=4, kv_heads=3)

@@ -139,7 +139,7 @@ def test_same_seed_same_codes_other_seed_other_codes(two_stage):
     assert guided["bottom"].shape == (30, 8, 8) and int(guided["bottom"].max()) < 32
 
 
-def test_patch_that_does_not_divide_the_grid_is_refused(two_stage):
+def test_bad_prior_model_options_are_refused(two_stage):
     _, store, steps, _ = two_stage
     meta = open_codes(store.open("encode", steps["codes"]["key"])).meta
     config = train_prior.Config(level="top", model=train_prior.ModelConfig(patch=[3, 2]))
@@ -147,6 +147,8 @@ def test_patch_that_does_not_divide_the_grid_is_refused(two_stage):
         ValueError, match=r"model.patch: \[3, 2\] does not divide the top level's 4x4"
     ):
         train_prior.prior_config_for(meta, config)
+    with pytest.raises(ValueError, match=r"kv_heads: must divide heads \(2\), got 3"):
+        train_prior.ModelConfig(heads=2, kv_heads=3)
 
 
 def test_prior_of_another_autoencoder_is_refused(two_stage):
@@ -209,7 +211,7 @@ def test_sweep_reuses_cached_shards_and_compares_priors(two_stage):
     stage: train_prior
     inputs: {{codes: codes}}
     level: top
-    model: {{hidden_size: 48, layers: 1, heads: 2}}
+    model: {{hidden_size: 48, layers: 1, heads: 2, kv_heads: 1}}
     train: {{steps: 10, batch_size: 16, log_every: 5, checkpoint_every: 10, workers: 0}}
 """,
     )
@@ -224,6 +226,7 @@ def test_sweep_reuses_cached_shards_and_compares_priors(two_stage):
     }
     report = (Path(summary["run_dir"]) / "report.html").read_text()
     assert "prior_a" in report and "prior_b" in report and "<h2>Priors</h2>" in report
+    assert "<td>2 (kv 1)</td>" in report  # prior_b: grouped-query attention
 
 
 def test_killed_prior_run_resumes_from_its_last_checkpoint(two_stage):
