@@ -38,7 +38,7 @@ from stages.codes import CodeShardError, CodeShardMeta, ShardWriter, codes_table
 from stages.images import grid, save_png
 from stages.tables import ImageTable, ImageTableMeta, write_image_table
 
-VERSION = "1"
+VERSION = "2"  # 2: codes drawn by inverse CDF (other codes for the same seed than 1)
 INPUTS = {
     "autoencoder": Input(kinds=("train_autoencoder",)),
     "priors": Input(kinds=("train_prior",), many=True),
