@@ -35,19 +35,20 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    fast_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    avx512_bf16 = bool(torch.cpu._is_avx512_bf16_supported())
+    amx = bool(torch.cpu._is_amx_tile_supported())
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()),
-        "amx": bool(torch.cpu._is_amx_tile_supported()),
+        "avx512_bf16": avx512_bf16,
+        "amx": amx,
         "matmul_fp32_gflops": round(matmul_gflops(torch.float32), 1),
         # without native bf16 a 2048^2 bf16 matmul crawls (~0.3 GFLOP/s here): time a small one
         "matmul_bf16_gflops": round(
-            matmul_gflops(torch.bfloat16, *((2048, 5) if fast_bf16 else (256, 2))), 1
+            matmul_gflops(torch.bfloat16, *((2048, 5) if avx512_bf16 or amx else (256, 2))), 1
         ),
     }
 

@@ -184,8 +184,7 @@ class _PatchHead(nn.Module):
 
     def inputs(self, hidden: torch.Tensor, place: int, chosen: torch.Tensor) -> torch.Tensor:
         """Features for the code at `place` from ``b d`` hidden and ``b d`` summed choices."""
-        z = hidden + self.place[place] + chosen
-        return z + self.mlp(self.norm(z))
+        return self._refine(hidden + self.place[place] + chosen)
 
     def choice(self, codes: torch.Tensor, place: int) -> torch.Tensor:
         """Embedding of ``b`` codes chosen at `place`, to add to the running sum."""
@@ -195,7 +194,9 @@ class _PatchHead(nn.Module):
         """Teacher-forced features: ``b n d`` hidden, ``b n s`` codes -> ``b n s d``."""
         offsets = torch.arange(patches.shape[2], device=patches.device) * self.codebook_size
         chosen = F.pad(self.chosen(patches + offsets).cumsum(2)[:, :, :-1], (0, 0, 1, 0))
-        z = hidden[:, :, None] + self.place + chosen  # place j sees the codes before j
+        return self._refine(hidden[:, :, None] + self.place + chosen)  # j sees codes before j
+
+    def _refine(self, z: torch.Tensor) -> torch.Tensor:
         return z + self.mlp(self.norm(z))
 
 
@@ -311,7 +312,7 @@ class CodePrior(nn.Module):
         generator: torch.Generator | None = None,
         use_cache: bool = True,
     ) -> torch.Tensor:
-        """Samples ``n h w`` codes, one code per step.
+        """Samples ``n h w`` codes: one decoder step per patch, then the patch's codes in turn.
 
         Args:
             n: Number of grids.
@@ -326,6 +327,7 @@ class CodePrior(nn.Module):
         device = self.head.weight.device
         labels = self._labels(labels, n, device)
         guided = guidance != 1.0 and self.config.num_classes > 0
+        copies = 2 if guided else 1  # each sampled code feeds the guided row pair
         context = context or {}
         if guided:  # conditional and unconditional rows in one batch
             labels = torch.cat([labels, torch.full_like(labels, self.null_class)])
@@ -338,7 +340,7 @@ class CodePrior(nn.Module):
         sequence = prefix
         for t in range(c.steps):
             if t > 0:
-                token = self.target(out[:, t - 1 : t].repeat(2 if guided else 1, 1, 1), t - 1)
+                token = self.target(out[:, t - 1 : t].repeat(copies, 1, 1), t - 1)
                 sequence = token if use_cache else torch.cat([sequence, token], 1)
             if use_cache:
                 hidden = cached(sequence)[:, -1]
@@ -356,9 +358,7 @@ class CodePrior(nn.Module):
                     logits = uncond + guidance * (cond - uncond)
                 out[:, t, j] = _sample(logits, temperature, top_k, top_p, generator)
                 if self.patch_head is not None:
-                    chosen = chosen + self.patch_head.choice(
-                        out[:, t, j].repeat(2 if guided else 1), j
-                    )
+                    chosen = chosen + self.patch_head.choice(out[:, t, j].repeat(copies), j)
         return self.from_patches(out)
 
     # ----- save / load -------------------------------------------------------------------
