@@ -19,7 +19,10 @@ level (top prior, then bottom prior conditioned on the sampled top codes) with o
 
 Each is timed with the KV cache (median of 3 runs) and, for the first two, recomputing the
 whole sequence at every step (once; what PixelSNAIL does); both must give the same codes. Weights are
-untrained: speed does not depend on them. Reference: PixelSNAIL small (128 ch) 16 images in
+untrained: speed does not depend on them. For one-step-per-code forms the run also times the
+matrix products alone (``matmul_floor``): the decoder's and output layer's products of one
+cached sampling run, same weights and rows, with no attention, norms or sampling. No fp32
+implementation of that prior samples faster on the machine than this floor. Reference: PixelSNAIL small (128 ch) 16 images in
 2.0 s at 32px (656 tokens/s), 22.8 s at 64px (225 tokens/s).
 
     python -m bench.prior_sampling
@@ -33,7 +36,7 @@ import time
 import torch
 
 from bench.common import machine, write
-from models.prior import CodePrior, PriorConfig
+from models.prior import CodePrior, PriorConfig, _CachedDecoder
 
 REFERENCE_TOKENS_S = {"32px": 656, "64px": 225}
 REFERENCE_SECONDS = {"32px": 2.0, "64px": 22.8}
@@ -92,6 +95,27 @@ def sample_rate(top_prior, bottom_prior, n: int, use_cache: bool) -> dict:
     }
 
 
+def matmul_floor(priors: tuple[CodePrior, ...], n: int) -> float:
+    """Seconds for only the matrix products of sampling `n` grids with each one-code-per-step
+    prior in turn: the prefix in one product per matrix, then one per step and matrix, and
+    after each the output layer on `n` rows (one code each)."""
+    work = []
+    for prior in priors:
+        c = prior.config
+        like = torch.zeros(1, c.hidden_size)
+        layers = _CachedDecoder(prior.decoder, 1, 1, like).layers  # the pre-transposed weights
+        head = prior.head.weight.t().contiguous()
+        for rows in [n * c.prefix_length] + [n] * (c.steps - 1):
+            x, inner = torch.randn(rows, c.hidden_size), torch.randn(rows, layers[0][3].shape[0])
+            work.append((layers, head, x, inner))
+    start = time.perf_counter()
+    for layers, head, x, inner in work:
+        for qkv, out, gate_up, down in layers:
+            x @ qkv, x @ out, x @ gate_up, inner @ down
+        x[:n] @ head
+    return time.perf_counter() - start
+
+
 def main() -> dict:
     figures = {
         "machine": machine(),
@@ -136,6 +160,12 @@ def main() -> dict:
                 row["same_codes"] = all(
                     torch.equal(cached["codes"][k], full["codes"][k]) for k in ("top", "bottom")
                 )
+            if shape["patch"] == [1, 1]:
+                floor = statistics.median(
+                    matmul_floor((top_prior, bottom_prior), IMAGES) for _ in range(3)
+                )
+                row["matmul_floor_seconds"] = round(floor, 3)
+                row["best_speedup_vs_reference_seconds"] = round(REFERENCE_SECONDS[name] / floor, 1)
             figures["grids"].setdefault(name, {})[form] = row
             print(name, form, row, flush=True)
     write("prior_sampling", figures)
