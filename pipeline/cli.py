@@ -78,22 +78,30 @@ def _store(args) -> Store:
 
 
 def _cmd_run(args) -> int:
-    from pipeline.runner import run_pipeline
+    from pipeline.runner import RayStartError, run_pipeline
     from pipeline.spec import load_pipeline
 
     pipeline = load_pipeline(args.config, args.overrides, args.store)
-    if args.json:
-        with _stdout_to_stderr() as stdout:
+    try:
+        if args.json:
+            with _stdout_to_stderr() as stdout:
+                result = run_pipeline(pipeline)
+                stdout.write(json.dumps(result.summary(), indent=2) + "\n")
+        else:
             result = run_pipeline(pipeline)
-            stdout.write(json.dumps(result.summary(), indent=2) + "\n")
-    else:
-        result = run_pipeline(pipeline)
-        print(f"run {result.run_id}: {'ok' if result.ok else 'FAILED'} in {result.seconds:.1f}s")
-        for s in result.steps:
-            line = f"  {s.name:<16} {s.stage:<18} {s.status:<8} {s.key[:12]}  {s.seconds:7.1f}s"
-            print(line + (f"  {s.error}" if s.error else ""))
-        print(f"run directory: {result.run_dir}")
+            _print_run(result)
+    except RayStartError as e:
+        print(f"twostage: {e}", file=sys.stderr)
+        return 1
     return 0 if result.ok else 1
+
+
+def _print_run(result) -> None:
+    print(f"run {result.run_id}: {'ok' if result.ok else 'FAILED'} in {result.seconds:.1f}s")
+    for s in result.steps:
+        line = f"  {s.name:<16} {s.stage:<18} {s.status:<8} {s.key[:12]}  {s.seconds:7.1f}s"
+        print(line + (f"  {s.error}" if s.error else ""))
+    print(f"run directory: {result.run_dir}")
 
 
 @contextlib.contextmanager

@@ -123,6 +123,10 @@ _RAY_ENV = {
 }
 
 
+class RayStartError(RuntimeError):
+    """Ray could not be started or reached (the message names the address)."""
+
+
 def _run_on_ray(pipeline: Pipeline, store: Store, todo: list[str], done: dict) -> dict:
     import ray
 
@@ -139,7 +143,11 @@ def _run_on_ray(pipeline: Pipeline, store: Store, todo: list[str], done: dict) -
             kwargs["address"] = pipeline.ray.address
         elif pipeline.ray.num_cpus and not os.environ.get("RAY_ADDRESS"):
             kwargs["num_cpus"] = pipeline.ray.num_cpus
-        ray.init(**kwargs)
+        try:
+            ray.init(**kwargs)
+        except (ConnectionError, ValueError) as e:  # no cluster at the address, bad options
+            where = kwargs.get("address") or os.environ.get("RAY_ADDRESS") or "a local instance"
+            raise RayStartError(f"ray: cannot start or reach {where}: {e}") from None
         started_here = True
     try:
         return _schedule(ray, pipeline, store, todo, done)

@@ -33,6 +33,17 @@ STEP_KEYS = ("stage", "inputs", "resources", "max_retries")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, but ``1e-3`` is a number as in YAML 1.2 (1.1 wants ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 @dataclass(frozen=True)
 class RayOptions:
     """How to reach Ray.
@@ -45,6 +56,10 @@ class RayOptions:
 
     address: str | None = None
     num_cpus: int | None = None
+
+    def __post_init__(self):
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ConfigError(f"num_cpus: must be positive, got {self.num_cpus}")
 
 
 @dataclass(frozen=True)
@@ -64,8 +79,9 @@ class Resources:
     custom: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
-        if (self.num_cpus or 0) < 0 or self.num_gpus < 0:
-            raise ConfigError("num_cpus: resources cannot be negative")
+        for name in ("num_cpus", "num_gpus", "memory_gb"):
+            if (getattr(self, name) or 0) < 0:
+                raise ConfigError(f"{name}: cannot be negative, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -126,7 +142,7 @@ def load_pipeline(
     if not path.is_file():
         raise ConfigError(f"{path}: no such pipeline file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_Loader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})".replace("\n", " ")) from None
     if not isinstance(raw, dict):
@@ -144,8 +160,12 @@ def apply_override(raw: dict, item: str) -> None:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. steps.data.image_size=32")
     dotted, text = item.split("=", 1)
     parts = dotted.strip().split(".")
+    steps = raw.get("steps")
+    if parts[0] == "steps" and len(parts) > 2 and isinstance(steps, dict) and parts[1] not in steps:
+        names = ", ".join(map(str, steps))
+        raise ConfigError(f"--set {dotted}: no step {parts[1]!r} (steps: {names})")
     try:
-        value = yaml.safe_load(text)
+        value = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError:
         value = text
     node = raw

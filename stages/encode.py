@@ -65,8 +65,9 @@ class Config:
     splits: tuple[str, ...] = ("train", "val", "test")
 
     def __post_init__(self):
-        if self.batch_size < 1 or self.actors < 1:
-            raise ValueError("batch_size: batch_size and actors must be positive")
+        for name in ("batch_size", "actors"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
         if self.shard_mb <= 0:
             raise ValueError(f"shard_mb: must be positive, got {self.shard_mb}")
         unknown = set(self.splits) - {"train", "val", "test"}

@@ -260,5 +260,7 @@ def _samples_png(images, labels, class_names, config: Config, path: Path) -> Non
 
 def _device(name: str) -> torch.device:
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("device is cuda but no CUDA device is visible to this worker")
         return torch.device("cuda")
     return torch.device("cpu")

@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.config import ConfigError
 from pipeline.spec import load_pipeline, parse_pipeline
-from tests.conftest import REPO, twostage, write_yaml
+from tests.conftest import REPO, cli_env, twostage, write_yaml
 
 GOOD = {
     "name": "t",
@@ -72,6 +72,12 @@ BAD = [
         "steps.stats.resources.num_gpus: expected a number",
     ),
     ("retries", ("steps.stats.max_retries", -1), "steps.stats.max_retries"),
+    (
+        "negative gpus",
+        ("steps.stats.resources", {"num_gpus": -1}),
+        "steps.stats.resources.num_gpus: cannot be negative, got -1",
+    ),
+    ("ray cpus", ("ray", {"num_cpus": 0}), "ray.num_cpus: must be positive, got 0"),
     ("missing name", ("name", _DELETE), "name: required key is missing"),
 ]
 
@@ -144,6 +150,39 @@ def test_set_override_is_validated_too(tmp_path):
         "run", REPO / "configs/smoke.yaml", "--set", "steps.data.source.kind.x=1", cwd=tmp_path
     )
     assert proc.returncode == 2 and "steps.data.source.kind is not a mapping" in proc.stderr
+
+
+def test_unreachable_ray_cluster_is_one_line(tmp_path):
+    config = write_yaml(
+        tmp_path / "p.yaml",
+        "name: t\nray: {address: auto}\nsteps:\n  data: {stage: ingest, source: {kind: embedded}}\n",
+    )
+    env = {k: v for k, v in cli_env().items() if k != "RAY_ADDRESS"}
+    proc = twostage("run", config, cwd=tmp_path, env=env)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("twostage: ray: cannot start or reach auto: ")
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_set_override_naming_no_step_is_refused():
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(REPO / "configs/smoke.yaml", ["steps.dta.image_size=28"])
+    assert str(info.value) == "--set steps.dta.image_size: no step 'dta' (steps: data, stats)"
+
+
+def test_exponent_without_a_point_is_a_number(tmp_path):
+    # YAML 1.1 (PyYAML) reads 1e-3 as a string; people write it anyway
+    body = (
+        "name: t\nsteps:\n  data: {stage: ingest, source: {kind: embedded}, image_size: 32,"
+        " val_fraction: 1e-1}\n"
+    )
+    path = write_yaml(tmp_path / "p.yaml", body)
+    assert load_pipeline(path).steps["data"].config.val_fraction == 0.1
+    overridden = load_pipeline(path, ["steps.data.val_fraction=2e-1"])
+    assert overridden.steps["data"].config.val_fraction == 0.2
+    with pytest.raises(ConfigError, match=r"steps.data.seed: expected an integer, got float"):
+        load_pipeline(REPO / "configs/smoke.yaml", ["steps.data.seed=1e3"])
 
 
 def test_set_override_changes_the_key():
