@@ -77,6 +77,14 @@ def _store(args) -> Store:
     return Store(args.store or os.environ.get("TWOSTAGE_STORE") or DEFAULT_STORE)
 
 
+def _existing_store(args) -> Store:
+    """The store named by the arguments; a path with nothing there is an error, not empty."""
+    store = _store(args)
+    if not store.exists():
+        raise StoreError(f"{store.uri}: no artifact store there (nothing at that path)")
+    return store
+
+
 def _cmd_run(args) -> int:
     from pipeline.runner import RayStartError, run_pipeline
     from pipeline.spec import load_pipeline
@@ -138,7 +146,14 @@ def _human(n: float) -> str:
 
 
 def _cmd_ls(args) -> int:
-    artifacts = _store(args).list(args.stage)
+    unreadable: list[str] = []
+    artifacts = _existing_store(args).list(args.stage, problems=unreadable)
+    if unreadable:
+        print(
+            f"twostage: left out {len(unreadable)} artifact(s) with an unreadable manifest "
+            "(twostage verify --all names them)",
+            file=sys.stderr,
+        )
     if args.json:
         rows = [
             {
@@ -186,7 +201,7 @@ def _cmd_show(args) -> int:
 
 
 def _cmd_verify(args) -> int:
-    store = _store(args)
+    store = _existing_store(args)
     if args.all == bool(args.keys):
         print("twostage verify: give KEY... or --all", file=sys.stderr)
         return 2

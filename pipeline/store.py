@@ -103,6 +103,10 @@ class Artifact:
     def config(self) -> dict:
         return self.manifest.get("config", {})
 
+    @property
+    def _remedy(self) -> str:
+        return f"; delete {self.uri} and rerun to recompute it"
+
     def fs_path(self, name: str) -> str:
         """Path of one file of this artifact in ``store.fs`` (unverified; for bulk readers)."""
         data_dir = self.manifest.get("data_dir", "")
@@ -125,9 +129,9 @@ class Artifact:
                 data = f.read()
         except (FileNotFoundError, OSError) as e:
             raise CorruptArtifactError(
-                f"{path}: listed in the manifest but unreadable ({e})"
+                f"{path}: listed in the manifest but unreadable ({e}){self._remedy}"
             ) from e
-        _check(path, len(data), hashlib.sha256(data).hexdigest(), entry)
+        _check(path, len(data), hashlib.sha256(data).hexdigest(), entry, self._remedy)
         return data
 
     def local_path(self, name: str) -> Path:
@@ -136,8 +140,10 @@ class Artifact:
         if self.store.local:
             path = Path(self.fs_path(name))
             if not path.is_file():
-                raise CorruptArtifactError(f"{path}: listed in the manifest but missing")
-            _check(str(path), path.stat().st_size, sha256_file(path), entry)
+                raise CorruptArtifactError(
+                    f"{path}: listed in the manifest but missing{self._remedy}"
+                )
+            _check(str(path), path.stat().st_size, sha256_file(path), entry, self._remedy)
             return path
         cache = _cache_dir() / self.stage / self.key
         target = cache / name
@@ -170,14 +176,16 @@ class Artifact:
         return problems
 
 
-def _check(path: str, size: int, digest: str, entry: dict) -> None:
+def _check(path: str, size: int, digest: str, entry: dict, remedy: str = "") -> None:
     if size != entry["size"]:
         raise CorruptArtifactError(
             f"{path}: size {size} bytes does not match the manifest's {entry['size']} "
-            "(truncated or overwritten file)"
+            f"(truncated or overwritten file){remedy}"
         )
     if digest != entry["sha256"]:
-        raise CorruptArtifactError(f"{path}: sha256 does not match the manifest (corrupted file)")
+        raise CorruptArtifactError(
+            f"{path}: sha256 does not match the manifest (corrupted file){remedy}"
+        )
 
 
 def _cache_dir() -> Path:
@@ -222,16 +230,32 @@ class Store:
 
     # ----- reading -------------------------------------------------------------------------
 
+    def exists(self) -> bool:
+        """Whether anything is at the store's root."""
+        import pyarrow.fs as pafs
+
+        return self.fs.get_file_info(self.root).type != pafs.FileType.NotFound
+
     def _read_manifest(self, stage: str, key: str) -> dict | None:
+        import pyarrow.fs as pafs
+
         path = f"{self.dir_of(stage, key)}/{MANIFEST}"
         try:
+            if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
+                return None
             with self.fs.open_input_stream(path) as f:
                 raw = f.read()
-        except (FileNotFoundError, OSError):
+        except FileNotFoundError:  # removed between the two calls
             return None
+        except OSError as e:  # e.g. access denied: not the same as "not there"
+            raise StoreError(f"{path}: cannot read the manifest ({e})") from e
         try:
             manifest = json.loads(raw)
-            if manifest.get("format") != MANIFEST_FORMAT or "files" not in manifest:
+            if (
+                not isinstance(manifest, dict)
+                or manifest.get("format") != MANIFEST_FORMAT
+                or "files" not in manifest
+            ):
                 raise ValueError("not a twostage manifest")
         except ValueError as e:
             raise CorruptArtifactError(f"{path}: unreadable manifest ({e})") from e

@@ -25,6 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.store import CorruptArtifactError
+
 SCHEMA_VERSION = 1
 META_KEY = b"twostage.image_table"
 SPLITS = ("train", "val", "test")
@@ -151,8 +153,16 @@ def image_table_meta(artifact) -> ImageTableMeta:
     parts = table_files(artifact)
     if not parts:
         raise ValueError(f"{artifact.uri}: holds no Parquet files; is it an image table?")
-    with artifact.store.fs.open_input_file(artifact.fs_path(parts[0])) as f:
-        raw = (pq.read_metadata(f).metadata or {}).get(META_KEY)
+    path = artifact.fs_path(parts[0])
+    try:
+        with artifact.store.fs.open_input_file(path) as f:
+            size = f.size()
+            raw = (pq.read_metadata(f).metadata or {}).get(META_KEY)
+    except (OSError, pa.ArrowException) as e:
+        artifact.read_bytes(parts[0])  # names a truncated or altered file with its remedy
+        raise CorruptArtifactError(f"{path}: unreadable Parquet footer ({e})") from e
+    if size != artifact.files[parts[0]]["size"]:
+        artifact.read_bytes(parts[0])  # raises, naming the file
     if raw is None:
         raise ValueError(f"{artifact.uri}/{parts[0]}: no {META_KEY.decode()} metadata")
     return ImageTableMeta.from_json(raw)

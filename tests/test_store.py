@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.store import MANIFEST, CorruptArtifactError, Store, StoreError, artifact_key
-from stages.tables import read_image_table
+from stages.tables import image_table_meta, read_image_table
 from tests.conftest import REPO, twostage
 
 
@@ -75,6 +75,9 @@ def test_flipped_byte_is_detected_naming_the_file(tmp_path):
     path.write_bytes(bytes(data[:-10]))
     with pytest.raises(CorruptArtifactError, match=r"weights.bin: size 2550 bytes does not match"):
         artifact.read_bytes("weights.bin")
+    with pytest.raises(CorruptArtifactError) as info:
+        artifact.read_bytes("weights.bin")
+    assert str(info.value).endswith(f"; delete {tmp_path}/demo/{key} and rerun to recompute it")
 
 
 def _race_worker(root: str, key: str, tag: int, barrier) -> bool:
@@ -116,6 +119,26 @@ def test_unreadable_manifest_is_an_error_not_a_cache_hit(tmp_path):
     assert len(problems) == 1 and "_MANIFEST.json: unreadable manifest" in problems[0]
     proc = twostage("verify", "--all", "--store", tmp_path, cwd=tmp_path, check=1)
     assert f"CORRUPT {tmp_path}/demo/{key}/_MANIFEST.json" in proc.stdout
+
+
+def test_manifest_that_is_not_a_mapping_is_corrupt(tmp_path):
+    store = Store(str(tmp_path))
+    key = "f" * 64
+    _commit(store, key, {"a": b"1"})
+    (tmp_path / "demo" / key / MANIFEST).write_text("[]")
+    with pytest.raises(CorruptArtifactError, match="unreadable manifest"):
+        store.get("demo", key)
+    listed = twostage("ls", "--store", tmp_path, cwd=tmp_path, check=0)
+    assert listed.stdout == "no artifacts\n" and "left out 1 artifact(s)" in listed.stderr
+
+
+@pytest.mark.parametrize("command", [["ls"], ["verify", "--all"]])
+def test_listing_a_store_that_is_not_there_is_an_error(tmp_path, command):
+    proc = twostage(*command, "--store", tmp_path / "typo", cwd=tmp_path, check=1)
+    assert (
+        proc.stderr
+        == f"twostage: {tmp_path}/typo: no artifact store there (nothing at that path)\n"
+    )
 
 
 def test_find_by_prefix(tmp_path):
@@ -165,3 +188,7 @@ def test_cli_verify_and_reader_fail_on_flipped_byte(tmp_path):
     assert rerun.returncode == 1
     stats = next(s for s in summary["stages"] if s["name"] == "stats")
     assert stats["status"] == "failed" and "images-00000.parquet" in stats["error"]
+    # a truncated table fails where its footer is first read, naming the file and the remedy
+    parquet.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(CorruptArtifactError, match=r"images-00000.parquet: size .* rerun to"):
+        image_table_meta(store.open("ingest", ingest.key))
