@@ -55,7 +55,10 @@ def launch(
     datasets = datasets or {}
     if workers == 0:
         session = LocalSession(Path(scratch), pick_device(device), cpus_per_worker, datasets)
-        metrics = loop(loop_config, session)
+        try:
+            metrics = loop(loop_config, session)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}; delete {scratch} to start this step over") from None
         return session.last_checkpoint, metrics
     return _launch_ray_train(
         loop, loop_config, workers, cpus_per_worker, device, scratch, final, datasets, split
@@ -156,6 +159,9 @@ def _training_error(error: BaseException, scratch: str) -> str:
     match = re.search(r"FloatingPointError: (.*)", text)
     if match:
         return f"{match.group(1)}; checkpoints before it are kept in {scratch}"
+    match = re.search(r"CheckpointError: (.*)", text)
+    if match:
+        return f"{match.group(1)}; delete {scratch} to start this step over"
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return f"training failed: {lines[-1] if lines else type(error).__name__}"
 
@@ -196,13 +202,22 @@ def save_checkpoint(session, model, state: dict, history: list, metrics: dict) -
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint to resume from cannot be loaded (the message says which file and why)."""
+
+
 def load_checkpoint(directory: Path, model) -> tuple[dict, list]:
     """Loads a `save_checkpoint` directory's weights into `model`; returns (state, history)."""
     from safetensors.torch import load_file
 
-    model.load_state_dict(load_file(directory / "model.safetensors"))
-    state = torch.load(directory / "state.pt", weights_only=True)
-    return state, json.loads((directory / "history.json").read_text())
+    try:
+        model.load_state_dict(load_file(directory / "model.safetensors"))
+        state = torch.load(directory / "state.pt", weights_only=True)
+        history = json.loads((directory / "history.json").read_text())
+    except Exception as e:  # truncated, altered or from another model: never train on from it
+        error = " ".join(f"{type(e).__name__}: {e}".split())
+        raise CheckpointError(f"the checkpoint to resume from cannot be loaded ({error})") from e
+    return state, history
 
 
 # ----- sessions: what differs between in-process and Ray Train ------------------------------

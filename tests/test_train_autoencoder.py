@@ -9,6 +9,7 @@ import pytest
 from pipeline.config import from_dict
 from pipeline.store import Store
 from stages import ingest, train_autoencoder
+from stages.training import CheckpointError, _training_error
 from tests.conftest import kill_after_first_checkpoint, run_json, write_yaml
 
 TINY_MODEL = (
@@ -133,6 +134,20 @@ def test_in_process_resume_and_checkpoint_contents(tmp_path):
         _config(steps=30, checkpoint_every=10), {"images": images}, out2, str(scratch)
     )
     assert second["resumed_from_step"] == 20 and second["step"] == 30
+    # a truncated checkpoint is refused, naming the file's problem and the way out
+    weights = scratch / "checkpoint_00000030" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    out3 = tmp_path / "out3"
+    out3.mkdir()
+    with pytest.raises(CheckpointError) as info:
+        train_autoencoder.run(
+            _config(steps=40, checkpoint_every=10), {"images": images}, out3, str(scratch)
+        )
+    assert str(info.value).startswith(
+        "the checkpoint to resume from cannot be loaded (SafetensorError: "
+    )
+    assert str(info.value).endswith(f"; delete {scratch} to start this step over")
+    assert not list(out3.iterdir())
 
 
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_checkpoints(tmp_path):
@@ -161,3 +176,17 @@ def test_image_size_mismatch_names_the_fix(tmp_path):
         match=r"model.image_size is 32 but the images are 28x28; set the ingest step's image_size: 32",
     ):
         train_autoencoder.run(_config(steps=2), {"images": images}, out, str(tmp_path / "s"))
+
+
+def test_ray_train_failure_text_is_one_line_naming_the_checkpoint_problem():
+    # what Ray Train's error text ends with when a worker cannot load its checkpoint
+    text = (
+        "Training worker 0 failed.\nTraceback (most recent call last):\n  ...\n"
+        "stages.training.CheckpointError: the checkpoint to resume from cannot be loaded "
+        "(SafetensorError: incomplete metadata)\n"
+    )
+    message = _training_error(RuntimeError(text), "s3://b/_scratch/train_prior/abc")
+    assert message == (
+        "the checkpoint to resume from cannot be loaded (SafetensorError: incomplete metadata)"
+        "; delete s3://b/_scratch/train_prior/abc to start this step over"
+    )
