@@ -187,6 +187,7 @@ def parse_pipeline(raw: dict) -> Pipeline:
     order = _topological_order(steps)
     for name in order:
         _check_wiring(steps[name], steps)
+        _check_upstream(steps[name], steps)
     keyed = {}
     for name in order:
         step = steps[name]
@@ -251,6 +252,18 @@ def _check_wiring(step: Step, steps: dict[str, Step]) -> None:
     for slot, spec in slots.items():
         if spec.required and slot not in step.inputs:
             raise ConfigError(f"{where}.{slot}: required input is missing")
+
+
+def _check_upstream(step: Step, steps: dict[str, Step]) -> None:
+    """The stage's own checks against the steps it reads from, when it has them
+    (``check_upstream(config, step, steps)``; e.g. a prior's level against its autoencoder)."""
+    check = getattr(step.module, "check_upstream", None)
+    if check is None:
+        return
+    try:
+        check(step.config, step, steps)
+    except (ConfigError, ValueError) as e:
+        raise ConfigError(f"steps.{step.name}.{e}") from None
 
 
 def _topological_order(steps: dict[str, Step]) -> list[str]:

@@ -220,6 +220,30 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
     return metrics
 
 
+def check_upstream(config: Config, step, steps: dict) -> None:
+    """Before anything runs: the level exists in the autoencoder the shards will come from, and
+    ``model.patch`` divides its grid (the same checks as `prior_config_for`, hours earlier)."""
+    encode = steps[step.inputs["codes"]]
+    autoencoder = steps[encode.inputs["autoencoder"]].config.model
+    if hasattr(autoencoder, "grid_shapes"):  # other families are refused by the encode stage
+        _check_level(config, autoencoder.grid_shapes())
+
+
+def _check_level(config: Config, grids: dict) -> list[int]:
+    """The level's grid from ``level name -> (h, w)`` (bottom first); ValueError if unusable."""
+    if config.level not in grids:
+        raise ValueError(
+            f"level: the code shards have levels {', '.join(grids)}, not {config.level!r}"
+        )
+    grid = list(grids[config.level])
+    if any(g % p for g, p in zip(grid, config.model.patch, strict=True)):
+        raise ValueError(
+            f"model.patch: {config.model.patch} does not divide the {config.level} level's "
+            f"{grid[0]}x{grid[1]} code grid"
+        )
+    return grid
+
+
 def prior_config_for(meta, config: Config) -> PriorConfig:
     """The `PriorConfig` of ``config.level`` for shards described by `meta` (`CodeShardMeta`).
 
@@ -227,18 +251,9 @@ def prior_config_for(meta, config: Config) -> PriorConfig:
         ValueError: the shards have no such level, or ``model.patch`` does not divide its grid.
     """
     levels = meta.level_names  # bottom first
-    if config.level not in levels:
-        raise ValueError(
-            f"level: the code shards have levels {', '.join(levels)}, not {config.level!r}"
-        )
+    grid = _check_level(config, {name: meta.grid_shapes[name] for name in levels})
     above = levels[levels.index(config.level) + 1 :][::-1]  # prefix order: top first
     model = config.model
-    grid = list(meta.grid_shapes[config.level])
-    if any(g % p for g, p in zip(grid, model.patch, strict=True)):
-        raise ValueError(
-            f"model.patch: {model.patch} does not divide the {config.level} level's "
-            f"{grid[0]}x{grid[1]} code grid"
-        )
     classes = len(meta.class_names) if model.class_conditional else 0
     return PriorConfig(
         grid=grid,

@@ -165,6 +165,27 @@ def test_unreachable_ray_cluster_is_one_line(tmp_path):
     assert not (tmp_path / "artifacts").exists()
 
 
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        (
+            "steps.prior_top.level=tpo",
+            "steps.prior_top.level: the code shards have levels bottom, top, not 'tpo'",
+        ),
+        (
+            "steps.prior_top.model.patch=[3, 3]",
+            "steps.prior_top.model.patch: [3, 3] does not divide the top level's 4x4 code grid",
+        ),
+    ],
+)
+def test_prior_level_and_patch_are_checked_against_the_autoencoder_before_any_work(
+    override, expected
+):
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(REPO / "configs/mnist_vqvae2.yaml", [override])
+    assert str(info.value) == expected
+
+
 def test_set_override_naming_no_step_is_refused():
     with pytest.raises(ConfigError) as info:
         load_pipeline(REPO / "configs/smoke.yaml", ["steps.dta.image_size=28"])
