@@ -62,8 +62,31 @@ def from_dict(cls: type, data: Any, where: str) -> Any:
 
 
 def to_dict(config: Any) -> dict:
-    """The plain-data form of a config dataclass (what its canonical JSON is computed from)."""
+    """The plain-data form of a config dataclass."""
     return dataclasses.asdict(config)
+
+
+def run_option(default: Any = None) -> Any:
+    """A config field that says how to run, not what to compute (threads, actor counts).
+
+    It is left out of artifact keys (`key_dict`), so changing it reuses what is stored.
+    """
+    return dataclasses.field(default=default, metadata={"in_key": False})
+
+
+def key_dict(value: Any) -> Any:
+    """`to_dict` without `run_option` fields: the config part of an artifact key."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            f.name: key_dict(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if f.metadata.get("in_key", True)
+        }
+    if isinstance(value, (list, tuple)):
+        return [key_dict(v) for v in value]
+    if isinstance(value, dict):
+        return {k: key_dict(v) for k, v in value.items()}
+    return value
 
 
 def _join(where: str, key: str) -> str:

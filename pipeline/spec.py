@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 import stages
-from pipeline.config import ConfigError, from_dict, to_dict
+from pipeline.config import ConfigError, from_dict, key_dict
 from pipeline.store import artifact_key
 
 STEP_KEYS = ("stage", "inputs", "resources", "max_retries")
@@ -297,7 +297,7 @@ def _with_key(step: Step, keyed: dict[str, Step]) -> Step:
     input_keys: dict[str, Any] = {}
     for slot, ref in sorted(step.inputs.items()):
         input_keys[slot] = [keyed[r].key for r in ref] if isinstance(ref, list) else keyed[ref].key
-    config = to_dict(step.config)
+    config = key_dict(step.config)
     fingerprint = getattr(step.module, "fingerprint", None)
     if fingerprint is not None:
         summary = fingerprint(step.config)

@@ -21,6 +21,7 @@ from typing import Literal
 
 from models.families import vqvae2_config
 from models.vqvae2 import VQVAE2Config
+from pipeline.config import run_option
 from stages import Input
 from stages.codes import CodeShardMeta, ShardWriter, codes_table
 from stages.tables import (
@@ -57,9 +58,9 @@ class Config:
     """
 
     batch_size: int = 512
-    actors: int = 1
-    cpus_per_actor: int | None = None
-    gpus_per_actor: float = 0.0
+    actors: int = run_option(1)
+    cpus_per_actor: int | None = run_option(None)
+    gpus_per_actor: float = run_option(0.0)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     shard_mb: float = 128.0
     splits: tuple[str, ...] = ("train", "val", "test")

@@ -37,7 +37,7 @@ import torch
 from models.families import ModelConfig, build, is_quantized
 from models.families import load as load_model
 from models.vqvae2 import VQVAE2, VQVAE2Config
-from pipeline.config import from_dict, to_dict
+from pipeline.config import from_dict, run_option, to_dict
 from stages import Input
 from stages.images import grid, save_png
 from stages.tables import image_table_meta, read_image_table
@@ -88,7 +88,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: bool = True
     workers: int = 1
-    cpus_per_worker: int | None = None
+    cpus_per_worker: int | None = run_option(None)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     val_images: int = 10_000
     binarize: Literal["none", "threshold", "dynamic"] = "none"

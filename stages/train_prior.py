@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from models.prior import CodePrior, PriorConfig
-from pipeline.config import from_dict, to_dict
+from pipeline.config import from_dict, run_option, to_dict
 from stages import Input
 from stages.codes import column, open_codes
 from stages.training import cosine_lr, load_checkpoint, save_checkpoint, train_into, use_bf16, where
@@ -129,7 +129,7 @@ class TrainConfig:
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     workers: int = 1
-    cpus_per_worker: int | None = None
+    cpus_per_worker: int | None = run_option(None)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     val_rows: int = 5000
 

@@ -224,6 +224,23 @@ def test_keys_ignore_defaults_written_out_and_resources():
     assert parse_pipeline(_with("steps.data.seed", 1)).steps["data"].key != plain.steps["data"].key
 
 
+def test_run_options_do_not_change_keys_but_settings_do():
+    base = load_pipeline(REPO / "configs/mnist_vqvae2.yaml")
+    placed = load_pipeline(
+        REPO / "configs/mnist_vqvae2.yaml",
+        [
+            "steps.codes.actors=2",
+            "steps.codes.cpus_per_actor=1",
+            "steps.vqvae.train.cpus_per_worker=2",
+            "steps.prior_bottom.train.cpus_per_worker=1",
+        ],
+    )
+    assert placed.steps["codes"].config.actors == 2  # the run uses them
+    assert {n: s.key for n, s in placed.steps.items()} == {n: s.key for n, s in base.steps.items()}
+    changed = load_pipeline(REPO / "configs/mnist_vqvae2.yaml", ["steps.codes.batch_size=64"])
+    assert changed.steps["codes"].key != base.steps["codes"].key
+
+
 def test_source_files_are_fingerprinted(tmp_path):
     import os
 
