@@ -53,6 +53,12 @@ def launch(
         split: Names of the datasets sharded across workers (the others: whole on every one).
     """
     datasets = datasets or {}
+    if workers == 0 and "://" in scratch:
+        raise ValueError(
+            f"train.workers: 0 trains in process with checkpoints in a local directory, but this "
+            f"store's scratch is {scratch.split('?')[0]}; use workers >= 1 (Ray Train) with an "
+            "object store"
+        )
     if workers == 0:
         session = LocalSession(Path(scratch), pick_device(device), cpus_per_worker, datasets)
         try:

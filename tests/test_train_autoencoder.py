@@ -9,7 +9,7 @@ import pytest
 from pipeline.config import from_dict
 from pipeline.store import Store
 from stages import ingest, train_autoencoder
-from stages.training import CheckpointError, _training_error
+from stages.training import CheckpointError, _training_error, launch
 from tests.conftest import kill_after_first_checkpoint, run_json, write_yaml
 
 TINY_MODEL = (
@@ -190,3 +190,18 @@ def test_ray_train_failure_text_is_one_line_naming_the_checkpoint_problem():
         "the checkpoint to resume from cannot be loaded (SafetensorError: incomplete metadata)"
         "; delete s3://b/_scratch/train_prior/abc to start this step over"
     )
+
+
+def test_in_process_training_refuses_an_object_store_scratch():
+    with pytest.raises(
+        ValueError, match=r"train.workers: 0 .* scratch is s3://b/p/_scratch/x; use"
+    ):
+        launch(
+            train_autoencoder._loop,
+            {},
+            workers=0,
+            cpus_per_worker=1,
+            device="cpu",
+            scratch="s3://b/p/_scratch/x?endpoint_override=localhost:9000&scheme=http",
+            final=Path("unused"),
+        )
