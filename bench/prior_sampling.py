@@ -21,9 +21,10 @@ Each is timed with the KV cache (median of 3 runs) and, for the first two, recom
 whole sequence at every step (once; what PixelSNAIL does); both must give the same codes. Weights are
 untrained: speed does not depend on them. For one-step-per-code forms the run also times the
 matrix products alone (``matmul_floor``): the decoder's and output layer's products of one
-cached sampling run, same weights and rows, with no attention, norms or sampling. No fp32
-implementation of that prior samples faster on the machine than this floor. Reference: PixelSNAIL small (128 ch) 16 images in
-2.0 s at 32px (656 tokens/s), 22.8 s at 64px (225 tokens/s).
+cached sampling run, same weights and rows, with no attention, norms or sampling. No sampler
+of that prior built on PyTorch's fp32 matrix products is faster on the machine than this floor.
+Reference: PixelSNAIL small (128 ch) 16 images in 2.0 s at 32px (656 tokens/s), 22.8 s at 64px
+(225 tokens/s).
 
     python -m bench.prior_sampling
 """
