@@ -16,6 +16,7 @@ The final checkpoint must hold ``final_metrics.json``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -25,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def launch(
@@ -61,11 +64,20 @@ def launch(
         )
     if workers == 0:
         session = LocalSession(Path(scratch), pick_device(device), cpus_per_worker, datasets)
-        try:
-            metrics = loop(loop_config, session)
-        except CheckpointError as e:
-            raise CheckpointError(f"{e}; delete {scratch} to start this step over") from None
-        return session.last_checkpoint, metrics
+        while True:
+            try:
+                metrics = loop(loop_config, session)
+                return session.last_checkpoint, metrics
+            except CheckpointError as e:
+                bad = session.latest_checkpoint()
+                if bad is None or session.latest_checkpoint(before=bad) is None:
+                    raise CheckpointError(
+                        f"{e}; delete {scratch} to start this step over"
+                    ) from None
+                # the newest checkpoint is damaged: keep it aside, resume from the one before
+                aside = bad.with_name(f"unloadable-{bad.name}")
+                bad.rename(aside)
+                log.warning("%s; moved it to %s, resuming from the checkpoint before", e, aside)
     return _launch_ray_train(
         loop, loop_config, workers, cpus_per_worker, device, scratch, final, datasets, split
     )
@@ -245,8 +257,11 @@ class LocalSession:
     def dataset(self, name: str):
         return self.datasets[name]
 
-    def latest_checkpoint(self) -> Path | None:
+    def latest_checkpoint(self, before: Path | None = None) -> Path | None:
+        """The newest checkpoint directory (older than `before` when given), or None."""
         dirs = sorted(p.parent for p in self.scratch.glob("checkpoint_*/state.pt"))
+        if before is not None:
+            dirs = [d for d in dirs if d.name < before.name]
         return dirs[-1] if dirs else None
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:

@@ -134,20 +134,28 @@ def test_in_process_resume_and_checkpoint_contents(tmp_path):
         _config(steps=30, checkpoint_every=10), {"images": images}, out2, str(scratch)
     )
     assert second["resumed_from_step"] == 20 and second["step"] == 30
-    # a truncated checkpoint is refused, naming the file's problem and the way out
+    # a truncated newest checkpoint is set aside and the one before resumes the run
     weights = scratch / "checkpoint_00000030" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     out3 = tmp_path / "out3"
     out3.mkdir()
+    third = train_autoencoder.run(
+        _config(steps=40, checkpoint_every=10), {"images": images}, out3, str(scratch)
+    )
+    assert third["resumed_from_step"] == 20 and third["step"] == 40
+    assert (scratch / "unloadable-checkpoint_00000030" / "model.safetensors").is_file()
+    # with no loadable checkpoint left, one message names the problem and the way out
+    for checkpoint in scratch.glob("checkpoint_*"):
+        (checkpoint / "state.pt").write_bytes(b"not a checkpoint")
+    out4 = tmp_path / "out4"
+    out4.mkdir()
     with pytest.raises(CheckpointError) as info:
         train_autoencoder.run(
-            _config(steps=40, checkpoint_every=10), {"images": images}, out3, str(scratch)
+            _config(steps=50, checkpoint_every=10), {"images": images}, out4, str(scratch)
         )
-    assert str(info.value).startswith(
-        "the checkpoint to resume from cannot be loaded (SafetensorError: "
-    )
+    assert str(info.value).startswith("the checkpoint to resume from cannot be loaded (")
     assert str(info.value).endswith(f"; delete {scratch} to start this step over")
-    assert not list(out3.iterdir())
+    assert not list(out4.iterdir())
 
 
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_checkpoints(tmp_path):
