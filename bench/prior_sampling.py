@@ -15,7 +15,9 @@ level (top prior, then bottom prior conditioned on the sampled top codes) with o
   prior's val bits per code (README);
 - ``*_kv1``: one key/value head shared by the 4 query heads (grouped-query attention), which
   cuts the KV cache each step reads by 4; hidden 336 keeps the parameters above the
-  reference's.
+  reference's;
+- ``per_code_bf16``: ``per_code`` with bf16 matrix products and KV cache, timed only on CPUs
+  with native bf16 (AVX512-BF16 or AMX; elsewhere bf16 products are emulated and slow).
 
 Each is timed with the KV cache (median of 3 runs) and, for the first two, recomputing the
 whole sequence at every step (once; what PixelSNAIL does); both must give the same codes. Weights are
@@ -48,6 +50,10 @@ FORMS = {  # name: prior shape; recompute: also time the full recompute
     "patch_2x2": dict(patch=[2, 2], hidden_size=320, heads=4, kv_heads=0, recompute=True),
     "patch_2x2_kv1": dict(patch=[2, 2], hidden_size=336, heads=4, kv_heads=1, recompute=False),
     "patch_2x2_wide": dict(patch=[2, 2], hidden_size=640, heads=8, kv_heads=0, recompute=False),
+    # bf16 products and KV cache (`sample` precision bf16); timed only on CPUs with native bf16
+    "per_code_bf16": dict(
+        patch=[1, 1], hidden_size=320, heads=4, kv_heads=0, recompute=False, dtype=torch.bfloat16
+    ),
 }
 IMAGES = 16
 
@@ -78,13 +84,14 @@ def gflop_per_image(prior: CodePrior) -> float:
     return 2 * ((c.prefix_length + c.steps - 1) * decoder + c.length * per_code) / 1e9
 
 
-def sample_rate(top_prior, bottom_prior, n: int, use_cache: bool) -> dict:
+def sample_rate(top_prior, bottom_prior, n: int, use_cache: bool, dtype=torch.float32) -> dict:
     labels = torch.arange(n) % 10
     generator = torch.Generator().manual_seed(0)
+    options = dict(generator=generator, use_cache=use_cache, dtype=dtype)
     start = time.perf_counter()
-    top = top_prior.sample(n, labels=labels, generator=generator, use_cache=use_cache)
+    top = top_prior.sample(n, labels=labels, **options)
     middle = time.perf_counter()
-    bottom = bottom_prior.sample(n, {"top": top}, labels, generator=generator, use_cache=use_cache)
+    bottom = bottom_prior.sample(n, {"top": top}, labels, **options)
     end = time.perf_counter()
     tokens = n * (top[0].numel() + bottom[0].numel())
     return {
@@ -124,12 +131,17 @@ def main() -> dict:
         "prior": "mlp_ratio 4; 4 layers top, 5 layers bottom; width per form",
         "grids": {},
     }
+    native_bf16 = figures["machine"]["avx512_bf16"] or figures["machine"]["amx"]
     for name, (top, bottom) in GRIDS.items():
         for form, shape in FORMS.items():
             shape = dict(shape)
             recompute = shape.pop("recompute")
+            dtype = shape.pop("dtype", torch.float32)
+            if dtype == torch.bfloat16 and not native_bf16:
+                figures["grids"].setdefault(name, {})[form] = {"skipped": "no native bf16 here"}
+                continue
             top_prior, bottom_prior = _priors(top, bottom, **shape)
-            runs = [sample_rate(top_prior, bottom_prior, IMAGES, True) for _ in range(3)]
+            runs = [sample_rate(top_prior, bottom_prior, IMAGES, True, dtype) for _ in range(3)]
             cached = sorted(runs, key=lambda r: r["seconds"])[1]  # the median run
             row = {
                 **shape,
@@ -161,7 +173,7 @@ def main() -> dict:
                 row["same_codes"] = all(
                     torch.equal(cached["codes"][k], full["codes"][k]) for k in ("top", "bottom")
                 )
-            if shape["patch"] == [1, 1]:
+            if shape["patch"] == [1, 1] and dtype == torch.float32:
                 floor = statistics.median(
                     matmul_floor((top_prior, bottom_prior), IMAGES) for _ in range(3)
                 )

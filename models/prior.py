@@ -311,6 +311,7 @@ class CodePrior(nn.Module):
         guidance: float = 1.0,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         """Samples ``n h w`` codes: one decoder step per patch, then the patch's codes in turn.
 
@@ -323,6 +324,8 @@ class CodePrior(nn.Module):
             generator: Random generator (same generator state -> same codes).
             use_cache: Reuse keys and values (KV cache); False recomputes the whole sequence
                 at every step (the reference the benchmark compares against).
+            dtype: Of the cached decoder's matrix products and KV cache (``torch.bfloat16``
+                where the hardware has it); its residual stream, norms and rotations stay fp32.
         """
         device = self.head.weight.device
         labels = self._labels(labels, n, device)
@@ -336,7 +339,9 @@ class CodePrior(nn.Module):
         c = self.config
         out = torch.empty(n, c.steps, c.patch_codes, dtype=torch.long, device=device)
         total = c.prefix_length + c.steps - 1  # the last patch is not input
-        cached = _CachedDecoder(self.decoder, prefix.shape[0], total, prefix) if use_cache else None
+        cached = None
+        if use_cache:
+            cached = _CachedDecoder(self.decoder, prefix.shape[0], total, prefix, dtype)
         sequence = prefix
         for t in range(c.steps):
             if t > 0:
@@ -384,7 +389,9 @@ class _CachedDecoder:
     matrix, and the rotation done as one complex product.
     """
 
-    def __init__(self, model, batch: int, length: int, like: torch.Tensor):
+    def __init__(
+        self, model, batch: int, length: int, like: torch.Tensor, dtype: torch.dtype = torch.float32
+    ):
         config = model.config
         if config.hidden_act != "silu" or config.attention_bias or config.mlp_bias:
             raise ValueError("_CachedDecoder: expects a Llama decoder with SiLU and no biases")
@@ -411,16 +418,16 @@ class _CachedDecoder:
             qkv = torch.cat([a.q_proj.weight[q_order], a.k_proj.weight[k_order], a.v_proj.weight])
             gate_up = torch.cat([m.gate_proj.weight, m.up_proj.weight])
             self.layers.append(
-                (
-                    (qkv * g1).t().contiguous(),
-                    a.o_proj.weight.t().contiguous(),
-                    (gate_up * g2).t().contiguous(),
-                    m.down_proj.weight.t().contiguous(),
+                tuple(
+                    w.t().to(dtype).contiguous()
+                    for w in (qkv * g1, a.o_proj.weight, gate_up * g2, m.down_proj.weight)
                 )
             )
         self.norm = model.norm.weight * root
+        self.dtype = dtype
         shape = (len(self.layers), batch, kv, length, d)
-        self.keys, self.values = like.new_zeros(shape), like.new_zeros(shape)
+        self.keys = like.new_zeros(shape, dtype=dtype)
+        self.values = like.new_zeros(shape, dtype=dtype)
         self.filled = 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -433,10 +440,12 @@ class _CachedDecoder:
         rotation = self.rotation[start:end]
         h, kv, d = self.heads, self.kv_heads, self.head_dim
         mask = torch.ones(n, end, dtype=torch.bool, device=x.device).tril(start) if n > 1 else None
+        dt = self.dtype  # of the products and the cache; x, the norms and rotations stay fp32
         for i, (qkv, out, gate_up, down) in enumerate(self.layers):
-            y = F.normalize(x, dim=-1) @ qkv
+            y = F.normalize(x, dim=-1).to(dt) @ qkv
             qk = y[..., : (h + kv) * d].unflatten(-1, (h + kv, d // 2, 2)).transpose(1, 2)
-            qk = torch.view_as_real(torch.view_as_complex(qk.contiguous()) * rotation).flatten(-2)
+            qk = torch.view_as_complex(qk.float().contiguous()) * rotation
+            qk = torch.view_as_real(qk).flatten(-2).to(dt)
             self.keys[i, :, :, start:end] = qk[:, h:]
             self.values[i, :, :, start:end] = (
                 y[..., (h + kv) * d :].unflatten(-1, (kv, d)).transpose(1, 2)
@@ -451,9 +460,9 @@ class _CachedDecoder:
                     values = values.repeat_interleave(h // kv, 1)
                 attn = F.scaled_dot_product_attention(qk[:, :h], keys, values, attn_mask=mask)
                 attn = attn.transpose(1, 2).reshape(b, n, h * d)
-            x = x + attn @ out
-            gate, up = (F.normalize(x, dim=-1) @ gate_up).chunk(2, -1)
-            x = x + (F.silu(gate) * up) @ down
+            x = x + (attn @ out).float()
+            gate, up = (F.normalize(x, dim=-1).to(dt) @ gate_up).chunk(2, -1)
+            x = x + ((F.silu(gate) * up) @ down).float()
         self.filled = end
         return F.normalize(x, dim=-1) * self.norm
 

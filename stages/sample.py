@@ -37,6 +37,7 @@ from stages import Input
 from stages.codes import CodeShardError, CodeShardMeta, ShardWriter, codes_table
 from stages.images import grid, save_png
 from stages.tables import ImageTable, ImageTableMeta, write_image_table
+from stages.training import use_bf16
 
 VERSION = "2"  # 2: codes drawn by inverse CDF (other codes for the same seed than 1)
 INPUTS = {
@@ -64,6 +65,8 @@ class Config:
         seed: Seed of every random draw (same seed and config -> same codes).
         batch_size: Grids sampled together.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+        precision: ``fp32`` or ``bf16`` matrix products and KV cache in the priors' decoders;
+            ``auto``: bf16 on GPUs with it and on CPUs with native bf16 (AVX512-BF16 / AMX).
         png_per_class: Images per class row in ``samples.png``.
     """
 
@@ -77,6 +80,7 @@ class Config:
     seed: int = 0
     batch_size: int = 256
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     png_per_class: int = 12
 
     def __post_init__(self):
@@ -101,18 +105,20 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
     )
     priors, class_names = load_priors(prior_artifacts, autoencoder_artifact.key, ae_config)
     device = _device(config.device)
+    dtype = torch.bfloat16 if use_bf16(config.precision, device) else torch.float32
     labels = _labels(config, class_names)
     start = time.perf_counter()
-    codes = sample_codes(priors, labels, config, device)
+    codes = sample_codes(priors, labels, config, device, dtype)
     sample_seconds = time.perf_counter() - start
     model = VQVAE2.load(autoencoder_artifact.local_dir(*MODEL_FILES)).to(device).eval()
     images = decode(model, codes, config.batch_size, device)
     seconds = time.perf_counter() - start
     tokens = sum(v.numel() for v in codes.values())
     log.info(
-        "sample: %d images (%d codes) in %.1fs, %.0f codes/s",
-        len(labels),
+        "sample: %d images (%d codes, %s) in %.1fs, %.0f codes/s",
+        len(images),
         tokens,
+        "bf16" if dtype == torch.bfloat16 else "fp32",
         seconds,
         tokens / sample_seconds,
     )
@@ -124,7 +130,7 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
         autoencoder_key=autoencoder_artifact.key,
         class_names=class_names,
     )
-    ids = np.arange(len(labels))
+    ids = np.arange(len(images))
     labels_np = labels.numpy() if labels is not None else np.full(len(ids), -1)
     writer = ShardWriter(out, meta, target_bytes=1 << 30)
     writer.write(
@@ -147,6 +153,7 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
         "seconds": seconds,
         "codes_per_s": tokens / sample_seconds,
         "conditional": bool(class_names),
+        "precision": "bf16" if dtype == torch.bfloat16 else "fp32",
         "class_names": class_names,
         "autoencoder_key": autoencoder_artifact.key,
         "prior_keys": {lv: a.key for lv, (_, a) in priors.items()},
@@ -203,7 +210,11 @@ def _labels(config: Config, class_names: list[str]) -> torch.Tensor | None:
 
 @torch.no_grad()
 def sample_codes(
-    priors: dict, labels: torch.Tensor | None, config: Config, device: torch.device
+    priors: dict,
+    labels: torch.Tensor | None,
+    config: Config,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
     """Samples every level, top first; returns level -> ``n h w`` int64 codes (CPU)."""
     n = len(labels) if labels is not None else config.num_samples
@@ -226,6 +237,7 @@ def sample_codes(
                     top_p=config.top_p,
                     guidance=config.guidance,
                     generator=generator,
+                    dtype=dtype,
                 ).cpu()
             )
         codes[level] = torch.cat(parts)

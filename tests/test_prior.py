@@ -98,6 +98,23 @@ def test_cached_decoder_matches_the_transformers_forward(kv_heads):
         cached(x[:, :1])
 
 
+def test_bf16_cached_decoder_stays_close_to_fp32_and_samples_valid_codes():
+    prior = _prior(layers=3, heads=4, kv_heads=2).eval()
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        reference = prior.decoder(inputs_embeds=x).last_hidden_state
+        cached = _CachedDecoder(prior.decoder, batch=2, length=9, like=x, dtype=torch.bfloat16)
+        out = torch.cat([cached(x[:, :4]), cached(x[:, 4:5]), cached(x[:, 5:])], 1)
+    assert cached.keys.dtype == torch.bfloat16 and out.dtype == torch.float32
+    assert not torch.equal(out, reference)  # bf16 products: close, but not the fp32 numbers
+    assert (out - reference).norm() / reference.norm() < 0.01
+    _, context, labels = _batch()
+    codes = prior.sample(
+        3, context, labels, generator=torch.Generator().manual_seed(0), dtype=torch.bfloat16
+    )
+    assert codes.shape == (3, 4, 4) and 0 <= int(codes.min()) and int(codes.max()) < 16
+
+
 @pytest.mark.parametrize("patch,kv_heads", [([1, 1], 0), ([2, 2], 0), ([1, 4], 0), ([1, 1], 1)])
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 def test_cached_sampling_equals_full_recompute(guidance, patch, kv_heads):

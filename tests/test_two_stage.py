@@ -211,8 +211,19 @@ def test_sweep_reuses_cached_shards_and_compares_priors(two_stage):
     stage: train_prior
     inputs: {{codes: codes}}
     level: top
-    model: {{hidden_size: 48, layers: 1, heads: 2, kv_heads: 1}}
+    model: {{hidden_size: 48, layers: 1, heads: 2, kv_heads: 1, class_conditional: false}}
     train: {{steps: 10, batch_size: 16, log_every: 5, checkpoint_every: 10, workers: 0}}
+  prior_c:
+    stage: train_prior
+    inputs: {{codes: codes}}
+    level: bottom
+    model: {{hidden_size: 32, layers: 1, heads: 2, class_conditional: false}}
+    train: {{steps: 10, batch_size: 16, log_every: 5, checkpoint_every: 10, workers: 0}}
+  unconditional:
+    stage: sample
+    inputs: {{autoencoder: vqvae, priors: [prior_b, prior_c]}}
+    num_samples: 3
+    precision: bf16
 """,
     )
     summary = run_json(config, cwd=root, timeout=600)
@@ -223,10 +234,20 @@ def test_sweep_reuses_cached_shards_and_compares_priors(two_stage):
         "codes": "cached",
         "prior_a": "ran",
         "prior_b": "ran",
+        "prior_c": "ran",
+        "unconditional": "ran",
     }
     report = (Path(summary["run_dir"]) / "report.html").read_text()
     assert "prior_a" in report and "prior_b" in report and "<h2>Priors</h2>" in report
     assert "<td>2 (kv 1)</td>" in report  # prior_b: grouped-query attention
+    # unconditional priors sample num_samples images, here with bf16 products and KV cache
+    key = next(s["key"] for s in summary["stages"] if s["name"] == "unconditional")
+    samples = store.open("sample", key)
+    assert samples.metrics["images"] == 3 and samples.metrics["precision"] == "bf16"
+    assert samples.metrics["conditional"] is False
+    table = pq.read_table(samples.local_path("codes-00000.parquet"))
+    assert table["label"].to_pylist() == [-1, -1, -1] or table["label"].null_count == 3
+    assert "samples.png" in samples.files
 
 
 def test_killed_prior_run_resumes_from_its_last_checkpoint(two_stage):
