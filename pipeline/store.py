@@ -237,15 +237,11 @@ class Store:
         return self.fs.get_file_info(self.root).type != pafs.FileType.NotFound
 
     def _read_manifest(self, stage: str, key: str) -> dict | None:
-        import pyarrow.fs as pafs
-
         path = f"{self.dir_of(stage, key)}/{MANIFEST}"
         try:
-            if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
-                return None
             with self.fs.open_input_stream(path) as f:
                 raw = f.read()
-        except FileNotFoundError:  # removed between the two calls
+        except FileNotFoundError:  # pyarrow's local and S3 file systems both raise it
             return None
         except OSError as e:  # e.g. access denied: not the same as "not there"
             raise StoreError(f"{path}: cannot read the manifest ({e})") from e

@@ -105,7 +105,8 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
     )
     priors, class_names = load_priors(prior_artifacts, autoencoder_artifact.key, ae_config)
     device = _device(config.device)
-    dtype = torch.bfloat16 if use_bf16(config.precision, device) else torch.float32
+    precision = "bf16" if use_bf16(config.precision, device) else "fp32"
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     labels = _labels(config, class_names)
     start = time.perf_counter()
     codes = sample_codes(priors, labels, config, device, dtype)
@@ -118,7 +119,7 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
         "sample: %d images (%d codes, %s) in %.1fs, %.0f codes/s",
         len(images),
         tokens,
-        "bf16" if dtype == torch.bfloat16 else "fp32",
+        precision,
         seconds,
         tokens / sample_seconds,
     )
@@ -153,7 +154,7 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
         "seconds": seconds,
         "codes_per_s": tokens / sample_seconds,
         "conditional": bool(class_names),
-        "precision": "bf16" if dtype == torch.bfloat16 else "fp32",
+        "precision": precision,
         "class_names": class_names,
         "autoencoder_key": autoencoder_artifact.key,
         "prior_keys": {lv: a.key for lv, (_, a) in priors.items()},

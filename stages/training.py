@@ -71,9 +71,7 @@ def launch(
             except CheckpointError as e:
                 bad = session.latest_checkpoint()
                 if bad is None or session.latest_checkpoint(before=bad) is None:
-                    raise CheckpointError(
-                        f"{e}; delete {scratch} to start this step over"
-                    ) from None
+                    raise CheckpointError(f"{e}{_start_over(scratch)}") from None
                 # the newest checkpoint is damaged: keep it aside, resume from the one before
                 aside = bad.with_name(f"unloadable-{bad.name}")
                 bad.rename(aside)
@@ -172,6 +170,11 @@ def _ray_storage(scratch: str):
     return path, fs
 
 
+def _start_over(scratch: str) -> str:
+    """What to do when no checkpoint of a step can be resumed from."""
+    return f"; delete {scratch} to start this step over"
+
+
 def _training_error(error: BaseException, scratch: str) -> str:
     text = str(error)
     match = re.search(r"FloatingPointError: (.*)", text)
@@ -179,7 +182,7 @@ def _training_error(error: BaseException, scratch: str) -> str:
         return f"{match.group(1)}; checkpoints before it are kept in {scratch}"
     match = re.search(r"CheckpointError: (.*)", text)
     if match:
-        return f"{match.group(1)}; delete {scratch} to start this step over"
+        return f"{match.group(1)}{_start_over(scratch)}"
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return f"training failed: {lines[-1] if lines else type(error).__name__}"
 
