@@ -16,6 +16,8 @@ level (top prior, then bottom prior conditioned on the sampled top codes) with o
 - ``*_kv1``: one key/value head shared by the 4 query heads (grouped-query attention), which
   cuts the KV cache each step reads by 4; hidden 336 keeps the parameters above the
   reference's;
+- ``*_fp16w``: fp16 weights times fp32 inputs (`sample` precision ``fp16_weights``, fbgemm's
+  packed fp16 products; x86 only): half the weight bytes each step reads;
 - ``per_code_bf16``: ``per_code`` with bf16 matrix products and KV cache, timed only on CPUs
   with native bf16 (AVX512-BF16 or AMX; elsewhere bf16 products are emulated and slow).
 
@@ -23,8 +25,9 @@ Each is timed with the KV cache (median of 3 runs) and, for the first two, recom
 whole sequence at every step (once; what PixelSNAIL does); both must give the same codes. Weights are
 untrained: speed does not depend on them. For one-step-per-code forms the run also times the
 matrix products alone (``matmul_floor``): the decoder's and output layer's products of one
-cached sampling run, same weights and rows, with no attention, norms or sampling. No sampler
-of that prior built on PyTorch's fp32 matrix products is faster on the machine than this floor.
+cached sampling run, same weights, rows and precision, with no attention, norms or sampling.
+No sampler of that prior built on those products is faster on the machine than this floor.
+Building the sampler (folding and packing the weights) is inside every timed run.
 Reference: PixelSNAIL small (128 ch) 16 images in 2.0 s at 32px (656 tokens/s), 22.8 s at 64px
 (225 tokens/s).
 
@@ -39,20 +42,28 @@ import time
 import torch
 
 from bench.common import machine, write
-from models.prior import CodePrior, PriorConfig, _CachedDecoder
+from models.prior import CodePrior, PriorConfig, _CachedDecoder, fp16_weights_available
 
 REFERENCE_TOKENS_S = {"32px": 656, "64px": 225}
 REFERENCE_SECONDS = {"32px": 2.0, "64px": 22.8}
 GRIDS = {"32px": ([4, 4], [8, 8]), "64px": ([8, 8], [16, 16])}
+FP16W = "fp16_weights"
 FORMS = {  # name: prior shape; recompute: also time the full recompute
     "per_code": dict(patch=[1, 1], hidden_size=320, heads=4, kv_heads=0, recompute=True),
     "per_code_kv1": dict(patch=[1, 1], hidden_size=336, heads=4, kv_heads=1, recompute=False),
     "patch_2x2": dict(patch=[2, 2], hidden_size=320, heads=4, kv_heads=0, recompute=True),
     "patch_2x2_kv1": dict(patch=[2, 2], hidden_size=336, heads=4, kv_heads=1, recompute=False),
     "patch_2x2_wide": dict(patch=[2, 2], hidden_size=640, heads=8, kv_heads=0, recompute=False),
+    # fp16 weights times fp32 inputs (`sample` precision fp16_weights); x86 CPUs only
+    "per_code_fp16w": dict(
+        patch=[1, 1], hidden_size=320, heads=4, kv_heads=0, recompute=False, precision=FP16W
+    ),
+    "per_code_kv1_fp16w": dict(
+        patch=[1, 1], hidden_size=336, heads=4, kv_heads=1, recompute=False, precision=FP16W
+    ),
     # bf16 products and KV cache (`sample` precision bf16); timed only on CPUs with native bf16
     "per_code_bf16": dict(
-        patch=[1, 1], hidden_size=320, heads=4, kv_heads=0, recompute=False, dtype=torch.bfloat16
+        patch=[1, 1], hidden_size=320, heads=4, kv_heads=0, recompute=False, precision="bf16"
     ),
 }
 IMAGES = 16
@@ -84,10 +95,10 @@ def gflop_per_image(prior: CodePrior) -> float:
     return 2 * ((c.prefix_length + c.steps - 1) * decoder + c.length * per_code) / 1e9
 
 
-def sample_rate(top_prior, bottom_prior, n: int, use_cache: bool, dtype=torch.float32) -> dict:
+def sample_rate(top_prior, bottom_prior, n: int, use_cache: bool, precision="fp32") -> dict:
     labels = torch.arange(n) % 10
     generator = torch.Generator().manual_seed(0)
-    options = dict(generator=generator, use_cache=use_cache, dtype=dtype)
+    options = dict(generator=generator, use_cache=use_cache, precision=precision)
     start = time.perf_counter()
     top = top_prior.sample(n, labels=labels, **options)
     middle = time.perf_counter()
@@ -103,7 +114,7 @@ def sample_rate(top_prior, bottom_prior, n: int, use_cache: bool, dtype=torch.fl
     }
 
 
-def matmul_floor(priors: tuple[CodePrior, ...], n: int) -> float:
+def matmul_floor(priors: tuple[CodePrior, ...], n: int, precision: str = "fp32") -> float:
     """Seconds for only the matrix products of sampling `n` grids with each one-code-per-step
     prior in turn: the prefix in one product per matrix, then one per step and matrix, and
     after each the output layer on `n` rows (one code each)."""
@@ -111,15 +122,15 @@ def matmul_floor(priors: tuple[CodePrior, ...], n: int) -> float:
     for prior in priors:
         c = prior.config
         like = torch.zeros(1, c.hidden_size)
-        layers = _CachedDecoder(prior.decoder, 1, 1, like).layers  # the pre-transposed weights
+        layers = _CachedDecoder(prior.decoder, 1, 1, like, precision).layers  # packed weights
         head = prior.head.weight.t().contiguous()
+        inner = prior.decoder.config.intermediate_size
         for rows in [n * c.prefix_length] + [n] * (c.steps - 1):
-            x, inner = torch.randn(rows, c.hidden_size), torch.randn(rows, layers[0][3].shape[0])
-            work.append((layers, head, x, inner))
+            work.append((layers, head, torch.randn(rows, c.hidden_size), torch.randn(rows, inner)))
     start = time.perf_counter()
     for layers, head, x, inner in work:
         for qkv, out, gate_up, down in layers:
-            x @ qkv, x @ out, x @ gate_up, inner @ down
+            qkv(x), out(x), gate_up(x), down(inner)
         x[:n] @ head
     return time.perf_counter() - start
 
@@ -132,19 +143,22 @@ def main() -> dict:
         "grids": {},
     }
     native_bf16 = figures["machine"]["avx512_bf16"] or figures["machine"]["amx"]
+    missing = {"bf16": None if native_bf16 else "no native bf16 here"}
+    missing[FP16W] = None if fp16_weights_available() else "no fbgemm (x86) here"
     for name, (top, bottom) in GRIDS.items():
         for form, shape in FORMS.items():
             shape = dict(shape)
             recompute = shape.pop("recompute")
-            dtype = shape.pop("dtype", torch.float32)
-            if dtype == torch.bfloat16 and not native_bf16:
-                figures["grids"].setdefault(name, {})[form] = {"skipped": "no native bf16 here"}
+            precision = shape.pop("precision", "fp32")
+            if missing.get(precision):
+                figures["grids"].setdefault(name, {})[form] = {"skipped": missing[precision]}
                 continue
             top_prior, bottom_prior = _priors(top, bottom, **shape)
-            runs = [sample_rate(top_prior, bottom_prior, IMAGES, True, dtype) for _ in range(3)]
+            runs = [sample_rate(top_prior, bottom_prior, IMAGES, True, precision) for _ in range(3)]
             cached = sorted(runs, key=lambda r: r["seconds"])[1]  # the median run
             row = {
                 **shape,
+                "precision": precision,
                 "parameters": {
                     "top": sum(p.numel() for p in top_prior.parameters()),
                     "bottom": sum(p.numel() for p in bottom_prior.parameters()),
@@ -173,9 +187,9 @@ def main() -> dict:
                 row["same_codes"] = all(
                     torch.equal(cached["codes"][k], full["codes"][k]) for k in ("top", "bottom")
                 )
-            if shape["patch"] == [1, 1] and dtype == torch.float32:
+            if shape["patch"] == [1, 1] and precision != "bf16":
                 floor = statistics.median(
-                    matmul_floor((top_prior, bottom_prior), IMAGES) for _ in range(3)
+                    matmul_floor((top_prior, bottom_prior), IMAGES, precision) for _ in range(3)
                 )
                 row["matmul_floor_seconds"] = round(floor, 3)
                 row["best_speedup_vs_reference_seconds"] = round(REFERENCE_SECONDS[name] / floor, 1)

@@ -36,7 +36,10 @@ Bits per code = nll / ln 2.
 Sampling runs the decoder's layers through `_CachedDecoder`, a written-out forward with a
 preallocated KV cache: same weights and arithmetic as ``LlamaModel.forward`` (tested against
 it), without the general-purpose machinery that, at one token per step on a CPU, costs more
-than the step's small matrix products.
+than the step's small matrix products. Its products run in fp32, in bf16 (with a bf16 KV
+cache) or with fp16 weights and fp32 inputs (`_Matrix`); at a few rows per step a product on
+a CPU is bound by reading its weights, so fp16 weights, half the bytes, make it up to twice as
+fast (README).
 """
 
 from __future__ import annotations
@@ -311,7 +314,7 @@ class CodePrior(nn.Module):
         guidance: float = 1.0,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
-        dtype: torch.dtype = torch.float32,
+        precision: str = "fp32",
     ) -> torch.Tensor:
         """Samples ``n h w`` codes: one decoder step per patch, then the patch's codes in turn.
 
@@ -324,8 +327,10 @@ class CodePrior(nn.Module):
             generator: Random generator (same generator state -> same codes).
             use_cache: Reuse keys and values (KV cache); False recomputes the whole sequence
                 at every step (the reference the benchmark compares against).
-            dtype: Of the cached decoder's matrix products and KV cache (``torch.bfloat16``
-                where the hardware has it); its residual stream, norms and rotations stay fp32.
+            precision: Of the cached decoder's matrix products (`PRECISIONS`): ``fp32``;
+                ``bf16`` products and KV cache, where the hardware has bf16; ``fp16_weights``,
+                fp16 weights times fp32 inputs (x86 CPUs). The residual stream, norms,
+                rotations and logits stay fp32.
         """
         device = self.head.weight.device
         labels = self._labels(labels, n, device)
@@ -341,7 +346,7 @@ class CodePrior(nn.Module):
         total = c.prefix_length + c.steps - 1  # the last patch is not input
         cached = None
         if use_cache:
-            cached = _CachedDecoder(self.decoder, prefix.shape[0], total, prefix, dtype)
+            cached = _CachedDecoder(self.decoder, prefix.shape[0], total, prefix, precision)
         sequence = prefix
         for t in range(c.steps):
             if t > 0:
@@ -386,15 +391,16 @@ class _CachedDecoder:
     arithmetic is LlamaModel's (RMSNorm, rotary positions from the model's own rotary module,
     causal attention, SwiGLU MLP), rearranged for few small operations per layer: q/k/v and
     gate/up fused into one matrix product each, the norms' weights folded into the next
-    matrix, and the rotation done as one complex product.
+    matrix, and the rotation done as one complex product. ``precision`` (`PRECISIONS`) sets
+    how the matrices multiply (`_Matrix`) and the KV cache's dtype (bf16 for ``bf16``, else
+    fp32).
     """
 
-    def __init__(
-        self, model, batch: int, length: int, like: torch.Tensor, dtype: torch.dtype = torch.float32
-    ):
+    def __init__(self, model, batch: int, length: int, like: torch.Tensor, precision: str = "fp32"):
         config = model.config
         if config.hidden_act != "silu" or config.attention_bias or config.mlp_bias:
             raise ValueError("_CachedDecoder: expects a Llama decoder with SiLU and no biases")
+        check_precision(precision, like.device)
         self.heads = h = config.num_attention_heads
         self.kv_heads = kv = config.num_key_value_heads
         self.head_dim = d = model.layers[0].self_attn.head_dim
@@ -419,15 +425,16 @@ class _CachedDecoder:
             gate_up = torch.cat([m.gate_proj.weight, m.up_proj.weight])
             self.layers.append(
                 tuple(
-                    w.t().to(dtype).contiguous()
+                    _Matrix(w, precision)
                     for w in (qkv * g1, a.o_proj.weight, gate_up * g2, m.down_proj.weight)
                 )
             )
         self.norm = model.norm.weight * root
-        self.dtype = dtype
+        # the KV cache: bf16 with bf16 products, else fp32 (fp16 weights multiply fp32 inputs)
+        self.dtype = dt = torch.bfloat16 if precision == "bf16" else torch.float32
         shape = (len(self.layers), batch, kv, length, d)
-        self.keys = like.new_zeros(shape, dtype=dtype)
-        self.values = like.new_zeros(shape, dtype=dtype)
+        self.keys = like.new_zeros(shape, dtype=dt)
+        self.values = like.new_zeros(shape, dtype=dt)
         self.filled = 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -440,9 +447,9 @@ class _CachedDecoder:
         rotation = self.rotation[start:end]
         h, kv, d = self.heads, self.kv_heads, self.head_dim
         mask = torch.ones(n, end, dtype=torch.bool, device=x.device).tril(start) if n > 1 else None
-        dt = self.dtype  # of the products and the cache; x, the norms and rotations stay fp32
+        dt = self.dtype  # of the KV cache; x, the norms and rotations stay fp32
         for i, (qkv, out, gate_up, down) in enumerate(self.layers):
-            y = F.normalize(x, dim=-1).to(dt) @ qkv
+            y = qkv(F.normalize(x, dim=-1))
             qk = y[..., : (h + kv) * d].unflatten(-1, (h + kv, d // 2, 2)).transpose(1, 2)
             qk = torch.view_as_complex(qk.float().contiguous()) * rotation
             qk = torch.view_as_real(qk).flatten(-2).to(dt)
@@ -460,11 +467,55 @@ class _CachedDecoder:
                     values = values.repeat_interleave(h // kv, 1)
                 attn = F.scaled_dot_product_attention(qk[:, :h], keys, values, attn_mask=mask)
                 attn = attn.transpose(1, 2).reshape(b, n, h * d)
-            x = x + (attn @ out).float()
-            gate, up = (F.normalize(x, dim=-1).to(dt) @ gate_up).chunk(2, -1)
-            x = x + ((F.silu(gate) * up) @ down).float()
+            x = x + out(attn).float()
+            gate, up = gate_up(F.normalize(x, dim=-1)).chunk(2, -1)
+            x = x + down(F.silu(gate) * up).float()
         self.filled = end
         return F.normalize(x, dim=-1) * self.norm
+
+
+PRECISIONS = ("fp32", "bf16", "fp16_weights")
+
+
+def fp16_weights_available() -> bool:
+    """Whether this PyTorch has fbgemm's fp16-weight products (x86 CPUs)."""
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Raises ValueError for a precision the sampler does not know or cannot run on `device`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16_weights" and (device.type != "cpu" or not fp16_weights_available()):
+        raise ValueError(
+            "precision: fp16_weights runs on x86 CPUs (PyTorch's fbgemm engine), not on "
+            f"{device.type}{'' if device.type != 'cpu' else ' without fbgemm'}; use fp32 or bf16"
+        )
+
+
+class _Matrix:
+    """One weight matrix of `_CachedDecoder` (``out x in``, as ``nn.Linear``), multiplied the
+    way its precision runs fastest: called on ``... in`` inputs, returns ``... out``.
+
+    - ``fp32`` / ``bf16``: a transposed copy, ``x.to(dtype) @ w``;
+    - ``fp16_weights``: fbgemm's packed fp16 matrix; inputs, accumulation and outputs stay
+      fp32 (the weights are rounded to fp16: about 2e-4 relative error in a product of the
+      benchmark's prior). At a few rows per product the product is bound by reading its
+      weights from memory, and fp16 halves what it reads.
+    """
+
+    def __init__(self, weight: torch.Tensor, precision: str):
+        self.fp16 = precision == "fp16_weights"
+        if self.fp16:
+            self.weight = torch.ops.quantized.linear_prepack_fp16(weight.float().contiguous(), None)
+        else:
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+            self.weight = weight.t().to(dtype).contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp16:
+            return torch.ops.quantized.linear_dynamic_fp16(x, self.weight)
+        return x.to(self.weight.dtype) @ self.weight
 
 
 def _sample(

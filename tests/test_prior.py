@@ -6,7 +6,14 @@ import pytest
 import torch
 from einops import rearrange
 
-from models.prior import CodePrior, PriorConfig, _CachedDecoder, _sample
+from models.prior import (
+    CodePrior,
+    PriorConfig,
+    _CachedDecoder,
+    _sample,
+    check_precision,
+    fp16_weights_available,
+)
 
 
 def _prior(**changes) -> CodePrior:
@@ -98,21 +105,47 @@ def test_cached_decoder_matches_the_transformers_forward(kv_heads):
         cached(x[:, :1])
 
 
-def test_bf16_cached_decoder_stays_close_to_fp32_and_samples_valid_codes():
+@pytest.mark.parametrize(
+    "precision,cache_dtype,tolerance",
+    [
+        ("bf16", torch.bfloat16, 0.01),
+        pytest.param(
+            "fp16_weights",
+            torch.float32,
+            2e-3,
+            marks=pytest.mark.skipif(not fp16_weights_available(), reason="needs fbgemm (x86)"),
+        ),
+    ],
+)
+def test_lower_precision_decoder_stays_close_to_fp32_and_samples_valid_codes(
+    precision, cache_dtype, tolerance
+):
     prior = _prior(layers=3, heads=4, kv_heads=2).eval()
     x = torch.randn(2, 9, 32)
     with torch.no_grad():
         reference = prior.decoder(inputs_embeds=x).last_hidden_state
-        cached = _CachedDecoder(prior.decoder, batch=2, length=9, like=x, dtype=torch.bfloat16)
+        cached = _CachedDecoder(prior.decoder, batch=2, length=9, like=x, precision=precision)
         out = torch.cat([cached(x[:, :4]), cached(x[:, 4:5]), cached(x[:, 5:])], 1)
-    assert cached.keys.dtype == torch.bfloat16 and out.dtype == torch.float32
-    assert not torch.equal(out, reference)  # bf16 products: close, but not the fp32 numbers
-    assert (out - reference).norm() / reference.norm() < 0.01
+    assert cached.keys.dtype == cache_dtype and out.dtype == torch.float32
+    assert not torch.equal(out, reference)  # rounded products: close, but not the fp32 numbers
+    assert (out - reference).norm() / reference.norm() < tolerance
     _, context, labels = _batch()
-    codes = prior.sample(
-        3, context, labels, generator=torch.Generator().manual_seed(0), dtype=torch.bfloat16
-    )
-    assert codes.shape == (3, 4, 4) and 0 <= int(codes.min()) and int(codes.max()) < 16
+    codes = [
+        prior.sample(
+            3, context, labels, generator=torch.Generator().manual_seed(0), precision=precision
+        )
+        for _ in range(2)
+    ]
+    assert codes[0].shape == (3, 4, 4) and 0 <= int(codes[0].min()) and int(codes[0].max()) < 16
+    assert torch.equal(codes[0], codes[1])  # same seed, same codes
+
+
+def test_unknown_or_unavailable_precision_is_refused():
+    prior = _prior().eval()
+    with pytest.raises(ValueError, match="precision: expected one of fp32, bf16, fp16_weights"):
+        prior.sample(3, _batch()[1], precision="fp8")
+    with pytest.raises(ValueError, match="fp16_weights runs on x86 CPUs .* not on cuda"):
+        check_precision("fp16_weights", torch.device("cuda"))
 
 
 @pytest.mark.parametrize("patch,kv_heads", [([1, 1], 0), ([2, 2], 0), ([1, 4], 0), ([1, 1], 1)])
