@@ -41,7 +41,7 @@ from pipeline.config import from_dict, run_option, to_dict
 from stages import Input
 from stages.images import grid, save_png
 from stages.tables import image_table_meta, read_image_table
-from stages.training import cosine_lr, load_checkpoint, save_checkpoint, train_into, use_bf16, where
+from stages.training import cosine_lr, resume, save_checkpoint, train_into, use_bf16, where
 
 VERSION = "1"
 INPUTS = {"images": Input(kinds=("ingest",))}
@@ -233,11 +233,9 @@ def train_loop(config: Config, images_ref: dict, session) -> dict:
             val_images, torch.device("cpu"), train.binarize, torch.Generator().manual_seed(1)
         )
     generator = torch.Generator().manual_seed(train.seed * 1000 + session.rank)
-    start_step, history = 0, []
-    resume_dir = session.latest_checkpoint()
-    state = None
+    start_step = 0
+    resume_dir, state, history = resume(session, model)
     if resume_dir is not None:
-        state, history = load_checkpoint(resume_dir, model)
         start_step = int(state["step"])
         generator.set_state(state["rng"][session.rank % len(state["rng"])])
         if session.rank == 0:

@@ -40,7 +40,7 @@ from models.prior import CodePrior, PriorConfig
 from pipeline.config import from_dict, run_option, to_dict
 from stages import Input
 from stages.codes import column, open_codes
-from stages.training import cosine_lr, load_checkpoint, save_checkpoint, train_into, use_bf16, where
+from stages.training import cosine_lr, resume, save_checkpoint, train_into, use_bf16, where
 
 VERSION = "1"
 INPUTS = {"codes": Input(kinds=("encode",))}
@@ -303,10 +303,9 @@ def train_loop(config: Config, prior: PriorConfig, session) -> dict:
     level = config.level
     torch.manual_seed(train.seed)  # same initial weights on every rank
     model = CodePrior(prior)
-    start_step, history, state = 0, [], None
-    resume_dir = session.latest_checkpoint()
+    start_step = 0
+    resume_dir, state, history = resume(session, model)
     if resume_dir is not None:
-        state, history = load_checkpoint(resume_dir, model)
         start_step = int(state["step"])
         if session.rank == 0:
             log.info("train_prior: resuming %s from the checkpoint at step %d", level, start_step)

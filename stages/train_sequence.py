@@ -40,7 +40,7 @@ from pipeline.config import from_dict, to_dict
 from stages import Input
 from stages.sequences import read_sequence_table, sequence_table_meta
 from stages.train_autoencoder import TrainConfig, to_unit
-from stages.training import cosine_lr, load_checkpoint, save_checkpoint, train_into, where
+from stages.training import cosine_lr, resume, save_checkpoint, train_into, where
 
 VERSION = "1"
 INPUTS = {"sequences": Input(kinds=("ingest",))}
@@ -167,10 +167,9 @@ def train_loop(config: Config, sequences_ref: dict, session) -> dict:
     model = TDVAE(config.model)
     frame_vae = FrameVAE(model).to(device) if pre.steps else None
     generator = torch.Generator().manual_seed(train.seed * 1000 + session.rank)
-    start_step, history, state = 0, [], None
-    resume_dir = session.latest_checkpoint()
+    start_step = 0
+    resume_dir, state, history = resume(session, model)
     if resume_dir is not None:
-        state, history = load_checkpoint(resume_dir, model)
         start_step = int(state["step"])
         generator.set_state(state["rng"][0])
         torch.set_rng_state(state["torch_rng"])

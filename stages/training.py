@@ -2,11 +2,11 @@
 
 A trainable stage writes its loop once as ``loop(loop_config: dict, session) -> dict``; the loop
 rebuilds its typed config from ``loop_config``, trains, and talks to the outside only through
-the session: ``rank``, ``world_size``, ``device``, ``cpus``, ``latest_checkpoint()``,
-``wrap(model)`` (DDP under Ray Train), ``dataset(name)`` (a Ray Dataset passed to `launch`: the
+the session: ``rank``, ``world_size``, ``device``, ``cpus``, ``checkpoints()`` (newest first,
+read through `resume`), ``wrap(model)`` (DDP under Ray Train), ``dataset(name)`` (a Ray Dataset passed to `launch`: the
 whole dataset in-process, this worker's shard under Ray Train) and
 ``report(metrics, checkpoint_dir)``. The loops share `cosine_lr`, `save_checkpoint` and
-`load_checkpoint`. `launch` picks
+`resume`. `launch` picks
 the session: `LocalSession` (``workers: 0``; checkpoints in ``<scratch>/checkpoint_<step>``) or
 `RaySession` inside a ``TorchTrainer`` with N workers (checkpoints through
 ``ray.train.report``; a rerun with the same ``RunConfig(name, storage_path)`` resumes).
@@ -64,18 +64,11 @@ def launch(
         )
     if workers == 0:
         session = LocalSession(Path(scratch), pick_device(device), cpus_per_worker, datasets)
-        while True:
-            try:
-                metrics = loop(loop_config, session)
-                return session.last_checkpoint, metrics
-            except CheckpointError as e:
-                bad = session.latest_checkpoint()
-                if bad is None or session.latest_checkpoint(before=bad) is None:
-                    raise CheckpointError(f"{e}{_start_over(scratch)}") from None
-                # the newest checkpoint is damaged: keep it aside, resume from the one before
-                aside = bad.with_name(f"unloadable-{bad.name}")
-                bad.rename(aside)
-                log.warning("%s; moved it to %s, resuming from the checkpoint before", e, aside)
+        try:
+            metrics = loop(loop_config, session)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}{_start_over(scratch)}") from None
+        return session.last_checkpoint, metrics
     return _launch_ray_train(
         loop, loop_config, workers, cpus_per_worker, device, scratch, final, datasets, split
     )
@@ -156,7 +149,12 @@ def _launch_ray_train(
 
 def _ray_train_worker(config: dict) -> None:
     """Ray Train's ``train_loop_per_worker``: run the stage's loop with a Ray session."""
-    config["loop"](config["loop_config"], RaySession(config["cpus"]))
+    session = RaySession(config["cpus"])
+    try:
+        config["loop"](config["loop_config"], session)
+    finally:
+        for download in session.downloads:  # checkpoints copied here to resume from
+            shutil.rmtree(download, ignore_errors=True)
 
 
 def _ray_storage(scratch: str):
@@ -224,7 +222,36 @@ def save_checkpoint(session, model, state: dict, history: list, metrics: dict) -
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint to resume from cannot be loaded (the message says which file and why)."""
+    """No checkpoint to resume from can be loaded (the message says which file and why)."""
+
+
+def resume(session, model) -> tuple[Path | None, dict | None, list]:
+    """Loads the newest loadable checkpoint into `model`.
+
+    A checkpoint that cannot be loaded (cut short by a crash, altered) is skipped with a
+    warning and the one before it is used, so it costs only the work since that one. In
+    process it is renamed ``unloadable-<name>``; Ray Train's stay where they are until its
+    checkpoint manager deletes them in turn (``num_to_keep``).
+
+    Returns:
+        (its directory, its state, its history); (None, None, []) when there is none.
+
+    Raises:
+        CheckpointError: There are checkpoints, but none can be loaded; names the newest's
+            problem.
+    """
+    newest_error = None
+    for directory in session.checkpoints():
+        try:
+            return directory, *load_checkpoint(directory, model)
+        except CheckpointError as e:
+            newest_error = newest_error or e
+            if session.rank == 0:
+                log.warning("%s: %s; trying the checkpoint before it", directory.name, e)
+            session.set_aside(directory)
+    if newest_error is not None:
+        raise newest_error
+    return None, None, []
 
 
 def load_checkpoint(directory: Path, model) -> tuple[dict, list]:
@@ -260,12 +287,18 @@ class LocalSession:
     def dataset(self, name: str):
         return self.datasets[name]
 
-    def latest_checkpoint(self, before: Path | None = None) -> Path | None:
-        """The newest checkpoint directory (older than `before` when given), or None."""
-        dirs = sorted(p.parent for p in self.scratch.glob("checkpoint_*/state.pt"))
-        if before is not None:
-            dirs = [d for d in dirs if d.name < before.name]
-        return dirs[-1] if dirs else None
+    def checkpoints(self) -> list[Path]:
+        """The checkpoint directories, newest first."""
+        return sorted((p for p in self.scratch.glob("checkpoint_*") if p.is_dir()), reverse=True)
+
+    def set_aside(self, checkpoint: Path) -> None:
+        """Renames an unloadable checkpoint so no later run tries it again."""
+        aside = checkpoint.with_name(f"unloadable-{checkpoint.name}")
+        copies = 1
+        while aside.exists():  # set aside before, by an earlier run
+            copies += 1
+            aside = checkpoint.with_name(f"unloadable-{checkpoint.name}-{copies}")
+        checkpoint.rename(aside)
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.to(self.device)
@@ -278,8 +311,10 @@ class LocalSession:
         staging = self.scratch / f".tmp-{target.name}-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(checkpoint, staging)
+        _sync(staging)  # on disk before the rename makes it a checkpoint (e.g. a power cut)
         shutil.rmtree(target, ignore_errors=True)
         os.rename(staging, target)  # a checkpoint directory is complete or absent
+        _sync_directory(self.scratch)
         self.last_checkpoint = target
         for old in sorted(self.scratch.glob("checkpoint_*"))[:-2]:
             shutil.rmtree(old, ignore_errors=True)
@@ -296,19 +331,51 @@ class RaySession:
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
         self.cpus = cpus
+        self.downloads: list[str] = []
 
     def dataset(self, name: str):
         import ray.train
 
         return ray.train.get_dataset_shard(name)
 
-    def latest_checkpoint(self) -> Path | None:
+    def checkpoints(self):
+        """The run's checkpoints, newest first, each downloaded to a temporary directory.
+
+        The newest is the one Ray Train registered last (``ray.train.get_checkpoint``); the
+        older ones are its siblings in the run's storage, whose default names
+        (``checkpoint_<date and time>``) sort in the order they were written.
+        """
+        import pyarrow.fs as pafs
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        return Path(checkpoint.to_directory(tempfile.mkdtemp(prefix="twostage-resume-")))
+        newest = ray.train.get_checkpoint()
+        if newest is None:
+            return
+        fs = newest.filesystem
+        yield self._download(newest.path, fs)
+        parent, name = newest.path.rsplit("/", 1)  # the newest could not be loaded: list
+        entries = fs.get_file_info(pafs.FileSelector(parent))
+        older = [
+            e.path
+            for e in entries
+            if e.type == pafs.FileType.Directory
+            and e.base_name.startswith("checkpoint_")
+            and e.base_name < name
+        ]
+        for path in sorted(older, reverse=True):
+            yield self._download(path, fs)
+
+    def _download(self, path: str, fs) -> Path:
+        import ray.train
+
+        self.downloads.append(tempfile.mkdtemp(prefix="twostage-resume-"))
+        local = Path(self.downloads[-1], path.rsplit("/", 1)[1])
+        return Path(ray.train.Checkpoint(path, fs).to_directory(str(local)))
+
+    def set_aside(self, checkpoint: Path) -> None:
+        """Deletes the local copy; Ray Train's checkpoint manager deletes the stored one in
+        turn."""
+        shutil.rmtree(checkpoint.parent, ignore_errors=True)
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         import ray.train.torch
@@ -331,6 +398,31 @@ class RaySession:
             ray.train.report(
                 payload, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint))
             )
+
+
+def _sync(directory: Path) -> None:
+    """fsyncs every file under `directory`, then the directories themselves."""
+    for path in sorted(directory.rglob("*"), key=lambda p: p.is_dir()):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        else:
+            _sync_directory(path)
+    _sync_directory(directory)
+
+
+def _sync_directory(directory: Path) -> None:
+    """fsyncs a directory's entries (a rename in it, a new file), where the OS allows it."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # e.g. Windows cannot open directories
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories
+    finally:
+        os.close(fd)
 
 
 def pick_device(device: str) -> torch.device:

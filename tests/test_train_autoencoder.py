@@ -156,6 +156,11 @@ def test_in_process_resume_and_checkpoint_contents(tmp_path):
     assert str(info.value).startswith("the checkpoint to resume from cannot be loaded (")
     assert str(info.value).endswith(f"; delete {scratch} to start this step over")
     assert not list(out4.iterdir())
+    assert sorted(p.name for p in scratch.iterdir()) == [
+        "unloadable-checkpoint_00000030",
+        "unloadable-checkpoint_00000030-2",
+        "unloadable-checkpoint_00000040",
+    ]  # kept, each under its own name
 
 
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_checkpoints(tmp_path):
@@ -213,3 +218,27 @@ def test_in_process_training_refuses_an_object_store_scratch():
             scratch="s3://b/p/_scratch/x?endpoint_override=localhost:9000&scheme=http",
             final=Path("unused"),
         )
+
+
+def test_ray_train_resumes_from_the_checkpoint_before_an_unloadable_one(tmp_path):
+    import ray
+
+    images = _images(tmp_path)
+    scratch = tmp_path / "scratch"
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        for steps, out in ((20, tmp_path / "out1"), (30, tmp_path / "out2")):
+            out.mkdir()
+            metrics = train_autoencoder.run(
+                _config(steps=steps, checkpoint_every=10, workers=1, cpus_per_worker=1),
+                {"images": images},
+                out,
+                str(scratch),
+            )
+            if steps == 20:  # two checkpoints kept: cut the newest short, as a crash would
+                stored = sorted(scratch.glob("ray_train/checkpoint_*/model.safetensors"))
+                assert len(stored) == 2
+                stored[-1].write_bytes(stored[-1].read_bytes()[:100])
+    finally:
+        ray.shutdown()
+    assert metrics["resumed_from_step"] == 10 and metrics["step"] == 30
