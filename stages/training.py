@@ -3,14 +3,13 @@
 A trainable stage writes its loop once as ``loop(loop_config: dict, session) -> dict``; the loop
 rebuilds its typed config from ``loop_config``, trains, and talks to the outside only through
 the session: ``rank``, ``world_size``, ``device``, ``cpus``, ``checkpoints()`` (newest first,
-read through `resume`), ``wrap(model)`` (DDP under Ray Train), ``dataset(name)`` (a Ray Dataset passed to `launch`: the
-whole dataset in-process, this worker's shard under Ray Train) and
-``report(metrics, checkpoint_dir)``. The loops share `cosine_lr`, `save_checkpoint` and
-`resume`. `launch` picks
-the session: `LocalSession` (``workers: 0``; checkpoints in ``<scratch>/checkpoint_<step>``) or
-`RaySession` inside a ``TorchTrainer`` with N workers (checkpoints through
-``ray.train.report``; a rerun with the same ``RunConfig(name, storage_path)`` resumes).
-The final checkpoint must hold ``final_metrics.json``.
+read through `resume`), ``wrap(model)`` (DDP under Ray Train), ``dataset(name)`` (a Ray
+Dataset passed to `launch`: the whole dataset in-process, this worker's shard under Ray Train)
+and ``report(metrics, checkpoint_dir)``. The loops share `cosine_lr`, `save_checkpoint` and
+`resume`. `launch` picks the session: `LocalSession` (``workers: 0``; checkpoints in
+``<scratch>/checkpoint_<step>``) or `RaySession` inside a ``TorchTrainer`` with N workers
+(checkpoints through ``ray.train.report``; a rerun with the same ``RunConfig(name,
+storage_path)`` resumes). The final checkpoint must hold ``final_metrics.json``.
 """
 
 from __future__ import annotations
