@@ -71,9 +71,16 @@ def write_idx(path: Path, array) -> Path:
     return path
 
 
-def kill_after_first_checkpoint(config: Path, cwd: Path, stage: str, within: float = 240) -> None:
+def kill_after_checkpoints(
+    config: Path, cwd: Path, stage: str, count: int = 1, within: float = 240
+) -> dict:
     """Starts ``twostage run config`` and kills it (driver and Ray processes) as soon as Ray
-    Train has registered the first checkpoint of a `stage` step (what a rerun resumes from)."""
+    Train has registered `count` checkpoints of a `stage` step (what a rerun resumes from).
+
+    Returns:
+        Ray Train's checkpoint-manager snapshot at the kill (``checkpoint_results``: each
+        registered checkpoint's ``checkpoint_dir_name`` and ``metrics``, oldest first).
+    """
     import glob
     import signal
     import time
@@ -89,7 +96,8 @@ def kill_after_first_checkpoint(config: Path, cwd: Path, stage: str, within: flo
     snapshot = str(cwd / f"artifacts/_scratch/{stage}/*/ray_train/checkpoint_manager_snapshot.json")
     deadline = time.time() + within
     while time.time() < deadline:
-        if _registered_checkpoint(glob.glob(snapshot)):
+        registered = _registered_checkpoints(glob.glob(snapshot))
+        if len(registered.get("checkpoint_results", [])) >= count:
             break
         assert proc.poll() is None, "the run ended before its first checkpoint"
         time.sleep(0.2)
@@ -99,13 +107,11 @@ def kill_after_first_checkpoint(config: Path, cwd: Path, stage: str, within: flo
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     time.sleep(3)
+    return _registered_checkpoints(glob.glob(snapshot))
 
 
-def _registered_checkpoint(snapshots: list[str]) -> bool:
+def _registered_checkpoints(snapshots: list[str]) -> dict:
     try:
-        return (
-            bool(snapshots)
-            and json.loads(Path(snapshots[0]).read_text())["latest_checkpoint_result"] is not None
-        )
+        return json.loads(Path(snapshots[0]).read_text()) if snapshots else {}
     except (ValueError, OSError):
-        return False  # being written
+        return {}  # being written

@@ -16,7 +16,7 @@ from pipeline.config import ConfigError, from_dict
 from pipeline.store import Store
 from stages import ingest, rollout, train_sequence
 from stages.training import LocalSession
-from tests.conftest import kill_after_first_checkpoint, run_json, write_yaml
+from tests.conftest import kill_after_checkpoints, run_json, write_yaml
 
 TINY_MODEL = {
     "image_size": 16,
@@ -211,7 +211,7 @@ steps:
     samples: 2
 """,
     )
-    kill_after_first_checkpoint(config, tmp_path, "train_sequence")
+    kill_after_checkpoints(config, tmp_path, "train_sequence")
     assert not glob.glob(str(tmp_path / "artifacts/train_sequence/*"))  # nothing committed
 
     summary = run_json(config, cwd=tmp_path, timeout=600)

@@ -17,7 +17,7 @@ import torch
 from pipeline.store import Store
 from stages import sample, train_prior
 from stages.codes import CodeShardError, open_codes
-from tests.conftest import kill_after_first_checkpoint, run_json, twostage, write_yaml
+from tests.conftest import kill_after_checkpoints, run_json, twostage, write_yaml
 
 TINY_AE = (
     "{in_channels: 1, channels: 16, res_blocks: 1, res_channels: 8, codebook_size: 32, "
@@ -265,7 +265,7 @@ def test_killed_prior_run_resumes_from_its_last_checkpoint(two_stage):
     train: {{steps: 100, batch_size: 16, log_every: 20, checkpoint_every: 20, workers: 1}}
 """,
     )
-    kill_after_first_checkpoint(config, root, "train_prior")
+    kill_after_checkpoints(config, root, "train_prior")
 
     summary = run_json(config, cwd=root, timeout=600)
     assert [s["status"] for s in summary["stages"]] == ["cached", "cached", "cached", "resumed"]
