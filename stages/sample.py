@@ -229,6 +229,7 @@ def sample_codes(
     for level in order:
         prior = priors[level][0].to(device).eval()
         parts = []
+        began = time.perf_counter()
         for start in range(0, n, config.batch_size):
             stop = min(n, start + config.batch_size)
             context = {k: codes[k][start:stop].to(device) for k in prior.config.context_grids}
@@ -244,6 +245,9 @@ def sample_codes(
                     generator=generator,
                     precision=precision,
                 ).cpu()
+            )
+            log.info(
+                "sample: %s level, %d/%d images, %.1fs", level, stop, n, time.perf_counter() - began
             )
         codes[level] = torch.cat(parts)
     return codes
