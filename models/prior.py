@@ -333,6 +333,7 @@ class CodePrior(nn.Module):
                 rotations and logits stay fp32.
         """
         device = self.head.weight.device
+        check_precision(precision, device)
         labels = self._labels(labels, n, device)
         guided = guidance != 1.0 and self.config.num_classes > 0
         copies = 2 if guided else 1  # each sampled code feeds the guided row pair
@@ -486,11 +487,15 @@ def check_precision(precision: str, device: torch.device) -> None:
     """Raises ValueError for a precision the sampler does not know or cannot run on `device`."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "fp16_weights" and (device.type != "cpu" or not fp16_weights_available()):
-        raise ValueError(
-            "precision: fp16_weights runs on x86 CPUs (PyTorch's fbgemm engine), not on "
-            f"{device.type}{'' if device.type != 'cpu' else ' without fbgemm'}; use fp32 or bf16"
-        )
+    if precision != "fp16_weights":
+        return
+    if device.type != "cpu":
+        where = device.type
+    elif not fp16_weights_available():
+        where = "a CPU without PyTorch's fbgemm engine"
+    else:
+        return
+    raise ValueError(f"precision: fp16_weights runs on x86 CPUs, not on {where}; use fp32 or bf16")
 
 
 class _Matrix:

@@ -105,12 +105,12 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
     ae_config = vqvae2_config(
         json.loads(autoencoder_artifact.read_bytes("config.json")), autoencoder_artifact.uri
     )
-    priors, class_names = load_priors(prior_artifacts, autoencoder_artifact.key, ae_config)
     device = _device(config.device)
     precision = config.precision
     if precision == "auto":
         precision = "bf16" if use_bf16(precision, device) else "fp32"
     check_precision(precision, device)  # fp16_weights on a GPU or a non-x86 CPU: one line
+    priors, class_names = load_priors(prior_artifacts, autoencoder_artifact.key, ae_config)
     labels = _labels(config, class_names)
     start = time.perf_counter()
     codes = sample_codes(priors, labels, config, device, precision)

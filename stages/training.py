@@ -14,6 +14,7 @@ storage_path)`` resumes). The final checkpoint must hold ``final_metrics.json``.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
@@ -227,30 +228,52 @@ class CheckpointError(RuntimeError):
 def resume(session, model) -> tuple[Path | None, dict | None, list]:
     """Loads the newest loadable checkpoint into `model`.
 
-    A checkpoint that cannot be loaded (cut short by a crash, altered) is skipped with a
-    warning and the one before it is used, so it costs only the work since that one. In
-    process it is renamed ``unloadable-<name>``; Ray Train's stay where they are until its
-    checkpoint manager deletes them in turn (``num_to_keep``).
+    A checkpoint that cannot be loaded (cut short by a crash, altered, missing) is skipped with
+    a warning and the one before it is used, so it costs only the work since that one. Once one
+    loads, the skipped ones are set aside (in process renamed ``unloadable-<name>``; on Ray
+    Train left to its checkpoint manager, which deletes them in turn). When none loads, nothing
+    is moved: a rerun meets the same checkpoints and the same message.
 
     Returns:
         (its directory, its state, its history); (None, None, []) when there is none.
 
     Raises:
-        CheckpointError: There are checkpoints, but none can be loaded; names the newest's
-            problem.
+        CheckpointError: There are checkpoints, but none can be loaded; names the newest and
+            why it failed.
     """
-    newest_error = None
-    for directory in session.checkpoints():
+    failed: list[tuple[str, CheckpointError]] = []
+    for checkpoint in session.checkpoints():  # newest first
         try:
-            return directory, *load_checkpoint(directory, model)
+            directory = session.fetch(checkpoint)
+            state, history = load_checkpoint(directory, model)
         except CheckpointError as e:
-            newest_error = newest_error or e
+            failed.append((checkpoint, e))
             if session.rank == 0:
-                log.warning("%s: %s; trying the checkpoint before it", directory.name, e)
-            session.set_aside(directory)
-    if newest_error is not None:
-        raise newest_error
+                log.warning("%s; trying the checkpoint before it", e)
+            continue
+        for checkpoint, _ in failed:
+            session.set_aside(checkpoint)
+        _same_on_every_rank(session, int(state["step"]))
+        return directory, state, history
+    if failed:
+        older = f"; nor can the {len(failed) - 1} older one(s)" if len(failed) > 1 else ""
+        raise CheckpointError(f"no checkpoint to resume from can be loaded: {failed[0][1]}{older}")
     return None, None, []
+
+
+def _same_on_every_rank(session, step: int) -> None:
+    """Raises CheckpointError unless every DDP rank resumed from the same step."""
+    if session.world_size == 1:
+        return
+    import torch.distributed as dist
+
+    steps = torch.tensor([step, -step], device=session.device)
+    dist.all_reduce(steps, op=dist.ReduceOp.MAX)  # [largest step, -smallest step]
+    if int(steps[0]) != -int(steps[1]):
+        raise CheckpointError(
+            f"the workers resumed from different checkpoints (steps {-int(steps[1])} to "
+            f"{int(steps[0])}): some could not load the newest"
+        )
 
 
 def load_checkpoint(directory: Path, model) -> tuple[dict, list]:
@@ -263,7 +286,7 @@ def load_checkpoint(directory: Path, model) -> tuple[dict, list]:
         history = json.loads((directory / "history.json").read_text())
     except Exception as e:  # truncated, altered or from another model: never train on from it
         error = " ".join(f"{type(e).__name__}: {e}".split())
-        raise CheckpointError(f"the checkpoint to resume from cannot be loaded ({error})") from e
+        raise CheckpointError(f"{directory.name} cannot be loaded ({error})") from e
     return state, history
 
 
@@ -289,6 +312,10 @@ class LocalSession:
     def checkpoints(self) -> list[Path]:
         """The checkpoint directories, newest first."""
         return sorted((p for p in self.scratch.glob("checkpoint_*") if p.is_dir()), reverse=True)
+
+    def fetch(self, checkpoint: Path) -> Path:
+        """The local directory of a checkpoint from `checkpoints`: itself."""
+        return checkpoint
 
     def set_aside(self, checkpoint: Path) -> None:
         """Renames an unloadable checkpoint so no later run tries it again."""
@@ -337,44 +364,47 @@ class RaySession:
 
         return ray.train.get_dataset_shard(name)
 
-    def checkpoints(self):
-        """The run's checkpoints, newest first, each downloaded to a temporary directory.
+    def checkpoints(self) -> list[str]:
+        """Storage paths of the run's checkpoints, newest first.
 
         The newest is the one Ray Train registered last (``ray.train.get_checkpoint``); the
-        older ones are its siblings in the run's storage, whose default names
-        (``checkpoint_<date and time>``) sort in the order they were written.
+        older ones are its siblings in the run's storage. `report` names checkpoints
+        ``checkpoint_<step>_<UTC time>``, so names sort by step, then by when they were written;
+        a sibling newer than the registered one (cut off mid-upload) is not listed. The step's
+        scratch directory, and everything left in it, is deleted once the step's artifact is
+        stored.
         """
         import pyarrow.fs as pafs
         import ray.train
 
         newest = ray.train.get_checkpoint()
         if newest is None:
-            return
-        fs = newest.filesystem
-        yield self._download(newest.path, fs)
-        parent, name = newest.path.rsplit("/", 1)  # the newest could not be loaded: list
-        entries = fs.get_file_info(pafs.FileSelector(parent))
+            return []
+        self._filesystem = newest.filesystem
+        parent, name = newest.path.rsplit("/", 1)
         older = [
             e.path
-            for e in entries
+            for e in self._filesystem.get_file_info(pafs.FileSelector(parent))
             if e.type == pafs.FileType.Directory
             and e.base_name.startswith("checkpoint_")
             and e.base_name < name
         ]
-        for path in sorted(older, reverse=True):
-            yield self._download(path, fs)
+        return [newest.path, *sorted(older, reverse=True)]
 
-    def _download(self, path: str, fs) -> Path:
+    def fetch(self, checkpoint: str) -> Path:
+        """Downloads a checkpoint from `checkpoints` into a temporary directory of its name."""
         import ray.train
 
         self.downloads.append(tempfile.mkdtemp(prefix="twostage-resume-"))
-        local = Path(self.downloads[-1], path.rsplit("/", 1)[1])
-        return Path(ray.train.Checkpoint(path, fs).to_directory(str(local)))
+        local = Path(self.downloads[-1], checkpoint.rsplit("/", 1)[1])
+        try:
+            ray.train.Checkpoint(checkpoint, self._filesystem).to_directory(str(local))
+        except FileNotFoundError as e:  # registered, but gone from storage
+            raise CheckpointError(f"{local.name} cannot be loaded (not in storage: {e})") from e
+        return local
 
-    def set_aside(self, checkpoint: Path) -> None:
-        """Deletes the local copy; Ray Train's checkpoint manager deletes the stored one in
-        turn."""
-        shutil.rmtree(checkpoint.parent, ignore_errors=True)
+    def set_aside(self, checkpoint: str) -> None:
+        """Nothing to do: Ray Train's checkpoint manager deletes its checkpoints in turn."""
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         import ray.train.torch
@@ -394,8 +424,12 @@ class RaySession:
         if checkpoint is None:
             ray.train.report(payload)
         else:
+            now = datetime.datetime.now(datetime.timezone.utc)
             ray.train.report(
-                payload, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint))
+                payload,
+                checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint)),
+                # sortable by step, then time (a step can be reported again after a fallback)
+                checkpoint_dir_name=f"checkpoint_{metrics['step']:08d}_{now:%Y%m%d-%H%M%S-%f}",
             )
 
 

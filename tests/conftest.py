@@ -75,7 +75,8 @@ def kill_after_checkpoints(
     config: Path, cwd: Path, stage: str, count: int = 1, within: float = 240
 ) -> dict:
     """Starts ``twostage run config`` and kills it (driver and Ray processes) as soon as Ray
-    Train has registered `count` checkpoints of a `stage` step (what a rerun resumes from).
+    Train has registered `count` checkpoints of a `stage` step (what a rerun resumes from;
+    at most the 2 the stages keep).
 
     Returns:
         Ray Train's checkpoint-manager snapshot at the kill (``checkpoint_results``: each
@@ -99,15 +100,15 @@ def kill_after_checkpoints(
         registered = _registered_checkpoints(glob.glob(snapshot))
         if len(registered.get("checkpoint_results", [])) >= count:
             break
-        assert proc.poll() is None, "the run ended before its first checkpoint"
+        assert proc.poll() is None, f"the run ended before {count} checkpoint(s)"
         time.sleep(0.2)
     else:
         os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"no {stage} checkpoint within {within:.0f} s")
+        pytest.fail(f"fewer than {count} {stage} checkpoint(s) within {within:.0f} s")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     time.sleep(3)
-    return _registered_checkpoints(glob.glob(snapshot))
+    return registered  # as read just before the kill
 
 
 def _registered_checkpoints(snapshots: list[str]) -> dict:

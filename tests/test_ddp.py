@@ -57,3 +57,42 @@ def test_two_rank_ddp_keeps_codebooks_identical():
         assert torch.equal(state0[k], state1[k]), k
     # and the codebooks did move away from their initial values
     assert not torch.equal(state0["quantizers.0.embed"], state0["quantizers.0.embed_sum"])
+
+
+def _resume_worker(rank: int, world: int, port: int, steps: list[int], root: str, results):
+    from pathlib import Path
+
+    from stages.training import CheckpointError, LocalSession, resume, save_checkpoint
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = VQVAE2(VQVAE2Config(in_channels=1, channels=16, res_blocks=1, res_channels=8))
+    session = LocalSession(Path(root) / f"rank{rank}", torch.device("cpu"), 1)
+    session.rank = 0  # each writes its own checkpoint, as rank 0 would
+    step = steps[rank]
+    save_checkpoint(session, model, {"step": step}, [], {"step": step})
+    session.rank, session.world_size = rank, world
+    try:
+        _, state, _ = resume(session, model)
+        results[rank] = state["step"]
+    except CheckpointError as e:
+        results[rank] = str(e)
+    dist.destroy_process_group()
+
+
+def test_ranks_that_resume_from_different_steps_are_stopped(tmp_path):
+    for steps in ([10, 10], [10, 20]):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        results = mp.Manager().dict()
+        root = str(tmp_path / "-".join(map(str, steps)))
+        mp.spawn(_resume_worker, args=(2, port, steps, root, results), nprocs=2, join=True)
+        if steps[0] == steps[1]:
+            assert dict(results) == {0: 10, 1: 10}
+        else:
+            for rank in (0, 1):
+                assert results[rank] == (
+                    "the workers resumed from different checkpoints (steps 10 to 20): some "
+                    "could not load the newest"
+                )

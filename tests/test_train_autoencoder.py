@@ -151,7 +151,8 @@ def test_in_process_resume_and_checkpoint_contents(tmp_path):
     )
     assert third["resumed_from_step"] == 20 and third["step"] == 40
     assert (scratch / "unloadable-checkpoint_00000030" / "model.safetensors").is_file()
-    # with no loadable checkpoint left, one message names the problem and the way out
+    # with no loadable checkpoint left, one message names the newest's problem and the way
+    # out, and nothing is moved (a rerun meets the same checkpoints)
     for checkpoint in scratch.glob("checkpoint_*"):
         (checkpoint / "state.pt").write_bytes(b"not a checkpoint")
     out4 = tmp_path / "out4"
@@ -160,14 +161,19 @@ def test_in_process_resume_and_checkpoint_contents(tmp_path):
         train_autoencoder.run(
             _config(steps=50, checkpoint_every=10), {"images": images}, out4, str(scratch)
         )
-    assert str(info.value).startswith("the checkpoint to resume from cannot be loaded (")
-    assert str(info.value).endswith(f"; delete {scratch} to start this step over")
+    message = str(info.value)
+    assert message.startswith(
+        "no checkpoint to resume from can be loaded: checkpoint_00000040 cannot be loaded ("
+    )
+    assert message.endswith(
+        f"; nor can the 1 older one(s); delete {scratch} to start this step over"
+    )
     assert not list(out4.iterdir())
     assert sorted(p.name for p in scratch.iterdir()) == [
+        "checkpoint_00000030",
+        "checkpoint_00000040",
         "unloadable-checkpoint_00000030",
-        "unloadable-checkpoint_00000030-2",
-        "unloadable-checkpoint_00000040",
-    ]  # kept, each under its own name
+    ]
 
 
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_checkpoints(tmp_path):

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from models.prior import fp16_weights_available
 from pipeline.store import Store
 from stages import sample, train_prior
 from stages.codes import CodeShardError, open_codes
@@ -137,6 +138,14 @@ def test_same_seed_same_codes_other_seed_other_codes(two_stage):
     assert bottom.patch == [2, 2] and bottom.steps == 16
     guided = draw(3, guidance=2.0, top_k=8, top_p=0.9)
     assert guided["bottom"].shape == (30, 8, 8) and int(guided["bottom"].max()) < 32
+    if fp16_weights_available():  # fp16 weights: deterministic too, and close to fp32
+        fp32, fp16, fp16_again = (
+            sample.sample_codes(priors, labels, sample.Config(seed=3), torch.device("cpu"), p)
+            for p in ("fp32", "fp16_weights", "fp16_weights")
+        )
+        assert torch.equal(fp16["bottom"], fp16_again["bottom"])
+        for level in ("top", "bottom"):
+            assert (fp16[level] == fp32[level]).float().mean() > 0.9
 
 
 def test_bad_prior_model_options_are_refused(two_stage):
