@@ -79,8 +79,9 @@ def kill_after_checkpoints(
     at most the 2 the stages keep).
 
     Returns:
-        Ray Train's checkpoint-manager snapshot at the kill (``checkpoint_results``: each
-        registered checkpoint's ``checkpoint_dir_name`` and ``metrics``, oldest first).
+        Ray Train's checkpoint-manager snapshot once all is dead, what a rerun resumes from
+        (``checkpoint_results``: each registered checkpoint's ``checkpoint_dir_name`` and
+        ``metrics``, oldest first).
     """
     import glob
     import signal
@@ -108,7 +109,8 @@ def kill_after_checkpoints(
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     time.sleep(3)
-    return registered  # as read just before the kill
+    # read again: Ray Train's worker can register more checkpoints before it too is gone
+    return _registered_checkpoints(glob.glob(snapshot))
 
 
 def _registered_checkpoints(snapshots: list[str]) -> dict:
