@@ -109,8 +109,16 @@ def kill_after_checkpoints(
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     time.sleep(3)
-    # read again: Ray Train's worker can register more checkpoints before it too is gone
-    return _registered_checkpoints(glob.glob(snapshot))
+    # read again until it stays put: Ray Train's worker can register more checkpoints before
+    # it too is gone
+    last = _registered_checkpoints(glob.glob(snapshot))
+    for _ in range(10):
+        time.sleep(1)
+        now = _registered_checkpoints(glob.glob(snapshot))
+        if now == last:
+            break
+        last = now
+    return last
 
 
 def _registered_checkpoints(snapshots: list[str]) -> dict:
