@@ -431,8 +431,7 @@ class _CachedDecoder:
                 )
             )
         self.norm = model.norm.weight * root
-        # the KV cache: bf16 with bf16 products, else fp32 (fp16 weights multiply fp32 inputs)
-        self.dtype = dt = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.dtype = dt = _INPUT_DTYPE[precision]  # of the KV cache
         shape = (len(self.layers), batch, kv, length, d)
         self.keys = like.new_zeros(shape, dtype=dt)
         self.values = like.new_zeros(shape, dtype=dt)
@@ -475,7 +474,10 @@ class _CachedDecoder:
         return F.normalize(x, dim=-1) * self.norm
 
 
-PRECISIONS = ("fp32", "bf16", "fp16_weights")
+# sampling precision -> what it feeds its products and keeps in the KV cache (fp16 weights
+# multiply fp32 inputs)
+_INPUT_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16_weights": torch.float32}
+PRECISIONS = tuple(_INPUT_DTYPE)
 
 
 def fp16_weights_available() -> bool:
@@ -514,8 +516,7 @@ class _Matrix:
         if self.fp16:
             self.weight = torch.ops.quantized.linear_prepack_fp16(weight.float().contiguous(), None)
         else:
-            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-            self.weight = weight.t().to(dtype).contiguous()
+            self.weight = weight.t().to(_INPUT_DTYPE[precision]).contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp16:
