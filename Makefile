@@ -22,7 +22,7 @@ demo: install
 	$(BIN)/twostage run $(DEMO_CONFIG)
 
 test: install
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=10
 
 bench: install
 	$(BIN)/python -m bench.run

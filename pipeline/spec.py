@@ -188,6 +188,7 @@ def parse_pipeline(raw: dict) -> Pipeline:
     for name in order:
         _check_wiring(steps[name], steps)
         _check_upstream(steps[name], steps)
+        _check_store(steps[name], top.store)
     keyed = {}
     for name in order:
         step = steps[name]
@@ -264,6 +265,17 @@ def _check_upstream(step: Step, steps: dict[str, Step]) -> None:
         check(step.config, step, steps)
     except (ConfigError, ValueError) as e:
         raise ConfigError(f"steps.{step.name}.{e}") from None
+
+
+def _check_store(step: Step, store: str) -> None:
+    """A step that trains in process (``train.workers: 0``) keeps its checkpoints in a local
+    directory, so it cannot run against an object store."""
+    train = getattr(step.config, "train", None)
+    if "://" in store and getattr(train, "workers", None) == 0:
+        raise ConfigError(
+            f"steps.{step.name}.train.workers: 0 trains in process with checkpoints in a local "
+            f"directory, but the store is {store.split('?')[0]}; use workers >= 1 (Ray Train)"
+        )
 
 
 def _topological_order(steps: dict[str, Step]) -> list[str]:

@@ -14,6 +14,9 @@
 - optionally ``fingerprint(config) -> str | None``: a cheap summary of external data the stage
   reads (file sizes and times), folded into the artifact key so changed source files are not
   served from cache.
+- optionally ``check_upstream(config, step, steps) -> None``: checks the stage's options
+  against the validated steps it reads from, before anything runs (raise ValueError whose
+  message starts with the option's name, e.g. a prior's level against its autoencoder).
 
 Built-in stages are named by type (``ingest``); a user's own stage by its module path
 (``mypackage.my_stage``), importable on every Ray node.

@@ -237,8 +237,10 @@ def open_codes(source, expect_autoencoder: str | None = None, verify: bool = Tru
     """Opens a code shard set.
 
     Args:
-        source: An encode `Artifact`, or its URI ``<store>/encode/<key>``.
-        expect_autoencoder: Refuse shards encoded by any other autoencoder key.
+        source: An encode `Artifact`, or its URI ``<store>/encode/<key>``; the key may be
+            shortened to a unique prefix of at least 4 characters, as ``twostage ls`` shows it.
+        expect_autoencoder: Refuse shards encoded by any other autoencoder key (or a key
+            prefix of at least 4 characters).
         verify: Check every file's size and sha256 against the manifest first.
 
     Raises:
@@ -247,6 +249,10 @@ def open_codes(source, expect_autoencoder: str | None = None, verify: bool = Tru
     """
     from pipeline.store import CorruptArtifactError
 
+    if expect_autoencoder is not None and len(expect_autoencoder) < 4:
+        raise ValueError(
+            f"expect_autoencoder: {expect_autoencoder!r} is too short (give at least 4 characters)"
+        )
     artifact = _artifact(source)
     files = sorted(
         n for n in artifact.files if n.startswith(FILE_PREFIX) and n.endswith(".parquet")
@@ -268,7 +274,7 @@ def open_codes(source, expect_autoencoder: str | None = None, verify: bool = Tru
                 f"{where}: code shard schema version {file_meta.schema_version}, this twostage "
                 f"reads version {SCHEMA_VERSION}; re-encode with this version"
             )
-        if expect_autoencoder is not None and file_meta.autoencoder_key != expect_autoencoder:
+        if expect_autoencoder and not file_meta.autoencoder_key.startswith(expect_autoencoder):
             raise CodeShardError(
                 f"{where}: encoded with autoencoder {file_meta.autoencoder_key[:12]}, expected "
                 f"{expect_autoencoder[:12]}; these codes belong to another autoencoder"
@@ -304,4 +310,5 @@ def _artifact(source):
     if len(parts) != 3:
         raise StoreError(f"{uri}: expected <store>/<stage>/<key>")
     root, stage, key = parts
-    return Store(root + (f"?{query}" if query else "")).open(stage, key)
+    store = Store(root + (f"?{query}" if query else ""))
+    return store.get(stage, key) or store.find(f"{stage}/{key}")  # a full key, else a prefix

@@ -15,7 +15,8 @@ Image sources (``source.kind``), written as an image table:
 
 Images of the training pool are split into ``train`` and ``val`` by a seeded permutation. An
 optional ``image_size`` pads (centred, zeros) or resizes every image to a square. Unreadable
-image files are counted and listed in the metrics, or stop the stage when ``strict`` is set.
+files of an image folder are counted and listed in the metrics, or stop the stage when
+``strict`` is set; an unreadable IDX or Parquet file always stops it, naming the file.
 
 Sequence sources, written as a sequence table (`stages.sequences`) for the TD-VAE stage:
 
@@ -165,6 +166,22 @@ class Config:
                 )
             if self.channels not in (None, 1):
                 raise ConfigError("channels: sequence frames are grey; remove channels")
+
+
+# side, channels and classes of the images each source kind writes (before image_size and
+# channels change them); kinds whose data decides are not listed
+_KNOWN_IMAGES = {
+    "embedded": (28, 1, len(MNIST_CLASSES)),
+    "mnist": (28, 1, len(MNIST_CLASSES)),
+    "dsprites": (64, 1, len(dsprites.SHAPES)),
+}
+
+
+def image_shape(config: Config) -> tuple[int | None, int | None, int | None]:
+    """(side, channels, classes) of the image table this step will write, each None where only
+    the data can tell (image folders, Parquet tables), for checks before anything runs."""
+    side, channels, classes = _KNOWN_IMAGES.get(config.source.kind, (None, None, None))
+    return config.image_size or side, config.channels or channels, classes
 
 
 def fingerprint(config: Config) -> str | None:

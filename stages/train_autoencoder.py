@@ -148,26 +148,47 @@ def _describe(model) -> str:
     return f"VQ-VAE-2 {model.levels} level(s) ({grids}), {model.codebook_size} codes"
 
 
+def check_upstream(config: Config, step, steps: dict) -> None:
+    """Before anything runs: the model takes the images its ingest step will write, where the
+    ingest config tells (the same checks as `_check_images`, after ingest has run)."""
+    from stages import ingest
+
+    upstream = steps[step.inputs["images"]]
+    if upstream.module is ingest and upstream.config.source.kind not in ingest.SEQUENCE_KINDS:
+        side, channels, classes = ingest.image_shape(upstream.config)
+        _check_shape(config.model, side, channels, classes)
+
+
 def _check_images(config: Config, artifact):
     meta = image_table_meta(artifact)
-    model = config.model
-    if (meta.height, meta.width) != (model.image_size, model.image_size):
+    if meta.height != meta.width:
         raise ValueError(
-            f"model.image_size is {model.image_size} but the images are {meta.height}x{meta.width}; "
-            f"set the ingest step's image_size: {model.image_size} (pads 28 -> 32) or "
-            f"model.image_size: {meta.height}"
+            f"the images are {meta.height}x{meta.width}; the autoencoders take square images: "
+            "set the ingest step's image_size"
         )
-    if meta.channels != model.in_channels:
-        raise ValueError(
-            f"model.in_channels is {model.in_channels} but the images have {meta.channels} "
-            f"channel(s); set model.in_channels: {meta.channels} or the ingest step's channels"
-        )
-    if model.family == "cvae" and len(meta.class_names) != model.num_classes:
-        raise ValueError(
-            f"model.num_classes is {model.num_classes} but the images have "
-            f"{len(meta.class_names)} classes; set model.num_classes: {len(meta.class_names)}"
-        )
+    _check_shape(config.model, meta.height, meta.channels, len(meta.class_names))
     return meta
+
+
+def _check_shape(model, side: int | None, channels: int | None, classes: int | None) -> None:
+    """ValueError naming the option to change when `model` cannot take square images of `side`
+    pixels, `channels` and `classes` (None: not known yet)."""
+    if side is not None and side != model.image_size:
+        raise ValueError(
+            f"model.image_size is {model.image_size} but the images are {side}x{side}; "
+            f"set the ingest step's image_size: {model.image_size} (pads 28 -> 32) or "
+            f"model.image_size: {side}"
+        )
+    if channels is not None and channels != model.in_channels:
+        raise ValueError(
+            f"model.in_channels is {model.in_channels} but the images have {channels} "
+            f"channel(s); set model.in_channels: {channels} or the ingest step's channels"
+        )
+    if model.family == "cvae" and classes is not None and classes != model.num_classes:
+        raise ValueError(
+            f"model.num_classes is {model.num_classes} but the images have {classes} classes; "
+            f"set model.num_classes: {classes}"
+        )
 
 
 def _loop(loop_config: dict, session) -> dict:

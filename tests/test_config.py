@@ -176,13 +176,38 @@ def test_unreachable_ray_cluster_is_one_line(tmp_path):
             "steps.prior_top.model.patch=[3, 3]",
             "steps.prior_top.model.patch: [3, 3] does not divide the top level's 4x4 code grid",
         ),
+        (
+            "steps.data.image_size=64",
+            "steps.vqvae.model.image_size is 32 but the images are 64x64; set the ingest step's "
+            "image_size: 32 (pads 28 -> 32) or model.image_size: 64",
+        ),
+        (
+            "steps.vqvae.model.in_channels=3",
+            "steps.vqvae.model.in_channels is 3 but the images have 1 channel(s); set "
+            "model.in_channels: 1 or the ingest step's channels",
+        ),
+        (
+            "steps.vqvae.train.workers=0",
+            None,  # in process on a local store: fine
+        ),
+        (
+            "store=s3://bucket/runs?endpoint_override=127.0.0.1:9000",
+            "steps.vqvae.train.workers: 0 trains in process with checkpoints in a local "
+            "directory, but the store is s3://bucket/runs; use workers >= 1 (Ray Train)",
+        ),
     ],
 )
-def test_prior_level_and_patch_are_checked_against_the_autoencoder_before_any_work(
+def test_stage_options_are_checked_against_their_inputs_and_store_before_any_work(
     override, expected
 ):
+    overrides = [override]
+    if override.startswith("store="):  # with the demo's in-process training
+        overrides = ["steps.vqvae.train.workers=0", override]
+    if expected is None:
+        load_pipeline(REPO / "configs/mnist_vqvae2.yaml", overrides)
+        return
     with pytest.raises(ConfigError) as info:
-        load_pipeline(REPO / "configs/mnist_vqvae2.yaml", [override])
+        load_pipeline(REPO / "configs/mnist_vqvae2.yaml", overrides)
     assert str(info.value) == expected
 
 

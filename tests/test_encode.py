@@ -112,9 +112,10 @@ def test_open_codes_views(encoded):
     assert sorted(set(arrays["split"].tolist())) == ["test", "train", "val"]
     val = dataset.to_torch("val")
     assert val["bottom"].dtype == torch.int64 and len(val["label"]) == 40
-    # by URI as well
+    # by URI as well, also with the key shortened as `twostage ls` shows it
     uri = encoded["first"]["codes"]["uri"]
     assert open_codes(uri).meta == dataset.meta
+    assert open_codes(uri[: uri.rindex("/") + 13]).meta == dataset.meta
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=1, include_dashboard=False)
     try:
@@ -145,6 +146,13 @@ def test_rerun_is_cached_and_retraining_makes_new_shards(encoded, tmp_path):
         )
     assert open_codes(
         store.open("encode", new), expect_autoencoder=encoded["retrained"]["vqvae"]["key"]
+    )
+    with pytest.raises(CodeShardError, match=r"encoded with autoencoder"):  # prefixes too
+        open_codes(
+            store.open("encode", old), expect_autoencoder=encoded["retrained"]["vqvae"]["key"][:12]
+        )
+    assert open_codes(
+        store.open("encode", new), expect_autoencoder=encoded["retrained"]["vqvae"]["key"][:12]
     )
 
 
