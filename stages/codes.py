@@ -18,6 +18,7 @@ schema version and (when asked) the autoencoder key, and offers numpy, torch and
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -90,8 +91,8 @@ def codes_table(meta: CodeShardMeta, ids, labels, splits, codes: dict[str, np.nd
         else pa.array(list(splits), pa.string()),
     }
     for level in meta.level_names:
-        grid = np.ascontiguousarray(codes[level], dtype=np.uint16).reshape(n, -1)
-        per_row = grid.shape[1]
+        per_row = math.prod(meta.grid_shapes[level])
+        grid = np.ascontiguousarray(codes[level], dtype=np.uint16).reshape(n, per_row)
         offsets = pa.array(np.arange(0, (n + 1) * per_row, per_row, dtype=np.int32))
         arrays[column(level)] = pa.ListArray.from_arrays(offsets, pa.array(grid.reshape(-1)))
     return pa.table(arrays, schema=meta.arrow_schema())
@@ -153,7 +154,7 @@ class ShardWriter:
                     [],
                     [],
                     [],
-                    {n: np.zeros((0, 1), np.uint16) for n in self.meta.level_names},
+                    {n: np.zeros(0, np.uint16) for n in self.meta.level_names},
                 )
             )
             self._flush()

@@ -140,9 +140,22 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
         metrics["frechet_distance_recon"] = frechet_distance(recon_features[:n], real_features[:n])
     priors = inputs.get("priors") or []
     if priors and inputs.get("codes") is not None:
-        codes = open_codes(inputs["codes"]).to_torch("val")
+        shards = open_codes(inputs["codes"])
+        codes = shards.to_torch("val")
+        if len(codes["label"]) == 0:
+            raise ValueError(
+                f"{inputs['codes'].uri}: the code shards hold no val rows to measure the priors' "
+                "bits per code on; encode a table with a val split (ingest val_fraction > 0)"
+            )
         for artifact in priors:
             level = artifact.metrics["level"]
+            trained_on = artifact.metrics.get("autoencoder_key")
+            if trained_on != shards.meta.autoencoder_key:
+                raise ValueError(
+                    f"prior {artifact.key[:12]} ({level}) was trained on codes of autoencoder "
+                    f"{str(trained_on)[:12]}, but the codes input is of autoencoder "
+                    f"{shards.meta.autoencoder_key[:12]}; evaluate it on its own shards"
+                )
             prior = CodePrior.load(artifact.local_dir(*MODEL_FILES)).eval()
             metrics[f"val_bits_per_code/{level}"] = _bits_per_code(prior, level, codes)
     log.info(
