@@ -6,7 +6,8 @@ versions and metrics. An artifact exists only once its manifest does.
 
 Commit protocol:
 - local paths: the stage writes into ``<store>/.staging/<unique>/``, the manifest is written
-  last, then the whole directory is renamed to ``<stage>/<key>`` in one atomic step. If another
+  last, everything is fsynced (a power cut cannot leave a committed artifact with empty
+  files), then the whole directory is renamed to ``<stage>/<key>`` in one atomic step. If another
   writer got there first the rename fails and the late copy is discarded: racing runs never
   leave a mixed artifact.
 - object stores (no atomic rename): the files are uploaded under a fresh attempt prefix
@@ -254,7 +255,10 @@ class Store:
             ):
                 raise ValueError("not a twostage manifest")
         except ValueError as e:
-            raise CorruptArtifactError(f"{path}: unreadable manifest ({e})") from e
+            raise CorruptArtifactError(
+                f"{path}: unreadable manifest ({e}); delete {self.dir_of(stage, key)} and rerun "
+                "the pipeline that made it"
+            ) from e
         return manifest
 
     def get(self, stage: str, key: str) -> Artifact | None:
@@ -298,8 +302,12 @@ class Store:
             stage, key_prefix = key_prefix.rsplit("/", 1)
         if len(key_prefix) < 4:
             raise StoreError(f"key prefix {key_prefix!r} is too short (give at least 4 characters)")
-        matches = [a for a in self.list(stage) if a.key.startswith(key_prefix)]
+        problems: list[str] = []
+        matches = [a for a in self.list(stage, problems) if a.key.startswith(key_prefix)]
         if not matches:
+            unreadable = [p for p in problems if f"/{key_prefix}" in p]
+            if unreadable:  # there, but its manifest cannot be read
+                raise CorruptArtifactError(unreadable[0])
             raise StoreError(f"no artifact with key {key_prefix!r} in {self.uri}")
         if len(matches) > 1:
             names = ", ".join(f"{a.stage}/{a.key[:12]}" for a in matches[:5])
@@ -373,10 +381,12 @@ class Store:
     def _commit_local(self, stage, key, staged, manifest):
         manifest["data_dir"] = ""
         _write_json_atomic(staged / MANIFEST, manifest)
+        sync_tree(staged)  # on disk before the rename commits it (e.g. a power cut)
         final = Path(self.dir_of(stage, key))
         final.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.rename(staged, final)
+            sync_directory(final.parent)
         except OSError:
             existing = self.get(stage, key)
             if existing is None:
@@ -430,3 +440,28 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
     os.replace(tmp, path)
+
+
+def sync_tree(directory: Path) -> None:
+    """fsyncs every file under `directory`, then the directories themselves."""
+    for path in sorted(directory.rglob("*"), key=lambda p: p.is_dir()):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        else:
+            sync_directory(path)
+    sync_directory(directory)
+
+
+def sync_directory(directory: Path) -> None:
+    """fsyncs a directory's entries (a rename in it, a new file), where the OS allows it."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # e.g. Windows cannot open directories
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories
+    finally:
+        os.close(fd)

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.store import sync_directory, sync_tree
+
 log = logging.getLogger(__name__)
 
 
@@ -337,10 +339,10 @@ class LocalSession:
         staging = self.scratch / f".tmp-{target.name}-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(checkpoint, staging)
-        _sync(staging)  # on disk before the rename makes it a checkpoint (e.g. a power cut)
+        sync_tree(staging)  # on disk before the rename makes it a checkpoint (e.g. a power cut)
         shutil.rmtree(target, ignore_errors=True)
         os.rename(staging, target)  # a checkpoint directory is complete or absent
-        _sync_directory(self.scratch)
+        sync_directory(self.scratch)
         self.last_checkpoint = target
         for old in sorted(self.scratch.glob("checkpoint_*"))[:-2]:
             shutil.rmtree(old, ignore_errors=True)
@@ -431,31 +433,6 @@ class RaySession:
                 # sortable by step, then time (a step can be reported again after a fallback)
                 checkpoint_dir_name=f"checkpoint_{metrics['step']:08d}_{now:%Y%m%d-%H%M%S-%f}",
             )
-
-
-def _sync(directory: Path) -> None:
-    """fsyncs every file under `directory`, then the directories themselves."""
-    for path in sorted(directory.rglob("*"), key=lambda p: p.is_dir()):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        else:
-            _sync_directory(path)
-    _sync_directory(directory)
-
-
-def _sync_directory(directory: Path) -> None:
-    """fsyncs a directory's entries (a rename in it, a new file), where the OS allows it."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # e.g. Windows cannot open directories
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories
-    finally:
-        os.close(fd)
 
 
 def pick_device(device: str) -> torch.device:

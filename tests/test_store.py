@@ -122,6 +122,10 @@ def test_unreadable_manifest_is_an_error_not_a_cache_hit(tmp_path, text):
     assert f"CORRUPT {tmp_path}/demo/{key}/_MANIFEST.json" in proc.stdout
     listed = twostage("ls", "--store", tmp_path, cwd=tmp_path, check=0)
     assert listed.stdout == "no artifacts\n" and "left out 1 artifact(s)" in listed.stderr
+    # by key too: named as unreadable (not "no artifact"), with the way out
+    one = twostage("verify", key[:8], "--store", tmp_path, cwd=tmp_path, check=1)
+    assert "_MANIFEST.json: unreadable manifest" in one.stderr
+    assert f"delete {tmp_path}/demo/{key} and rerun" in one.stderr
 
 
 @pytest.mark.parametrize("command", [["ls"], ["verify", "--all"]])
