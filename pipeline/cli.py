@@ -5,7 +5,8 @@
     twostage show KEY [--store URI]
     twostage verify KEY... | --all [--store URI]
 
-Exit status: 0 success, 1 a stage failed or an artifact is corrupt, 2 a bad config or argument.
+Exit status: 0 success, 1 a stage failed or an artifact is corrupt, 2 a bad config or argument,
+130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -33,6 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     except StoreError as e:
         print(f"twostage: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a runs directory that cannot be written, a full disk, ...
+        print(f"twostage: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            "twostage: interrupted; committed artifacts and checkpoints are kept, rerun to go on",
+            file=sys.stderr,
+        )
+        return 130
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -3,7 +3,8 @@
 The runner is a thin layer on Ray Core (Ray Workflows is gone in Ray 2.60): every step whose
 artifact is not committed yet becomes one Ray task with the resources the step asks for and
 ``max_retries`` for system failures (a killed worker, a lost node). Application errors are not
-retried; they fail the step with its message, and the steps that depend on it are not run.
+retried; they fail the step with its message in one line (the traceback goes to
+``<step>.traceback.txt`` in the run directory), and the steps that depend on it are not run.
 Independent steps run in parallel. When every step is cached Ray is not even started.
 
 Each run writes ``<runs_dir>/<run_id>/run.json`` (config, keys, versions, timings),
@@ -17,6 +18,7 @@ import json
 import logging
 import os
 import platform
+import re
 import secrets
 import shutil
 import socket
@@ -47,6 +49,7 @@ class StepResult:
     error: str | None = None
     node: str | None = None
     metrics: dict = field(default_factory=dict)
+    traceback: str | None = None  # of a failed step, written to the run directory
 
     def summary(self) -> dict:
         out = {
@@ -150,13 +153,17 @@ def _run_on_ray(pipeline: Pipeline, store: Store, todo: list[str], done: dict) -
             raise RayStartError(f"ray: cannot start or reach {where}: {e}") from None
         started_here = True
     try:
-        return _schedule(ray, pipeline, store, todo, done)
+        return _schedule(ray, pipeline, store, todo, done, fixed=started_here)
     finally:
         if started_here:
             ray.shutdown()
 
 
-def _schedule(ray, pipeline: Pipeline, store: Store, todo: list[str], done: dict) -> dict:
+def _schedule(
+    ray, pipeline: Pipeline, store: Store, todo: list[str], done: dict, fixed: bool
+) -> dict:
+    """Submits each step once its inputs are committed; `fixed`: the Ray instance was started
+    here, so no node will join it (a step asking for more than it has fails at once)."""
     execute = ray.remote(_execute_step)
     results: dict[str, StepResult] = {}
     pending = list(todo)
@@ -191,8 +198,22 @@ def _schedule(ray, pipeline: Pipeline, store: Store, todo: list[str], done: dict
             if any(r is None for r in deps) or step.key in by_key:
                 continue
             pending.remove(name)
-            by_key[step.key] = name
             options = _task_options(step)
+            lacking = _lacking(options, ray.cluster_resources())
+            if lacking and fixed:
+                results[name] = StepResult(
+                    name,
+                    step.stage,
+                    "failed",
+                    step.key,
+                    store.uri_of(step.stage, step.key),
+                    error=f"resources: asks for {lacking}, more than this Ray instance has",
+                )
+                _say(f"{name} ({step.stage}) FAILED: {results[name].error}")
+                continue
+            if lacking:
+                _say(f"{name} ({step.stage}) waits for {lacking}: no node has that now")
+            by_key[step.key] = name
             ref = execute.options(**options).remote(
                 name,
                 step.stage,
@@ -218,7 +239,7 @@ def _schedule(ray, pipeline: Pipeline, store: Store, todo: list[str], done: dict
         try:
             outcome = ray.get(ref)
         except Exception as e:  # worker died more often than max_retries, node lost, ...
-            outcome = {"status": "failed", "error": f"{type(e).__name__}: {_first_line(e)}"}
+            outcome = {"status": "failed", "error": error_line(e)}
         result = StepResult(
             name,
             step.stage,
@@ -229,6 +250,7 @@ def _schedule(ray, pipeline: Pipeline, store: Store, todo: list[str], done: dict
             error=outcome.get("error"),
             node=outcome.get("node"),
             metrics=outcome.get("metrics", {}),
+            traceback=outcome.get("traceback"),
         )
         results[name] = result
         del by_key[step.key]
@@ -262,9 +284,38 @@ def _task_options(step: Step) -> dict:
     return options
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[-1] if text else repr(e)
+def _lacking(options: dict, total: dict) -> str:
+    """What a task with `options` asks for beyond the Ray cluster's `total` resources, e.g.
+    ``"GPU 1 (has 0)"``; empty when it fits."""
+    wants = {"CPU": options["num_cpus"], "GPU": options["num_gpus"], **options.get("resources", {})}
+    has = {name: total.get(name, 0) for name in wants}
+    if options.get("memory"):  # in GiB, as the step's memory_gb
+        wants["memory_gb"] = options["memory"] / 2**30
+        has["memory_gb"] = total.get("memory", 0) / 2**30
+    short = [
+        f"{name} {amount:g} (has {has[name]:.3g})"
+        for name, amount in wants.items()
+        if amount and amount > has[name]
+    ]
+    return ", ".join(short)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_EXCEPTION_LINE = re.compile(r"(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception)): (.+)")
+
+
+def error_line(e: BaseException) -> str:
+    """``Type: message`` in one line. For an error raised inside Ray (a Ray Data function, a
+    remote task) it is the first exception line of the remote traceback Ray puts in the text:
+    the error the user's input caused, not Ray's wrapper around it."""
+    text = _ANSI.sub("", str(e)).strip()
+    if type(e).__module__.startswith("ray"):
+        for line in text.splitlines():
+            match = _EXCEPTION_LINE.fullmatch(line.strip())
+            if match and not line.strip().startswith("ray."):
+                return f"{match.group(1)}: {match.group(2)}"
+    lines = [line for line in text.splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[-1].strip() if lines else repr(e)}"
 
 
 def _execute_step(
@@ -315,13 +366,11 @@ def _execute_step(
             store.commit(stage, key, out, manifest)
         store.remove_scratch(stage, key)
         return {"status": status, "seconds": seconds, "node": node, "metrics": metrics}
-    except Exception as e:
-        logging.getLogger("twostage").error(
-            "%s (%s) failed:\n%s", name, stage, traceback.format_exc()
-        )
+    except Exception as e:  # one line for the user; the traceback goes to the run directory
         return {
             "status": "failed",
-            "error": f"{type(e).__name__}: {e}",
+            "error": error_line(e),
+            "traceback": traceback.format_exc(),
             "seconds": time.time() - start,
             "node": node,
         }
@@ -353,6 +402,10 @@ def _write_run_dir(pipeline: Pipeline, store: Store, result: RunResult) -> None:
     metrics, histories, images, copied = {}, {}, {}, set()
     for step_result in result.steps:
         if step_result.status == "failed":
+            if step_result.traceback:
+                path = run_dir / f"{step_result.name}.traceback.txt"
+                path.write_text(step_result.traceback)
+                _say(f"{step_result.name} ({step_result.stage}): traceback in {path}")
             continue
         artifact = store.get(step_result.stage, step_result.key)
         if artifact is None:

@@ -126,11 +126,24 @@ def test_cycle_is_reported():
             "cycle a -> a",
         ),
         ("name: t\nsteps: [1, 2\n", "not valid YAML"),
+        (b"name: t\xff\n", "bad.yaml: cannot be read ('utf-8' codec can't decode byte 0xff"),
     ],
-    ids=["unknown key", "wrong type", "missing input", "missing required input", "cycle", "yaml"],
+    ids=[
+        "unknown key",
+        "wrong type",
+        "missing input",
+        "missing required input",
+        "cycle",
+        "yaml",
+        "not utf-8",
+    ],
 )
 def test_cli_exits_2_with_one_line(tmp_path, body, expected):
-    config = write_yaml(tmp_path / "bad.yaml", body)
+    if isinstance(body, bytes):
+        config = tmp_path / "bad.yaml"
+        config.write_bytes(body)
+    else:
+        config = write_yaml(tmp_path / "bad.yaml", body)
     proc = twostage("run", config, "--json", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == ""

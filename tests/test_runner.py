@@ -121,13 +121,26 @@ steps:
   good: {stage: tests.plugin_stages.sleepy, seconds: 0.1, tag: good}
   bad: {stage: tests.plugin_stages.sleepy, seconds: 0.1, fail: true}
   after_bad: {stage: tests.plugin_stages.sleepy, seconds: 0.1, inputs: {after: bad}}
+  bad_data: {stage: tests.plugin_stages.sleepy, seconds: 0.1, fail_in_ray_data: true}
+  greedy: {stage: tests.plugin_stages.sleepy, seconds: 0.1, resources: {custom: {pod: 2}}}
 """,
     )
     proc = twostage("run", config, "--json", cwd=tmp_path, check=1)
-    stages = {s["name"]: s for s in json.loads(proc.stdout)["stages"]}
+    summary = json.loads(proc.stdout)
+    stages = {s["name"]: s for s in summary["stages"]}
     assert stages["good"]["status"] == "ran"
     assert stages["bad"]["status"] == "failed"
-    assert "ValueError: sleepy was told to fail" in stages["bad"]["error"]
+    assert stages["bad"]["error"] == "ValueError: sleepy was told to fail"
+    # an error inside Ray Data is the user's error in one line, not Ray's wrapper
+    assert stages["bad_data"]["error"] == "ValueError: sleepy's data was told to fail"
+    # a Ray instance started here never grows: a step that asks for more fails, not waits
+    assert stages["greedy"]["error"] == (
+        "resources: asks for pod 2 (has 0), more than this Ray instance has"
+    )
+    # the terminal shows no traceback; the run directory keeps it
+    assert "Traceback" not in proc.stderr
+    kept = Path(summary["run_dir"]) / "bad.traceback.txt"
+    assert 'raise ValueError("sleepy was told to fail")' in kept.read_text()
     assert stages["after_bad"]["status"] == "failed"
     assert "input step 'bad' failed" in stages["after_bad"]["error"]
     store = Store(str(tmp_path / "artifacts"))
@@ -138,6 +151,8 @@ steps:
         "good": "cached",
         "bad": "failed",
         "after_bad": "failed",
+        "bad_data": "failed",
+        "greedy": "failed",
     }
 
 

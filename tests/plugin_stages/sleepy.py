@@ -22,6 +22,7 @@ class Config:
     seconds: float = 0.5
     marker_dir: str = ""
     fail: bool = False
+    fail_in_ray_data: bool = False  # raise inside a Ray Data function instead
     tag: str = ""
 
 
@@ -32,5 +33,14 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
     time.sleep(config.seconds)
     if config.fail:
         raise ValueError("sleepy was told to fail")
+    if config.fail_in_ray_data:
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        ray.data.range(4).map_batches(_fail).materialize()
     (out / "done.txt").write_text(f"{config.tag} pid={os.getpid()}\n")
     return {"pid": os.getpid()}
+
+
+def _fail(batch):
+    raise ValueError("sleepy's data was told to fail")
