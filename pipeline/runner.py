@@ -174,6 +174,11 @@ def _schedule(
     def finished(name: str) -> StepResult | None:
         return results.get(name) or done.get(name)
 
+    def not_run(name: str, error: str) -> None:
+        step = pipeline.steps[name]
+        uri = store.uri_of(step.stage, step.key)
+        results[name] = StepResult(name, step.stage, "failed", step.key, uri, error=error)
+
     while pending or inflight:
         for name in list(pending):
             step = pipeline.steps[name]
@@ -185,14 +190,7 @@ def _schedule(
             ]
             if failed:
                 pending.remove(name)
-                results[name] = StepResult(
-                    name,
-                    step.stage,
-                    "failed",
-                    step.key,
-                    store.uri_of(step.stage, step.key),
-                    error=f"not run: input step {failed[0]!r} failed",
-                )
+                not_run(name, f"not run: input step {failed[0]!r} failed")
                 _say(f"{name} ({step.stage}) skipped: input {failed[0]} failed")
                 continue
             if any(r is None for r in deps) or step.key in by_key:
@@ -201,14 +199,7 @@ def _schedule(
             options = _task_options(step)
             lacking = _lacking(options, ray.cluster_resources())
             if lacking and fixed:
-                results[name] = StepResult(
-                    name,
-                    step.stage,
-                    "failed",
-                    step.key,
-                    store.uri_of(step.stage, step.key),
-                    error=f"resources: asks for {lacking}, more than this Ray instance has",
-                )
+                not_run(name, f"resources: asks for {lacking}, more than this Ray instance has")
                 _say(f"{name} ({step.stage}) FAILED: {results[name].error}")
                 continue
             if lacking:
