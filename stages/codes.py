@@ -297,7 +297,23 @@ def _file_meta(artifact, name: str) -> CodeShardMeta:
     raw = (schema.metadata or {}).get(META_KEY)
     if raw is None:
         raise CodeShardError(f"{artifact.uri}/{name}: no {META_KEY.decode()} metadata")
-    return CodeShardMeta.from_json(raw)
+    meta = CodeShardMeta.from_json(raw)
+    for expected in meta.arrow_schema():  # the columns its metadata promises, e.g. per level
+        index = schema.get_field_index(expected.name)
+        found = schema.field(index).type if index >= 0 else None
+        if found is None or not _same_type(found, expected.type):
+            raise CodeShardError(
+                f"{artifact.uri}/{name}: column {expected.name} is "
+                f"{'missing' if found is None else found}, expected {expected.type}"
+            )
+    return meta
+
+
+def _same_type(found: pa.DataType, expected: pa.DataType) -> bool:
+    """Type equality that ignores a list's item name (Parquet may read it back as another)."""
+    if pa.types.is_list(expected):
+        return pa.types.is_list(found) and found.value_type.equals(expected.value_type)
+    return found.equals(expected)
 
 
 def _artifact(source):

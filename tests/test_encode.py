@@ -200,3 +200,36 @@ def test_demo_pipeline_includes_encode():
     steps = raw["steps"]
     encode = [s for s in steps.values() if s["stage"] == "encode"]
     assert len(encode) == 1 and encode[0]["inputs"]["autoencoder"] in steps
+
+
+@pytest.mark.parametrize("change", ["drop codes_top", "codes_top as int32"])
+def test_shard_whose_columns_miss_its_metadata_is_refused(tmp_path, change):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stages.codes import CodeShardMeta, codes_table
+
+    meta = CodeShardMeta(
+        level_names=["bottom", "top"],
+        grid_shapes={"bottom": [2, 2], "top": [1, 1]},
+        codebook_sizes={"bottom": 8, "top": 8},
+        autoencoder_key="a" * 64,
+    )
+    codes = {"bottom": np.zeros((2, 2, 2)), "top": np.ones((2, 1, 1))}
+    table = codes_table(meta, [0, 1], [0, 1], ["train", "val"], codes)
+    if change == "drop codes_top":
+        table, expected = table.drop(["codes_top"]), "missing"
+    else:
+        top = pa.array([[1], [1]], pa.list_(pa.int32()))
+        table, expected = table.set_column(4, "codes_top", top), "list<element: int32>"
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    pq.write_table(
+        table.replace_schema_metadata(meta.arrow_schema().metadata), staged / "codes-00000.parquet"
+    )
+    artifact, _ = Store(str(tmp_path / "store")).commit("encode", "b" * 64, staged, {})
+    with pytest.raises(CodeShardError) as info:
+        open_codes(artifact)
+    assert str(info.value).endswith(
+        f"codes-00000.parquet: column codes_top is {expected}, expected list<item: uint16>"
+    )
