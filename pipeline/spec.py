@@ -272,12 +272,15 @@ def _check_upstream(step: Step, steps: dict[str, Step]) -> None:
 def _check_store(step: Step, store: str) -> None:
     """A step that trains in process (``train.workers: 0``) keeps its checkpoints in a local
     directory, so it cannot run against an object store."""
-    train = getattr(step.config, "train", None)
-    if "://" in store and getattr(train, "workers", None) == 0:
-        raise ConfigError(
-            f"steps.{step.name}.train.workers: 0 trains in process with checkpoints in a local "
-            f"directory, but the store is {store.split('?')[0]}; use workers >= 1 (Ray Train)"
-        )
+    workers = getattr(getattr(step.config, "train", None), "workers", None)
+    if workers is None:
+        return
+    from stages.training import check_in_process
+
+    try:
+        check_in_process(workers, "the store", store)
+    except ValueError as e:
+        raise ConfigError(f"steps.{step.name}.{e}") from None
 
 
 def _topological_order(steps: dict[str, Step]) -> list[str]:

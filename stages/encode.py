@@ -113,7 +113,6 @@ class Encoder:
         self.splits = None if set(splits) == {"train", "val", "test"} else list(splits)
 
     def __call__(self, batch):
-        import numpy as np
         import pyarrow as pa
         import pyarrow.compute as pc
         import torch
@@ -123,9 +122,6 @@ class Encoder:
         torch.set_num_threads(self.threads)
         if self.splits is not None:
             batch = batch.filter(pc.is_in(batch["split"], pa.array(self.splits)))
-        if batch.num_rows == 0:  # a batch of only other splits
-            empty = {level: np.zeros(0, np.uint16) for level in self.meta.level_names}
-            return codes_table(self.meta, batch["id"], batch["label"], batch["split"], empty)
         array = decode_pixels(batch["image"], self.table_meta)
         x = torch.from_numpy(array).to(self.device).permute(0, 3, 1, 2).float().div_(127.5).sub_(1)
         x = x.contiguous(memory_format=torch.channels_last)

@@ -38,6 +38,7 @@ from models.prior import CodePrior
 from models.vqvae2 import VQVAE2
 from stages import Input
 from stages.codes import open_codes
+from stages.sample import check_prior_of
 from stages.tables import read_image_table
 from stages.train_classifier import predict, to_input
 
@@ -149,13 +150,7 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
             )
         for artifact in priors:
             level = artifact.metrics["level"]
-            trained_on = artifact.metrics.get("autoencoder_key")
-            if trained_on != shards.meta.autoencoder_key:
-                raise ValueError(
-                    f"prior {artifact.key[:12]} ({level}) was trained on codes of autoencoder "
-                    f"{str(trained_on)[:12]}, but the codes input is of autoencoder "
-                    f"{shards.meta.autoencoder_key[:12]}; evaluate it on its own shards"
-                )
+            check_prior_of(artifact, shards.meta.autoencoder_key, "the codes input")
             prior = CodePrior.load(artifact.local_dir(*MODEL_FILES)).eval()
             metrics[f"val_bits_per_code/{level}"] = _bits_per_code(prior, level, codes)
     log.info(

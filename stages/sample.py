@@ -165,6 +165,18 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
     }
 
 
+def check_prior_of(artifact, autoencoder_key: str, what: str) -> None:
+    """CodeShardError unless the prior `artifact` was trained on codes of `autoencoder_key`,
+    the autoencoder of `what` (e.g. "the decoder")."""
+    trained_on = artifact.metrics.get("autoencoder_key")
+    if trained_on != autoencoder_key:
+        raise CodeShardError(
+            f"prior {artifact.uri} was trained on codes of autoencoder {str(trained_on)[:12]}, "
+            f"but {what} is autoencoder {autoencoder_key[:12]}; train the prior on the codes "
+            "of this autoencoder (encode with it, then train_prior on those shards)"
+        )
+
+
 def load_priors(artifacts: list, autoencoder_key: str, ae_config: VQVAE2Config):
     """Loads one prior per level (dict level -> (CodePrior, artifact)) and the class names.
 
@@ -176,13 +188,7 @@ def load_priors(artifacts: list, autoencoder_key: str, ae_config: VQVAE2Config):
     for artifact in artifacts:
         metrics = artifact.metrics
         level = metrics.get("level")
-        if metrics.get("autoencoder_key") != autoencoder_key:
-            raise CodeShardError(
-                f"prior {artifact.uri} was trained on codes of autoencoder "
-                f"{str(metrics.get('autoencoder_key'))[:12]}, but the decoder is autoencoder "
-                f"{autoencoder_key[:12]}; train the prior on the codes of this autoencoder "
-                "(encode with it, then train_prior on those shards)"
-            )
+        check_prior_of(artifact, autoencoder_key, "the decoder")
         if level in priors:
             raise CodeShardError(f"two priors for level {level!r}: {artifact.uri} and another")
         if class_names is not None and metrics.get("class_names", []) != class_names:

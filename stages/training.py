@@ -58,12 +58,7 @@ def launch(
         split: Names of the datasets sharded across workers (the others: whole on every one).
     """
     datasets = datasets or {}
-    if workers == 0 and "://" in scratch:
-        raise ValueError(
-            f"train.workers: 0 trains in process with checkpoints in a local directory, but this "
-            f"store's scratch is {scratch.split('?')[0]}; use workers >= 1 (Ray Train) with an "
-            "object store"
-        )
+    check_in_process(workers, "this store's scratch", scratch)
     if workers == 0:
         session = LocalSession(Path(scratch), pick_device(device), cpus_per_worker, datasets)
         try:
@@ -74,6 +69,16 @@ def launch(
     return _launch_ray_train(
         loop, loop_config, workers, cpus_per_worker, device, scratch, final, datasets, split
     )
+
+
+def check_in_process(workers: int, what: str, location: str) -> None:
+    """ValueError when in-process training (``workers`` 0), whose checkpoints live in a local
+    directory, would keep them at `location` (`what`, e.g. "the store") on an object store."""
+    if workers == 0 and "://" in location:
+        raise ValueError(
+            f"train.workers: 0 trains in process with checkpoints in a local directory, but "
+            f"{what} is {location.split('?')[0]}; use workers >= 1 (Ray Train)"
+        )
 
 
 def train_into(
