@@ -45,9 +45,9 @@ def main() -> dict:
     from pipeline.runner import run_pipeline
     from pipeline.spec import parse_pipeline
     from pipeline.store import Store
-    from stages.codes import open_codes
     from stages.encode import _precision
-    from stages.tables import read_image_table
+    from stages.formats.codes import open_codes
+    from stages.formats.images import read_image_table
 
     figures = {"machine": machine()}
     with tempfile.TemporaryDirectory() as tmp:

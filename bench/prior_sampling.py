@@ -43,7 +43,8 @@ import time
 import torch
 
 from bench.common import machine, write
-from models.prior import CodePrior, PriorConfig, _CachedDecoder, fp16_weights_available
+from models.prior import CodePrior, PriorConfig
+from models.prior_sampling import CachedDecoder, fp16_weights_available
 
 REFERENCE_TOKENS_S = {"32px": 656, "64px": 225}
 REFERENCE_SECONDS = {"32px": 2.0, "64px": 22.8}
@@ -123,7 +124,7 @@ def matmul_floor(priors: tuple[CodePrior, ...], n: int, precision: str = "fp32")
     for prior in priors:
         c = prior.config
         like = torch.zeros(1, c.hidden_size)
-        layers = _CachedDecoder(prior.decoder, 1, 1, like, precision).layers  # packed weights
+        layers = CachedDecoder(prior.decoder, 1, 1, like, precision).layers  # packed weights
         head = prior.head.weight.t().contiguous()
         inner = prior.decoder.config.intermediate_size
         for rows in [n * c.prefix_length] + [n] * (c.steps - 1):

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from torch import nn
 
+MODEL_FILES = ("config.json", "model.safetensors")  # what a saved model directory holds
+
 
 def save_model(model: nn.Module, config, directory: Path) -> None:
     """Writes `config` (a dataclass) as ``config.json`` and all weights and buffers."""
@@ -29,7 +31,7 @@ def load_model(model_cls: type, config_cls: type, directory: Path, map_location:
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    for name in ("config.json", "model.safetensors"):
+    for name in MODEL_FILES:
         if not (directory / name).is_file():
             raise FileNotFoundError(
                 f"{directory}: missing {name} (not a saved {model_cls.__name__})"

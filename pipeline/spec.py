@@ -25,9 +25,9 @@ from typing import Any
 
 import yaml
 
-import stages
 from pipeline.config import ConfigError, from_dict, key_dict
-from pipeline.store import artifact_key
+from pipeline.stage import load as load_stage
+from pipeline.store import artifact_key, check_in_process
 
 STEP_KEYS = ("stage", "inputs", "resources", "max_retries")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
@@ -212,7 +212,7 @@ def _parse_step(name: Any, body: Any) -> Step:
     if not isinstance(stage, str):
         raise ConfigError(f"{where}.stage: expected a string, got {stage!r}")
     try:
-        module = stages.load(stage)
+        module = load_stage(stage)
     except ImportError as e:
         raise ConfigError(f"{where}.stage: {e}") from None
     inputs = body.get("inputs") or {}
@@ -275,8 +275,6 @@ def _check_store(step: Step, store: str) -> None:
     workers = getattr(getattr(step.config, "train", None), "workers", None)
     if workers is None:
         return
-    from stages.training import check_in_process
-
     try:
         check_in_process(workers, "the store", store)
     except ValueError as e:
@@ -314,7 +312,7 @@ def _with_key(step: Step, keyed: dict[str, Step]) -> Step:
     input_keys: dict[str, Any] = {}
     for slot, ref in sorted(step.inputs.items()):
         input_keys[slot] = [keyed[r].key for r in ref] if isinstance(ref, list) else keyed[ref].key
-    config = key_dict(step.config)
+    config = _merged(getattr(step.module, "RETIRED_OPTIONS", {}), key_dict(step.config))
     fingerprint = getattr(step.module, "fingerprint", None)
     if fingerprint is not None:
         summary = fingerprint(step.config)
@@ -331,6 +329,16 @@ def _with_key(step: Step, keyed: dict[str, Step]) -> Step:
         step.max_retries,
         key,
     )
+
+
+def _merged(base: dict, over: dict) -> dict:
+    """`over` on top of `base`, mappings merged key by key (a stage's ``RETIRED_OPTIONS``: options
+    it no longer has, at the values they always had, kept in its keys so stored artifacts stay
+    cached)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def input_keys(step: Step, pipeline: Pipeline) -> dict[str, Any]:

@@ -465,3 +465,13 @@ def sync_directory(directory: Path) -> None:
         pass  # some filesystems refuse fsync on directories
     finally:
         os.close(fd)
+
+
+def check_in_process(workers: int, what: str, location: str) -> None:
+    """ValueError when in-process training (``workers`` 0), whose checkpoints live in a local
+    directory, would keep them at `location` (`what`, e.g. "the store") on an object store."""
+    if workers == 0 and "://" in location:
+        raise ValueError(
+            f"train.workers: 0 trains in process with checkpoints in a local directory, but "
+            f"{what} is {location.split('?')[0]}; use workers >= 1 (Ray Train)"
+        )

@@ -41,19 +41,19 @@ import numpy as np
 import torch
 
 from models.families import is_quantized, load
-from stages import Input, dsprites
-from stages.disentanglement import factor_vae_score, mig
-from stages.images import grid, save_png
-from stages.tables import read_image_table
-from stages.train_autoencoder import to_unit
+from models.io import MODEL_FILES
+from pipeline.stage import Input
+from stages.figures.png import grid, save_png
+from stages.formats.images import read_image_table
+from stages.formats.pixels import to_uint8, to_unit
+from stages.metrics.disentanglement import factor_vae_score, mig
+from stages.sources import dsprites
 
 VERSION = "1"
 INPUTS = {
     "autoencoder": Input(kinds=("train_autoencoder",)),
     "images": Input(kinds=("ingest",)),
 }
-MODEL_FILES = ("config.json", "model.safetensors")
-
 log = logging.getLogger(__name__)
 
 
@@ -236,10 +236,6 @@ def _usage(model, x: torch.Tensor, labels, codes: torch.Tensor) -> np.ndarray:
     return torch.cat(kl).mean(0).numpy()
 
 
-def _to_uint8(images: torch.Tensor) -> np.ndarray:
-    return (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
-
-
 @torch.no_grad()
 def _traversals(model, codes, labels, order, config: Config, path: Path) -> None:
     """Rows: latent dims in `order`; columns: that dim swept, the others at a val image's code."""
@@ -254,7 +250,7 @@ def _traversals(model, codes, labels, order, config: Config, path: Path) -> None
         z[:, dim] = centre[dim] + steps * scale[dim]
         y = None if labels is None else labels[:1].repeat(len(steps))
         rows.append(model.decode(z, y))
-    save_png(grid(_to_uint8(torch.cat(rows)), nrow=len(steps), scale=2), path)
+    save_png(grid(to_uint8(torch.cat(rows)), nrow=len(steps), scale=2), path)
 
 
 @torch.no_grad()
@@ -270,7 +266,7 @@ def _interpolations(model, x, codes, labels, config: Config, path: Path) -> None
         if labels is not None:  # the conditional model keeps a's class along the row
             y = labels[a : a + 1].repeat(len(z))
         rows += [x[a : a + 1], model.decode(z, y), x[b : b + 1]]
-    save_png(grid(_to_uint8(torch.cat(rows)), nrow=config.interpolation_steps + 2, scale=2), path)
+    save_png(grid(to_uint8(torch.cat(rows)), nrow=config.interpolation_steps + 2, scale=2), path)
 
 
 @torch.no_grad()
@@ -281,7 +277,7 @@ def _class_swap(model, x, codes, num_classes: int, out: Path) -> None:
         z = codes[i].repeat(num_classes, 1)
         rows += [x[i : i + 1], model.decode(z, torch.arange(num_classes))]
     save_png(
-        grid(_to_uint8(torch.cat(rows)), nrow=num_classes + 1, scale=2), out / "class_swap.png"
+        grid(to_uint8(torch.cat(rows)), nrow=num_classes + 1, scale=2), out / "class_swap.png"
     )
 
 

@@ -1,4 +1,4 @@
-"""Encode stage: an image table + a trained autoencoder -> Parquet code shards (`stages.codes`).
+"""Encode stage: an image table + a trained autoencoder -> Parquet code shards (`stages.formats.codes`).
 
 Ray Data streams the image table's Parquet files through an actor pool
 (``map_batches(Encoder, compute=ActorPoolStrategy(size=actors))``); each actor loads the model
@@ -22,9 +22,9 @@ from typing import Literal
 from models.families import vqvae2_config
 from models.vqvae2 import VQVAE2Config
 from pipeline.config import run_option
-from stages import Input
-from stages.codes import CodeShardMeta, ShardWriter, codes_table
-from stages.tables import (
+from pipeline.stage import Input
+from stages.formats.codes import CodeShardMeta, ShardWriter, codes_table
+from stages.formats.images import (
     ImageTableMeta,
     decode_pixels,
     image_table_meta,

@@ -34,13 +34,15 @@ import numpy as np
 import torch
 
 from models.classifier import Classifier
+from models.io import MODEL_FILES
 from models.prior import CodePrior
 from models.vqvae2 import VQVAE2
-from stages import Input
-from stages.codes import open_codes
-from stages.sample import check_prior_of
-from stages.tables import read_image_table
-from stages.train_classifier import predict, to_input
+from pipeline.stage import Input
+from stages.formats.codes import open_codes
+from stages.formats.images import read_image_table
+from stages.formats.pixels import to_signed
+from stages.metrics.quality import frechet_distance, predict
+from stages.sampling.priors import check_prior_of
 
 VERSION = "1"
 INPUTS = {
@@ -51,8 +53,6 @@ INPUTS = {
     "codes": Input(kinds=("encode",), required=False),
     "priors": Input(kinds=("train_prior",), many=True, required=False),
 }
-MODEL_FILES = ("config.json", "model.safetensors")
-
 log = logging.getLogger(__name__)
 
 
@@ -71,23 +71,6 @@ class Config:
     def __post_init__(self):
         if self.max_real < 2:
             raise ValueError(f"max_real: needs at least 2, got {self.max_real}")
-
-
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to feature rows `a` and `b`.
-
-    ``|mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a^1/2 S_b S_a^1/2)^1/2)``; the matrix square
-    roots come from symmetric eigendecompositions (no complex parts, no scipy).
-    """
-    if len(a) < 2 or len(b) < 2:
-        raise ValueError("frechet_distance: needs at least 2 rows on each side")
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    values, vectors = np.linalg.eigh(cov_a)
-    root_a = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
-    middle = root_a @ cov_b @ root_a
-    cross = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * cross)
 
 
 def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
@@ -165,7 +148,7 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
 def _reconstruct(model: VQVAE2, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     out = []
     for start in range(0, len(images), batch_size):
-        x = to_input(images[start : start + batch_size])
+        x = to_signed(images[start : start + batch_size])
         x_hat = model.decode_indices(model.encode_indices(x)).clamp(-1, 1)
         out.append(((x_hat + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
     return np.concatenate(out)

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import ConfigError
-from stages import Input
-from stages.images import grid, save_png
-from stages.tables import read_image_table
+from pipeline.stage import Input
+from stages.figures.png import grid, save_png
+from stages.formats.images import read_image_table
 
 VERSION = "1"
 INPUTS = {"images": Input(kinds=("ingest",))}

@@ -1,96 +1,72 @@
-"""Ingest stage: a data source -> an image table (`stages.tables`) or a sequence table artifact.
+"""Ingest stage: a data source -> an image table (`stages.formats.images`).
 
-Image sources (``source.kind``), written as an image table:
+Sources (``source.kind``):
 
-- ``embedded``: 7,000 real MNIST digits shipped in ``stages/data/mnist_subset`` (licence note there),
-  so a fresh machine needs no network and no data directory;
+- ``embedded``: 7,000 real MNIST digits shipped in ``stages/sources/data/mnist_subset``
+  (licence note there), so a fresh machine needs no network and no data directory;
 - ``mnist``: a directory of standard IDX files (``train-images-idx3-ubyte[.gz]``, ...), raw or
   gzipped; the ``t10k`` files, when present, become the ``test`` split;
 - ``image_folder``: ``<path>/<class name>/*.png|jpg|jpeg`` (classes sorted by name);
 - ``parquet``: an existing image table (a file or a directory of Parquet files written by this
   stage, e.g. copied out of another store);
-- ``dsprites``: ``source.count`` procedural dSprites images (`stages.dsprites`, 64x64) drawn
-  uniformly from the factor grid with ``seed``; the factors are stored as ``factor_*`` columns and
-  the shape is the class label.
+- ``dsprites``: ``source.count`` procedural dSprites images (`stages.sources.dsprites`, 64x64)
+  drawn uniformly from the factor grid with ``seed``; the factors are stored as ``factor_*``
+  columns and the shape is the class label.
 
 Images of the training pool are split into ``train`` and ``val`` by a seeded permutation. An
 optional ``image_size`` pads (centred, zeros) or resizes every image to a square. Unreadable
 files of an image folder are counted and listed in the metrics, or stop the stage when
 ``strict`` is set; an unreadable IDX or Parquet file always stops it, naming the file.
-
-Sequence sources, written as a sequence table (`stages.sequences`) for the TD-VAE stage:
-
-- ``moving_mnist``: bouncing Moving MNIST (`stages.moving_mnist.Bouncing`: ``num_digits``
-  digits moving at ``speed`` on a ``canvas``, ``frames`` per sequence);
-- ``shifted_mnist``: one digit shifted ``shift`` px per frame with wrap-around
-  (`stages.moving_mnist.Shifted`).
-
-Their digits come from the embedded subset, or from the IDX directory ``source.path``. The
-train file's digits are split by ``val_fraction`` with ``seed`` into two disjoint parts: ``train``
-sequences draw only from one, ``val`` sequences only from the other. ``source.count`` sequences
-are written to train and val (``val_fraction`` of them to val), and as many ``test`` sequences as
-val ones from the ``t10k`` digits when the directory has them. Row ``i`` (its ``id``) is drawn
-with seed ``seed * 1_000_003 + i`` (`stages.moving_mnist.sequence_seeds`), stored in the row.
+Sequence data (Moving MNIST) has its own stage, `stages.ingest_sequences`.
 """
 
 from __future__ import annotations
 
-import gzip
 import logging
-import struct
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
 from pipeline.config import ConfigError
-from stages import Input, dsprites, moving_mnist
-from stages.sequences import SequenceTable, SequenceTableMeta, write_sequence_table
-from stages.tables import ImageTable, ImageTableMeta, write_image_table
+from pipeline.stage import Input
+from stages.formats.images import ImageTable, ImageTableMeta, write_image_table
+from stages.sources import dsprites
+from stages.sources.mnist import EMBEDDED_DIR, MNIST_CLASSES, read_mnist_dir
 
 VERSION = "1"
 INPUTS: dict[str, Input] = {}
-EMBEDDED_DIR = Path(__file__).parent / "data" / "mnist_subset"
+# the sequence options the source had before sequence ingest became its own stage, at the only
+# values an image source allowed: folded into the keys so stores written before stay cached
+RETIRED_OPTIONS = {
+    "source": {
+        "frames": 20,
+        "canvas": 64,
+        "num_digits": 2,
+        "digit_size": 28,
+        "speed": 0.1,
+        "shift": 1,
+    }
+}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-MNIST_CLASSES = [str(d) for d in range(10)]
-SEQUENCE_KINDS = {"moving_mnist": moving_mnist.Bouncing, "shifted_mnist": moving_mnist.Shifted}
-SEQUENCE_FIELDS = ("frames", "canvas", "num_digits", "digit_size", "speed", "shift")
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Source:
-    """Where the images or sequences come from.
+    """Where the images come from.
 
     Args:
-        kind: ``embedded``, ``mnist``, ``image_folder``, ``parquet`` or ``dsprites`` (images);
-            ``moving_mnist`` or ``shifted_mnist`` (sequences).
-        path: Directory or file to read (not used by ``embedded`` and ``dsprites``; optional for
-            the sequence kinds: an MNIST IDX directory, else the embedded digits).
-        count: Images to generate (``dsprites``) or train + val sequences (sequence kinds; at
-            the defaults a sequence takes 82 KB, and ingest holds them all in memory).
-        frames: Frames per sequence (sequence kinds).
-        canvas: Frame side in pixels (sequence kinds).
-        num_digits: Digits per sequence (``moving_mnist``).
-        digit_size: Digit side on the canvas in pixels, resized bilinearly from MNIST's 28
-            (sequence kinds).
-        speed: Distance per frame as a fraction of ``canvas - digit_size`` (``moving_mnist``).
-        shift: Pixels moved per frame (``shifted_mnist``).
+        kind: ``embedded``, ``mnist``, ``image_folder``, ``parquet`` or ``dsprites``.
+        path: Directory or file to read (``mnist``, ``image_folder``, ``parquet``).
+        count: Images to generate (``dsprites``).
     """
 
-    kind: Literal[
-        "embedded", "mnist", "image_folder", "parquet", "dsprites", "moving_mnist", "shifted_mnist"
-    ] = "embedded"
+    kind: Literal["embedded", "mnist", "image_folder", "parquet", "dsprites"] = "embedded"
     path: str | None = None
     count: int = 20_000
-    frames: int = 20
-    canvas: int = 64
-    num_digits: int = 2
-    digit_size: int = 28
-    speed: float = 0.1
-    shift: int = 1
 
     def __post_init__(self):
         if self.kind in ("embedded", "dsprites") and self.path is not None:
@@ -99,25 +75,6 @@ class Source:
             raise ConfigError(f"path: required for source kind {self.kind!r}")
         if self.count < 1:
             raise ConfigError(f"count: must be positive, got {self.count}")
-        generator = SEQUENCE_KINDS.get(self.kind)
-        used = {f.name for f in fields(generator)} if generator else set()
-        for name in SEQUENCE_FIELDS:
-            if name not in used and getattr(self, name) != _SOURCE_DEFAULTS[name]:
-                raise ConfigError(f"{name}: not used by source kind {self.kind!r}; remove {name}")
-        if generator:
-            try:
-                sequence_generator(self)
-            except ValueError as e:  # messages start with the field name, as Source's do
-                raise ConfigError(str(e)) from None
-
-
-_SOURCE_DEFAULTS = {f.name: f.default for f in fields(Source)}
-
-
-def sequence_generator(source: Source) -> moving_mnist.Bouncing | moving_mnist.Shifted:
-    """The `stages.moving_mnist` generator of a sequence source, with the source's parameters."""
-    generator = SEQUENCE_KINDS[source.kind]
-    return generator(**{f.name: getattr(source, f.name) for f in fields(generator)})
 
 
 @dataclass(frozen=True)
@@ -158,14 +115,6 @@ class Config:
             raise ConfigError(f"limit: must be positive or null, got {self.limit}")
         if self.rows_per_file < 1:
             raise ConfigError(f"rows_per_file: must be positive, got {self.rows_per_file}")
-        if self.source.kind in SEQUENCE_KINDS:
-            if self.image_size is not None:
-                raise ConfigError(
-                    "image_size: sequence sources size their frames with source.canvas; "
-                    "remove image_size"
-                )
-            if self.channels not in (None, 1):
-                raise ConfigError("channels: sequence frames are grey; remove channels")
 
 
 # side, channels and classes of the images each source kind writes (before image_size and
@@ -200,10 +149,7 @@ def fingerprint(config: Config) -> str | None:
 
 
 def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
-    """Reads the source, splits, resizes and writes the image table into `out` (or generates
-    and writes the sequence table, for the sequence sources)."""
-    if config.source.kind in SEQUENCE_KINDS:
-        return _run_sequences(config, out)
+    """Reads the source, splits, resizes and writes the image table into `out`."""
     pools, class_names, problems = _read_source(config)
     pool_images, pool_labels, pool_splits, pool_ids, pool_factors = [], [], [], [], []
     for pool in pools:
@@ -273,136 +219,20 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
     }
 
 
-# ----- sequences ----------------------------------------------------------------------------
-
-
-def _run_sequences(config: Config, out: Path) -> dict:
-    """Draws the train, val and test sequences from their digit pools; writes the table."""
-    generator = sequence_generator(config.source)
-    pools = _digit_pools(config)
-    n_val = int(round(config.val_fraction * config.source.count))
-    counts = {
-        "train": config.source.count - n_val,
-        "val": n_val,
-        "test": n_val if "test" in pools else 0,
-    }
-    parts, start = [], 0
-    for split, count in counts.items():
-        if count == 0:
-            continue
-        pool = pools[split]
-        if not len(pool["images"]):
-            raise ValueError(
-                f"no {split} digits to draw {count} {split} sequences from; "
-                "raise val_fraction or limit"
-            )
-        seeds = moving_mnist.sequence_seeds(config.seed, count, start)
-        sequences = moving_mnist.generate(generator, pool["images"], seeds)
-        labels = pool["labels"][sequences.digits[:, 0]]
-        parts.append((np.full(count, split, dtype=object), seeds, labels, sequences.frames))
-        start += count
-        log.info(
-            "ingest: %d %s %s sequences from %d digits of %s",
-            count,
-            split,
-            generator.name,
-            len(pool["images"]),
-            pool["name"],
-        )
-
-    splits, seeds, labels, frames = (np.concatenate(column) for column in zip(*parts, strict=True))
-    meta = SequenceTableMeta(
-        frames=generator.frames,
-        height=generator.canvas,
-        width=generator.canvas,
-        channels=1,
-        generator=generator.name,
-        params=asdict(generator),
-        digit_pool=_describe_digit_pool(config, pools),
-    )
-    table = SequenceTable(
-        meta, np.arange(len(seeds), dtype=np.int64), splits, seeds, labels, frames
-    )
-    files = write_sequence_table(out, table, config.rows_per_file)
-    log.info(
-        "ingest: wrote %d %s sequences (%s) of %d frames of %dx%d in %d file(s)",
-        len(table),
-        generator.name,
-        ", ".join(f"{k} {v}" for k, v in counts.items()),
-        meta.frames,
-        meta.height,
-        meta.width,
-        len(files),
-    )
-    return {
-        "sequences": len(table),
-        "splits": counts,
-        "frames": meta.frames,
-        "height": meta.height,
-        "width": meta.width,
-        "channels": meta.channels,
-        "generator": generator.name,
-        "digits": {split: len(pool["images"]) for split, pool in pools.items()},
-    }
-
-
-def _digit_pools(config: Config) -> dict[str, dict]:
-    """The digits each split's sequences draw from: the train file's digits split by
-    ``val_fraction`` with ``seed`` into disjoint ``train`` and ``val`` parts (as images are);
-    the t10k file's, when there is one, for ``test``. Each: images ``n h w``, labels, ids."""
-    root = EMBEDDED_DIR if config.source.path is None else Path(config.source.path).expanduser()
-    if not root.exists():
-        raise FileNotFoundError(f"source.path {str(root)!r} does not exist")
-    pools = {}
-    for pool in _read_mnist_dir(root):
-        images, labels, ids = (pool[k][: config.limit] for k in ("images", "labels", "ids"))
-        if pool["split"] == "test":
-            parts = {"test": np.arange(len(ids))}
-        else:
-            n_val = int(round(config.val_fraction * len(ids)))
-            order = np.random.default_rng(config.seed).permutation(len(ids))
-            parts = {"train": np.sort(order[n_val:]), "val": np.sort(order[:n_val])}
-        for split, rows in parts.items():
-            pools[split] = {
-                "name": pool["name"],
-                "images": images[rows, ..., 0],
-                "labels": labels[rows].astype(np.int64),
-                "ids": ids[rows],
-            }
-    return pools
-
-
-def _describe_digit_pool(config: Config, pools: dict[str, dict]) -> str:
-    source = (
-        "the embedded MNIST subset"
-        if config.source.path is None
-        else f"the MNIST IDX files in {config.source.path}"
-    )
-    limit = "" if config.limit is None else f" (first {config.limit})"
-    text = (
-        f"{source}: train-file digits{limit} split by val_fraction {config.val_fraction} with "
-        f"seed {config.seed} into train ({len(pools['train']['ids'])}) and val "
-        f"({len(pools['val']['ids'])}) digits"
-    )
-    if "test" in pools:
-        text += f"; test: t10k digits{limit} ({len(pools['test']['ids'])})"
-    return text
-
-
 # ----- sources ------------------------------------------------------------------------------
 
 
 def _read_source(config: Config) -> tuple[list[dict], list[str], list[str]]:
     kind = config.source.kind
     if kind == "embedded":
-        return _read_mnist_dir(EMBEDDED_DIR), MNIST_CLASSES, []
+        return read_mnist_dir(EMBEDDED_DIR), MNIST_CLASSES, []
     if kind == "dsprites":
         return _generate_dsprites(config.source.count, config.seed), list(dsprites.SHAPES), []
     root = Path(config.source.path).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"source.path {str(root)!r} does not exist")
     if kind == "mnist":
-        return _read_mnist_dir(root), MNIST_CLASSES, []
+        return read_mnist_dir(root), MNIST_CLASSES, []
     if kind == "image_folder":
         return _read_image_folder(root, config.strict)
     return _read_parquet(root, config.strict)
@@ -426,71 +256,6 @@ def _generate_dsprites(count: int, seed: int) -> list[dict]:
             "factors": factors,
         }
     ]
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Reads one IDX file (raw or gzipped) of uint8 data; errors name the file."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as e:
-        raise ValueError(f"{path}: unreadable IDX file ({e})") from e
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise ValueError(f"{path}: not an IDX file (bad magic number)")
-    if raw[2] != 0x08:
-        raise ValueError(f"{path}: IDX data type 0x{raw[2]:02x} is not uint8")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = int(np.prod(dims))
-    if len(raw) - header != expected:
-        raise ValueError(
-            f"{path}: holds {len(raw) - header} data bytes, header says {expected} (truncated?)"
-        )
-    return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
-
-
-def _find_idx(root: Path, stem: str) -> Path | None:
-    for name in (
-        stem,
-        stem + ".gz",
-        stem.replace("-idx", ".idx"),
-        stem.replace("-idx", ".idx") + ".gz",
-    ):
-        if (root / name).is_file():
-            return root / name
-    return None
-
-
-def _read_mnist_dir(root: Path) -> list[dict]:
-    pools, offset = [], 0
-    for prefix, split in (("train", "train"), ("t10k", "test")):
-        images_path = _find_idx(root, f"{prefix}-images-idx3-ubyte")
-        labels_path = _find_idx(root, f"{prefix}-labels-idx1-ubyte")
-        if images_path is None:
-            if split == "train":
-                raise FileNotFoundError(f"{root}: no train-images-idx3-ubyte[.gz] file")
-            continue
-        if labels_path is None:
-            raise FileNotFoundError(f"{root}: {images_path.name} has no matching labels file")
-        images, labels = read_idx(images_path), read_idx(labels_path)
-        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise ValueError(
-                f"{images_path}: {images.shape} images do not match {labels_path.name} {labels.shape}"
-            )
-        ids = offset + np.arange(len(images), dtype=np.int64)
-        offset += len(images)
-        pools.append(
-            {
-                "name": images_path.name,
-                "split": split,
-                "ids": ids,
-                "images": images[..., None],
-                "labels": labels,
-            }
-        )
-    return pools
 
 
 def _read_image_folder(root: Path, strict: bool) -> tuple[list[dict], list[str], list[str]]:
@@ -535,7 +300,7 @@ def _pil_to_array(im) -> np.ndarray:
 def _read_parquet(root: Path, strict: bool) -> tuple[list[dict], list[str], list[str]]:
     import pyarrow.parquet as pq
 
-    from stages.tables import META_KEY, table_from_arrow
+    from stages.formats.images import META_KEY, table_from_arrow
 
     files = [root] if root.is_file() else sorted(root.rglob("*.parquet"))
     if not files:

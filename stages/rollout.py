@@ -35,18 +35,19 @@ import numpy as np
 import torch
 from einops import rearrange, repeat
 
+from models.io import MODEL_FILES
 from models.tdvae import TDVAE
-from stages import Input
-from stages.images import grid, save_png
-from stages.sequences import read_sequence_table
-from stages.train_sequence import evaluate, to_frames
+from pipeline.stage import Input
+from stages.figures.png import grid, save_png
+from stages.formats.pixels import to_frames
+from stages.formats.sequences import read_sequence_table
+from stages.metrics.tdvae import evaluate
 
 VERSION = "2"  # 2: frames scored in the form the model was trained on
 INPUTS = {
     "model": Input(kinds=("train_sequence",)),
-    "sequences": Input(kinds=("ingest",)),
+    "sequences": Input(kinds=("ingest_sequences",)),
 }
-MODEL_FILES = ("config.json", "model.safetensors")
 PREDICTORS = ("model", "copy_last", "mean_frame")
 
 log = logging.getLogger(__name__)

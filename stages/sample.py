@@ -31,21 +31,21 @@ import numpy as np
 import torch
 
 from models.families import vqvae2_config
-from models.prior import CodePrior, check_precision
-from models.vqvae2 import VQVAE2, VQVAE2Config
-from stages import Input
-from stages.codes import CodeShardError, CodeShardMeta, ShardWriter, codes_table
-from stages.images import grid, save_png
-from stages.tables import ImageTable, ImageTableMeta, write_image_table
-from stages.training import use_bf16
+from models.io import MODEL_FILES
+from models.prior import check_precision
+from models.vqvae2 import VQVAE2
+from pipeline.stage import Input
+from stages.figures.png import grid, save_png
+from stages.formats.codes import CodeShardMeta, ShardWriter, codes_table
+from stages.formats.images import ImageTable, ImageTableMeta, write_image_table
+from stages.sampling.priors import load_priors
+from stages.training.harness import pick_device, use_bf16
 
 VERSION = "2"  # 2: codes drawn by inverse CDF (other codes for the same seed than 1)
 INPUTS = {
     "autoencoder": Input(kinds=("train_autoencoder",)),
     "priors": Input(kinds=("train_prior",), many=True),
 }
-
-MODEL_FILES = ("config.json", "model.safetensors")
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
     ae_config = vqvae2_config(
         json.loads(autoencoder_artifact.read_bytes("config.json")), autoencoder_artifact.uri
     )
-    device = _device(config.device)
+    device = pick_device(config.device)
     precision = config.precision
     if precision == "auto":
         precision = "bf16" if use_bf16(precision, device) else "fp32"
@@ -163,50 +163,6 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
         "autoencoder_key": autoencoder_artifact.key,
         "prior_keys": {lv: a.key for lv, (_, a) in priors.items()},
     }
-
-
-def check_prior_of(artifact, autoencoder_key: str, what: str) -> None:
-    """CodeShardError unless the prior `artifact` was trained on codes of `autoencoder_key`,
-    the autoencoder of `what` (e.g. "the decoder")."""
-    trained_on = artifact.metrics.get("autoencoder_key")
-    if trained_on != autoencoder_key:
-        raise CodeShardError(
-            f"prior {artifact.uri} was trained on codes of autoencoder {str(trained_on)[:12]}, "
-            f"but {what} is autoencoder {autoencoder_key[:12]}; train the prior on the codes "
-            "of this autoencoder (encode with it, then train_prior on those shards)"
-        )
-
-
-def load_priors(artifacts: list, autoencoder_key: str, ae_config: VQVAE2Config):
-    """Loads one prior per level (dict level -> (CodePrior, artifact)) and the class names.
-
-    Raises:
-        CodeShardError: a prior of another autoencoder; a level with no prior or two.
-    """
-    priors: dict = {}
-    class_names = None
-    for artifact in artifacts:
-        metrics = artifact.metrics
-        level = metrics.get("level")
-        check_prior_of(artifact, autoencoder_key, "the decoder")
-        if level in priors:
-            raise CodeShardError(f"two priors for level {level!r}: {artifact.uri} and another")
-        if class_names is not None and metrics.get("class_names", []) != class_names:
-            raise CodeShardError(
-                f"prior {artifact.uri}: its classes differ from the other priors'; "
-                "train all levels with the same model.class_conditional"
-            )
-        class_names = metrics.get("class_names", [])
-        priors[level] = (CodePrior.load(artifact.local_dir(*MODEL_FILES)), artifact)
-    missing = [lv for lv in ae_config.level_names if lv not in priors]
-    if missing:
-        raise CodeShardError(
-            f"no prior for level(s) {', '.join(missing)}; add a train_prior step per level"
-        )
-    extra = [lv for lv in priors if lv not in ae_config.level_names]
-    if extra:
-        raise CodeShardError(f"prior level(s) {', '.join(extra)} are not levels of the autoencoder")
-    return priors, class_names or []
 
 
 def _labels(config: Config, class_names: list[str]) -> torch.Tensor | None:
@@ -285,9 +241,3 @@ def _samples_png(images, labels, class_names, config: Config, path: Path) -> Non
     save_png(grid(tiles, nrow=nrow, scale=2), path)
 
 
-def _device(name: str) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("device is cuda but no CUDA device is visible to this worker")
-        return torch.device("cuda")
-    return torch.device("cpu")

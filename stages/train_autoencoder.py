@@ -38,10 +38,11 @@ from models.families import ModelConfig, build, is_quantized
 from models.families import load as load_model
 from models.vqvae2 import VQVAE2, VQVAE2Config
 from pipeline.config import from_dict, run_option, to_dict
-from stages import Input
-from stages.images import grid, save_png
-from stages.tables import image_table_meta, read_image_table
-from stages.training import cosine_lr, resume, save_checkpoint, train_into, use_bf16, where
+from pipeline.stage import Input
+from stages.figures.png import grid, save_png
+from stages.formats.images import image_table_meta, read_image_table
+from stages.formats.pixels import to_signed, to_uint8, to_unit
+from stages.training.harness import cosine_lr, resume, save_checkpoint, train_into, use_bf16, where
 
 VERSION = "1"
 INPUTS = {"images": Input(kinds=("ingest",))}
@@ -149,14 +150,12 @@ def _describe(model) -> str:
 
 
 def check_upstream(config: Config, step, steps: dict) -> None:
-    """Before anything runs: the model takes the images its ingest step will write, where the
-    ingest config tells (the same checks as `_check_images`, after ingest has run)."""
-    from stages import ingest
-
+    """Before anything runs: the model takes the images its ingest step will write, where that
+    step tells (its stage's ``image_shape(config)``; the same checks as `_check_images`)."""
     upstream = steps[step.inputs["images"]]
-    if upstream.module is ingest and upstream.config.source.kind not in ingest.SEQUENCE_KINDS:
-        side, channels, classes = ingest.image_shape(upstream.config)
-        _check_shape(config.model, side, channels, classes)
+    image_shape = getattr(upstream.module, "image_shape", None)
+    if image_shape is not None:
+        _check_shape(config.model, *image_shape(upstream.config))
 
 
 def _check_images(config: Config, artifact):
@@ -198,29 +197,6 @@ def _loop(loop_config: dict, session) -> dict:
 
 
 # ----- the loop -------------------------------------------------------------------------------
-
-
-def _to_input(batch: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """uint8 ``b h w c`` -> float ``b c h w`` in [-1, 1] (VQ-VAE-2's input)."""
-    x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-    return x.contiguous(
-        memory_format=torch.channels_last if channels_last else torch.contiguous_format
-    )
-
-
-def to_unit(
-    batch: torch.Tensor,
-    device: torch.device,
-    binarize: str,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """uint8 ``b h w c`` -> float ``b c h w`` in [0, 1] (the other families' input)."""
-    x = batch.permute(0, 3, 1, 2).float().div_(255.0)
-    if binarize == "threshold":
-        x = (x > 0.5).float()
-    elif binarize == "dynamic":
-        x = torch.bernoulli(x, generator=generator)
-    return x.to(device, non_blocking=True)
 
 
 def train_loop(config: Config, images_ref: dict, session) -> dict:
@@ -280,7 +256,7 @@ def train_loop(config: Config, images_ref: dict, session) -> dict:
         model.train()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             if quantized:
-                out = wrapped(_to_input(train_images[index], device, train.channels_last))
+                out = wrapped(to_signed(train_images[index], device, train.channels_last))
             else:
                 x = to_unit(train_images[index], device, train.binarize, generator)
                 out = wrapped(x, train_labels[index].to(device))
@@ -389,7 +365,7 @@ def evaluate(
         for name in model.config.level_names
     }
     for start in range(0, len(images), batch_size):
-        x = _to_input(images[start : start + batch_size], device, channels_last)
+        x = to_signed(images[start : start + batch_size], device, channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             codes = model.encode_indices(x)
             x_hat = model.decode_indices(codes).float().clamp(-1, 1)
@@ -455,14 +431,13 @@ def _reconstructions(model, table, binarize: str, path: Path) -> None:
     model.eval()
     images = torch.from_numpy(table.images[:24])
     if is_quantized(model):
-        x = _to_input(images, torch.device("cpu"), False)
+        x = to_signed(images, torch.device("cpu"), False)
         x_hat = model.decode_indices(model.encode_indices(x)).clamp(-1, 1)
         x, x_hat = (x + 1) / 2, (x_hat + 1) / 2
     else:
         x = to_unit(images, torch.device("cpu"), binarize, torch.Generator().manual_seed(1))
         labels = torch.from_numpy(table.labels[:24].astype(np.int64))
         x_hat = model.decode(model.encode(x, labels), labels).clamp(0, 1)
-    to_uint8 = lambda t: (t * 255).round().byte().permute(0, 2, 3, 1).numpy()  # noqa: E731
     originals, recon = to_uint8(x), to_uint8(x_hat)
     rows = []
     for start in range(0, len(images), 12):

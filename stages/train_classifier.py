@@ -20,13 +20,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from models.classifier import Classifier, ClassifierConfig
-from stages import Input
-from stages.tables import read_image_table
+from pipeline.stage import Input
+from stages.formats.images import read_image_table
+from stages.formats.pixels import to_signed
+from stages.metrics.quality import accuracy_on
 
 VERSION = "1"
 INPUTS = {"images": Input(kinds=("ingest",))}
@@ -64,12 +65,6 @@ class Config:
             raise ValueError(f"lr: must be positive, got {self.lr}")
 
 
-def to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 ``b h w c`` -> float ``b c h w`` in [-1, 1] (the classifier's input)."""
-    x = torch.as_tensor(images)
-    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
 def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
     """Trains the classifier on the ``train`` split of ``images``."""
     if config.threads:
@@ -90,7 +85,7 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
         )
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    x_all, y_all = to_input(train.images), torch.from_numpy(train.labels)
+    x_all, y_all = to_signed(train.images), torch.from_numpy(train.labels)
     history, start = [], time.perf_counter()
     model.train()
     for step in range(config.steps):
@@ -140,22 +135,3 @@ def _shift(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Ten
     ]
 
 
-@torch.no_grad()
-def predict(model: Classifier, images: np.ndarray, batch_size: int = 512):
-    """(features ``n d`` float64, predicted classes ``n``) of uint8 images."""
-    model.eval()
-    features, classes = [], []
-    for start in range(0, len(images), batch_size):
-        x = to_input(images[start : start + batch_size])
-        f = model.features(x)
-        features.append(f.double().numpy())
-        classes.append(model.head(f).argmax(-1).numpy())
-    return np.concatenate(features), np.concatenate(classes)
-
-
-def accuracy_on(model: Classifier, images: np.ndarray, labels: np.ndarray) -> float:
-    """Fraction of `images` classified as `labels`."""
-    if len(images) == 0:
-        return float("nan")
-    _, predicted = predict(model, images)
-    return float((predicted == labels).mean())

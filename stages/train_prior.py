@@ -38,9 +38,9 @@ import torch
 
 from models.prior import CodePrior, PriorConfig
 from pipeline.config import from_dict, run_option, to_dict
-from stages import Input
-from stages.codes import column, open_codes
-from stages.training import cosine_lr, resume, save_checkpoint, train_into, use_bf16, where
+from pipeline.stage import Input
+from stages.formats.codes import column, open_codes
+from stages.training.harness import cosine_lr, resume, save_checkpoint, train_into, use_bf16, where
 
 VERSION = "1"
 INPUTS = {"codes": Input(kinds=("encode",))}

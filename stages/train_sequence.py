@@ -33,20 +33,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from einops import rearrange
 
 from models.tdvae import TDVAE, FrameVAE, TDVAEConfig
 from pipeline.config import from_dict, to_dict
-from stages import Input
-from stages.sequences import read_sequence_table, sequence_table_meta
-from stages.train_autoencoder import TrainConfig, to_unit
-from stages.training import cosine_lr, resume, save_checkpoint, train_into, where
+from pipeline.stage import Input
+from stages.formats.pixels import to_frames, to_unit
+from stages.formats.sequences import read_sequence_table, sequence_table_meta
+from stages.metrics.tdvae import PRETRAIN_TERMS, evaluate, evaluate_frames
+from stages.train_autoencoder import TrainConfig
+from stages.training.harness import cosine_lr, resume, save_checkpoint, train_into, where
 
 VERSION = "1"
-INPUTS = {"sequences": Input(kinds=("ingest",))}
+INPUTS = {"sequences": Input(kinds=("ingest_sequences",))}
 DEFAULT_NUM_CPUS = 0  # the Ray Train workers reserve the CPUs
 TERMS = ("loss", "recon", "kl", "belief_t2", "transition", "info_weight")
-PRETRAIN_TERMS = ("loss", "recon", "kl")
 
 log = logging.getLogger(__name__)
 
@@ -133,15 +133,6 @@ def _loop(loop_config: dict, session) -> dict:
     """The loop as `stages.training.launch` calls it: rebuild the config, then train."""
     config = from_dict(Config, loop_config["config"], "")
     return train_loop(config, loop_config["sequences"], session)
-
-
-def to_frames(
-    batch: torch.Tensor, device: torch.device, binarize: str, generator=None
-) -> torch.Tensor:
-    """uint8 ``b t h w c`` -> float ``b t c h w`` in [0, 1] (binarized as `to_unit` does)."""
-    t = batch.shape[1]
-    x = to_unit(rearrange(batch, "b t h w c -> (b t) h w c"), device, binarize, generator)
-    return rearrange(x, "(b t) c h w -> b t c h w", t=t)
 
 
 def train_loop(config: Config, sequences_ref: dict, session) -> dict:
@@ -345,51 +336,3 @@ def _log_progress(row: dict, total: int) -> None:
         )
 
 
-@torch.no_grad()
-def evaluate_frames(frame_vae: FrameVAE, frames: torch.Tensor, device, seed: int = 0) -> dict:
-    """The frame VAE's val terms (``val_pretrain_<term>``) over every frame of the val
-    sequences, with fixed latent samples (the global RNG is restored afterwards)."""
-    if len(frames) == 0:
-        return {}
-    flat = rearrange(frames, "b t c h w -> (b t) c h w")
-    sums = dict.fromkeys(PRETRAIN_TERMS, 0.0)
-    frame_vae.eval()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for start in range(0, len(flat), 1024):
-            out = frame_vae(flat[start : start + 1024].to(device))
-            for k in sums:
-                sums[k] += float(out[k]) * min(1024, len(flat) - start)
-    frame_vae.train()
-    return {f"val_pretrain_{k}": v / len(flat) for k, v in sums.items()}
-
-
-@torch.no_grad()
-def evaluate(
-    model: TDVAE, frames: torch.Tensor, device: torch.device, draws: int = 4, seed: int = 0
-) -> dict:
-    """Val loss terms (``val_<term>``) averaged over `draws` draws of one (t1, Δ) pair per
-    sequence, with fixed pairs and latent samples (the global RNG is restored afterwards).
-    ``val_loss`` is the negative objective with weight 1 on every term, warm-up or not."""
-    if len(frames) == 0:
-        return {}
-    model.eval()
-    sums = dict.fromkeys(TERMS[1:-1], 0.0)  # the unweighted terms
-    pairs = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for _ in range(draws):
-            for start in range(0, len(frames), 256):
-                x = frames[start : start + 256].to(device)
-                out = model(x, generator=pairs)
-                for k in sums:
-                    sums[k] += float(out[k]) * len(x)
-    model.train()
-    metrics = {f"val_{k}": v / (draws * len(frames)) for k, v in sums.items()}
-    metrics["val_loss"] = (
-        metrics["val_recon"]
-        + metrics["val_kl"]
-        + metrics["val_belief_t2"]
-        - metrics["val_transition"]
-    )
-    return metrics

@@ -3,8 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from stages import dsprites
-from stages.disentanglement import factor_vae_score, mig
+from stages.metrics.disentanglement import factor_vae_score, mig
+from stages.sources import dsprites
 
 SIZES = (3, 6, 10, 8, 8)
 

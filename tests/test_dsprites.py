@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from stages import dsprites
+from stages.sources import dsprites
 
 
 def _centre_of_mass(image: np.ndarray) -> np.ndarray:

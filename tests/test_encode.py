@@ -12,8 +12,8 @@ import yaml
 
 from models.vqvae2 import VQVAE2
 from pipeline.store import CorruptArtifactError, Store
-from stages.codes import CodeShardError, open_codes
-from stages.tables import read_image_table
+from stages.formats.codes import CodeShardError, open_codes
+from stages.formats.images import read_image_table
 from tests.conftest import REPO, run_json, twostage, write_yaml
 
 PIPELINE = """
@@ -207,7 +207,7 @@ def test_shard_whose_columns_miss_its_metadata_is_refused(tmp_path, change):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from stages.codes import CodeShardMeta, codes_table
+    from stages.formats.codes import CodeShardMeta, codes_table
 
     meta = CodeShardMeta(
         level_names=["bottom", "top"],

@@ -10,7 +10,7 @@ from PIL import Image
 
 from pipeline.store import Store
 from stages import ingest
-from stages.tables import META_KEY, read_image_table
+from stages.formats.images import META_KEY, read_image_table
 from tests.conftest import write_idx
 
 

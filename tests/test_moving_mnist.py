@@ -11,8 +11,8 @@ from PIL import Image
 
 from pipeline.config import ConfigError, from_dict
 from pipeline.store import Store
-from stages import ingest, moving_mnist
-from stages.sequences import (
+from stages import ingest_sequences
+from stages.formats.sequences import (
     META_KEY,
     SequenceTable,
     SequenceTableMeta,
@@ -20,13 +20,14 @@ from stages.sequences import (
     sequence_table_meta,
     write_sequence_table,
 )
+from stages.sources import mnist, moving_mnist
 from tests.conftest import write_idx
 
 
 @pytest.fixture(scope="module")
 def pool() -> np.ndarray:
     """The embedded MNIST training digits, uint8 ``n 28 28``."""
-    return ingest._read_mnist_dir(ingest.EMBEDDED_DIR)[0]["images"][..., 0]
+    return mnist.read_mnist_dir(mnist.EMBEDDED_DIR)[0]["images"][..., 0]
 
 
 def _glyph(digit: np.ndarray, size: int) -> np.ndarray:
@@ -210,9 +211,9 @@ def _commit(tmp_path: Path, write) -> object:
     """Commits the files `write(out)` puts into a staging directory; returns the artifact."""
     store = Store(str(tmp_path / "store"))
     key = f"{abs(hash(str(tmp_path))):064x}"[-64:]
-    with store.staging("ingest", key) as out:
+    with store.staging("ingest_sequences", key) as out:
         write(out)
-        artifact, _ = store.commit("ingest", key, out, {"metrics": {}})
+        artifact, _ = store.commit("ingest_sequences", key, out, {"metrics": {}})
     return artifact
 
 
@@ -299,14 +300,14 @@ def test_sequence_table_errors_name_the_file(tmp_path):
 # ----- ingest --------------------------------------------------------------------------------
 
 
-def _ingest(tmp_path: Path, **kwargs) -> tuple[dict, object, ingest.Config]:
+def _ingest(tmp_path: Path, **kwargs) -> tuple[dict, object, ingest_sequences.Config]:
     """Runs ingest and commits it to a store in tmp_path; returns (metrics, artifact, config)."""
-    config = ingest.Config(source=ingest.Source(**kwargs.pop("source")), **kwargs)
+    config = ingest_sequences.Config(source=ingest_sequences.Source(**kwargs.pop("source")), **kwargs)
     store = Store(str(tmp_path / "store"))
     key = f"{abs(hash(repr(config))):064x}"[-64:]
-    with store.staging("ingest", key) as out:
-        metrics = ingest.run(config, {}, out, str(tmp_path / "scratch"))
-        artifact, _ = store.commit("ingest", key, out, {"metrics": metrics})
+    with store.staging("ingest_sequences", key) as out:
+        metrics = ingest_sequences.run(config, {}, out, str(tmp_path / "scratch"))
+        artifact, _ = store.commit("ingest_sequences", key, out, {"metrics": metrics})
     return metrics, artifact, config
 
 
@@ -355,7 +356,7 @@ def test_ingest_writes_a_sequence_table(tmp_path, source, generator):
 
     # every row regenerates from its stored seed; train, val and test digits are disjoint
     params = moving_mnist.GENERATORS[table.meta.generator](**table.meta.params)
-    pools = ingest._digit_pools(config)
+    pools = ingest_sequences._digit_pools(config)
     used = {split: set() for split in pools}
     for i in range(len(table)):
         pool = pools[table.splits[i]]
@@ -389,18 +390,18 @@ BAD = [
     ({"kind": "shifted_mnist", "shift": 0}, {}, "source.shift: must be between 1"),
     ({"kind": "shifted_mnist", "speed": 0.2}, {}, "source.speed: not used by source kind"),
     ({"kind": "moving_mnist", "shift": 2}, {}, "source.shift: not used by source kind"),
-    ({"kind": "embedded", "frames": 10}, {}, "source.frames: not used by source kind 'embedded'"),
-    ({"kind": "moving_mnist"}, {"image_size": 32}, "image_size: sequence sources size"),
-    ({"kind": "moving_mnist"}, {"channels": 3}, "channels: sequence frames are grey"),
+    ({"kind": "embedded"}, {}, "source.kind: must be one of 'moving_mnist'"),
+    ({"kind": "moving_mnist"}, {"image_size": 32}, "image_size: unknown key"),
+    ({"kind": "moving_mnist"}, {"channels": 3}, "channels: unknown key"),
 ]
 
 
 @pytest.mark.parametrize(("source", "extra", "message"), BAD)
 def test_bad_sequence_config_names_the_key(source, extra, message):
     with pytest.raises(ConfigError, match=rf"^steps\.data\.{message}"):
-        from_dict(ingest.Config, {"source": source, **extra}, "steps.data")
+        from_dict(ingest_sequences.Config, {"source": source, **extra}, "steps.data")
 
 
 def test_source_rejects_a_digit_larger_than_the_canvas():
     with pytest.raises(ConfigError, match=r"^digit_size: .*canvas \(32 px\).*got 40"):
-        ingest.Source(kind="moving_mnist", canvas=32, digit_size=40)
+        ingest_sequences.Source(kind="moving_mnist", canvas=32, digit_size=40)

@@ -6,13 +6,12 @@ import pytest
 import torch
 from einops import rearrange
 
-from models.prior import (
-    CodePrior,
-    PriorConfig,
-    _CachedDecoder,
-    _sample,
+from models.prior import CodePrior, PriorConfig
+from models.prior_sampling import (
+    CachedDecoder,
     check_precision,
     fp16_weights_available,
+    sample_token,
 )
 
 
@@ -98,7 +97,7 @@ def test_cached_decoder_matches_the_transformers_forward(kv_heads):
     x = torch.randn(2, 9, 32)
     with torch.no_grad():
         reference = prior.decoder(inputs_embeds=x).last_hidden_state
-        cached = _CachedDecoder(prior.decoder, batch=2, length=9, like=x)
+        cached = CachedDecoder(prior.decoder, batch=2, length=9, like=x)
         parts = [cached(x[:, :4]), cached(x[:, 4:5]), cached(x[:, 5:7]), cached(x[:, 7:])]
     torch.testing.assert_close(torch.cat(parts, 1), reference, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="exceed"):
@@ -124,7 +123,7 @@ def test_lower_precision_decoder_stays_close_to_fp32_and_samples_valid_codes(
     x = torch.randn(2, 9, 32)
     with torch.no_grad():
         reference = prior.decoder(inputs_embeds=x).last_hidden_state
-        cached = _CachedDecoder(prior.decoder, batch=2, length=9, like=x, precision=precision)
+        cached = CachedDecoder(prior.decoder, batch=2, length=9, like=x, precision=precision)
         out = torch.cat([cached(x[:, :4]), cached(x[:, 4:5]), cached(x[:, 5:])], 1)
     assert cached.keys.dtype == cache_dtype and out.dtype == torch.float32
     assert not torch.equal(out, reference)  # rounded products: close, but not the fp32 numbers
@@ -183,15 +182,15 @@ def test_same_seed_same_samples_other_seed_other_samples():
 def test_sampling_filters():
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]]).repeat(200, 1)
     g = torch.Generator().manual_seed(0)
-    assert set(_sample(logits, 1.0, 2, 1.0, g).tolist()) <= {2, 3}
-    assert set(_sample(logits, 1.0, 0, 0.5, g).tolist()) <= {3, 2}
-    assert set(_sample(logits, 0.0, 0, 1.0, g).tolist()) == {3}
+    assert set(sample_token(logits, 1.0, 2, 1.0, g).tolist()) <= {2, 3}
+    assert set(sample_token(logits, 1.0, 0, 0.5, g).tolist()) <= {3, 2}
+    assert set(sample_token(logits, 0.0, 0, 1.0, g).tolist()) == {3}
 
 
 def test_sampling_draws_from_the_softmax():
     probs = torch.tensor([0.1, 0.0, 0.2, 0.3, 0.4])
     logits = probs.log().repeat(40_000, 1)  # log 0 = -inf: never drawn
-    draws = _sample(logits, 1.0, 0, 1.0, torch.Generator().manual_seed(0))
+    draws = sample_token(logits, 1.0, 0, 1.0, torch.Generator().manual_seed(0))
     frequencies = torch.bincount(draws, minlength=5) / len(draws)
     assert frequencies[1] == 0
     torch.testing.assert_close(frequencies, probs, rtol=0, atol=0.01)  # ~4 standard errors

@@ -6,7 +6,7 @@ import socket
 import pytest
 
 from pipeline.store import CorruptArtifactError, Store
-from stages.tables import read_image_table
+from stages.formats.images import read_image_table
 from tests.conftest import REPO, cli_env, run_json, twostage
 
 CREDENTIALS = {

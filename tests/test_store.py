@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.store import MANIFEST, CorruptArtifactError, Store, StoreError, artifact_key
-from stages.tables import image_table_meta, read_image_table
+from stages.formats.images import image_table_meta, read_image_table
 from tests.conftest import REPO, twostage
 
 

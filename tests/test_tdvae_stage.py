@@ -14,8 +14,8 @@ import torch
 from models.tdvae import TDVAE
 from pipeline.config import ConfigError, from_dict
 from pipeline.store import Store
-from stages import ingest, rollout, train_sequence
-from stages.training import LocalSession
+from stages import ingest_sequences, rollout, train_sequence
+from stages.training.harness import LocalSession
 from tests.conftest import kill_after_checkpoints, run_json, write_yaml
 
 TINY_MODEL = {
@@ -38,10 +38,10 @@ def _key(name: str) -> str:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     store = Store(str(tmp_path_factory.mktemp("tdvae") / "store"))
-    config = from_dict(ingest.Config, {"source": {**SOURCE, "digit_size": 8}, "limit": 300}, "data")
-    with store.staging("ingest", _key("data")) as out:
-        metrics = ingest.run(config, {}, out, "")
-        data, _ = store.commit("ingest", _key("data"), out, {"metrics": metrics})
+    config = from_dict(ingest_sequences.Config, {"source": {**SOURCE, "digit_size": 8}, "limit": 300}, "data")
+    with store.staging("ingest_sequences", _key("data")) as out:
+        metrics = ingest_sequences.run(config, {}, out, "")
+        data, _ = store.commit("ingest_sequences", _key("data"), out, {"metrics": metrics})
     config = from_dict(
         train_sequence.Config,
         {
@@ -198,7 +198,7 @@ def test_killed_training_resumes_and_the_report_has_the_prediction_table(tmp_pat
         f"""
 name: tdvae
 steps:
-  data: {{stage: ingest, source: {{{source}}}, limit: 300}}
+  data: {{stage: ingest_sequences, source: {{{source}}}, limit: 300}}
   tdvae:
     stage: train_sequence
     inputs: {{sequences: data}}

@@ -14,10 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from models.prior import fp16_weights_available
+from models.prior_sampling import fp16_weights_available
 from pipeline.store import Store
 from stages import sample, train_prior
-from stages.codes import CodeShardError, open_codes
+from stages.formats.codes import CodeShardError, open_codes
+from stages.sampling.priors import load_priors
 from tests.conftest import kill_after_checkpoints, run_json, twostage, write_yaml
 
 TINY_AE = (
@@ -119,7 +120,7 @@ def _priors(store, steps):
     from models.vqvae2 import VQVAE2Config
 
     ae_config = VQVAE2Config(**json.loads(autoencoder.read_bytes("config.json")))
-    priors, classes = sample.load_priors(artifacts, autoencoder.key, ae_config)
+    priors, classes = load_priors(artifacts, autoencoder.key, ae_config)
     return priors, classes, artifacts, ae_config
 
 
@@ -164,9 +165,9 @@ def test_prior_of_another_autoencoder_is_refused(two_stage):
     root, store, steps, _ = two_stage
     _, _, artifacts, ae_config = _priors(store, steps)
     with pytest.raises(CodeShardError, match="trained on codes of autoencoder"):
-        sample.load_priors(artifacts, "0" * 64, ae_config)
+        load_priors(artifacts, "0" * 64, ae_config)
     with pytest.raises(CodeShardError, match="no prior for level"):
-        sample.load_priors(artifacts[:1], artifacts[0].metrics["autoencoder_key"], ae_config)
+        load_priors(artifacts[:1], artifacts[0].metrics["autoencoder_key"], ae_config)
 
     # the same through the CLI: a second autoencoder, the first one's priors
     config = write_yaml(

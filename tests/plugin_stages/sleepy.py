@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages import Input
+from pipeline.stage import Input
 
 VERSION = "1"
 INPUTS = {"after": Input(required=False)}

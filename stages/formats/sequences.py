@@ -1,11 +1,11 @@
 """The sequence table: the artifact format of frame sequences (e.g. Moving MNIST for TD-VAE).
 
-The sequence counterpart of `stages.tables`. Parquet files ``sequences-00000.parquet``, ... with
+The sequence counterpart of `stages.formats.images`. Parquet files ``sequences-00000.parquet``, ... with
 one row per sequence:
 
 - ``id`` (int64): stable sequence id, unique within the table;
 - ``split`` (string): ``train``, ``val`` or ``test``;
-- ``seed`` (int64): the seed the row was generated from (`stages.moving_mnist.generate_one`
+- ``seed`` (int64): the seed the row was generated from (`stages.sources.moving_mnist.generate_one`
   regenerates it from this seed, the metadata's generator and params, and the split's digits);
 - ``label`` (int16, nullable): class of the first digit, null when unknown;
 - ``frames`` (binary): raw uint8 pixels, row-major ``t h w c``.
@@ -52,7 +52,7 @@ class SequenceTableMeta:
         height: Frame height in pixels.
         width: Frame width in pixels.
         channels: Channels per pixel.
-        generator: Name of the generator (`stages.moving_mnist.GENERATORS`), e.g. ``bouncing``.
+        generator: Name of the generator (`stages.sources.moving_mnist.GENERATORS`), e.g. ``bouncing``.
         params: The generator's parameters (canvas, digit_size, num_digits, speed or shift, ...).
         digit_pool: Which digits the sequences were drawn from, in words.
         schema_version: Version of this format.

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.store import sync_directory, sync_tree
+from models.io import MODEL_FILES
+from pipeline.store import check_in_process, sync_directory, sync_tree
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +72,6 @@ def launch(
     )
 
 
-def check_in_process(workers: int, what: str, location: str) -> None:
-    """ValueError when in-process training (``workers`` 0), whose checkpoints live in a local
-    directory, would keep them at `location` (`what`, e.g. "the store") on an object store."""
-    if workers == 0 and "://" in location:
-        raise ValueError(
-            f"train.workers: 0 trains in process with checkpoints in a local directory, but "
-            f"{what} is {location.split('?')[0]}; use workers >= 1 (Ray Train)"
-        )
-
-
 def train_into(
     out: Path, loop: Callable, loop_config: dict, train, scratch: str, **data
 ) -> tuple[dict, list]:
@@ -103,7 +94,7 @@ def train_into(
             final=Path(tmp),
             **data,
         )
-        for name in ("config.json", "model.safetensors"):
+        for name in MODEL_FILES:
             shutil.copyfile(final_dir / name, out / name)
         history = json.loads((final_dir / "history.json").read_text())
     return metrics, history
@@ -443,7 +434,7 @@ class RaySession:
 def pick_device(device: str) -> torch.device:
     if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device is cuda but no CUDA device is visible")
+            raise RuntimeError("device is cuda but no CUDA device is visible to this worker")
         return torch.device("cuda")
     return torch.device("cpu")
 

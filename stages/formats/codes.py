@@ -229,7 +229,7 @@ class CodeDataset:
 
     def to_ray_dataset(self, columns: list[str] | None = None):
         """A Ray Dataset over the (verified) shard files, streamed by Ray Data."""
-        from stages.tables import read_parquet_dataset
+        from stages.formats.images import read_parquet_dataset
 
         return read_parquet_dataset(self.paths(), self.artifact.store.fs, columns)
 

@@ -1,7 +1,7 @@
 """Disentanglement metrics against ground-truth factors: MIG and the FactorVAE score.
 
 Shapes: ``codes`` are float ``n d`` (one row per image, e.g. a VAE's posterior means),
-``factors`` integer ``n k`` (one column per ground-truth factor, e.g. `stages.dsprites` indices).
+``factors`` integer ``n k`` (one column per ground-truth factor, e.g. `stages.sources.dsprites` indices).
 Mutual information and entropies are in nats. Both metrics follow the evaluation protocol of
 Locatello et al. 2019 ("Challenging Common Assumptions in the Unsupervised Learning of
 Disentangled Representations"): equal-width code histograms for MIG, majority-vote classifier

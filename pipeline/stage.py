@@ -1,0 +1,95 @@
+"""The stage contract and the registry. A stage is a module with this shape (see `Stage`):
+
+- ``VERSION``: a string; bump it when the stage's outputs change for the same config;
+- ``Config``: a frozen dataclass holding every option with its default;
+- ``INPUTS``: input slot -> `Input` (which stage types it accepts, one or many artifacts);
+- ``run(config, inputs, out, scratch) -> dict``: reads its input artifacts, writes files into
+  the local directory ``out`` and returns JSON-able metrics. ``scratch`` is a path or URI unique
+  to the artifact key where the stage may keep resumable state (checkpoints); it survives a
+  failed or interrupted run and is removed once the artifact is committed. A stage that resumed
+  returns ``resumed_from_step`` in its metrics. It knows nothing of Ray scheduling; the
+  pipeline places it on resources and commits ``out`` to the artifact store.
+- optionally ``DEFAULT_NUM_CPUS``: CPUs its Ray task reserves when the step does not say (a
+  stage that starts its own Ray Train workers coordinates only and reserves 0).
+- optionally ``fingerprint(config) -> str | None``: a cheap summary of external data the stage
+  reads (file sizes and times), folded into the artifact key so changed source files are not
+  served from cache.
+- optionally ``RETIRED_OPTIONS``: options the stage no longer has, at the values they always
+  had (a nested mapping like its config's), folded into its artifact keys so that artifacts
+  stored before the options went stay cached.
+- optionally ``check_upstream(config, step, steps) -> None``: checks the stage's options
+  against the validated steps it reads from, before anything runs (raise ValueError whose
+  message starts with the option's name, e.g. a prior's level against its autoencoder).
+
+Built-in stages are the modules of the ``stages`` package, named by type (``ingest`` is
+``stages/ingest.py``): the file list is the registry. A user's own stage is named by its module
+path (``mypackage.my_stage``), importable on every Ray node. The pipeline reaches stages only
+through `load`, by name; nothing in ``pipeline/`` imports a stage module.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Protocol
+
+STAGES_PACKAGE = "stages"
+
+
+def builtin() -> list[str]:
+    """The built-in stage types: the module files of the ``stages`` package (its subpackages
+    hold what the stages share), found without importing any of them."""
+    spec = importlib.util.find_spec(STAGES_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    return sorted(
+        path.stem
+        for location in spec.submodule_search_locations
+        for path in Path(location).glob("*.py")
+        if path.stem != "__init__"
+    )
+
+
+@dataclass(frozen=True)
+class Input:
+    """An input slot of a stage.
+
+    Args:
+        kinds: Stage types whose artifacts the slot accepts (empty: any).
+        many: The slot takes a list of artifacts.
+        required: The pipeline must wire this slot.
+    """
+
+    kinds: tuple[str, ...] = ()
+    many: bool = False
+    required: bool = True
+
+
+class Stage(Protocol):
+    VERSION: str
+    INPUTS: dict[str, Input]
+    Config: type
+
+    def run(self, config: Any, inputs: dict[str, Any], out: Path, scratch: str) -> dict: ...
+
+
+def load(stage: str) -> ModuleType:
+    """Imports a stage module by built-in type name or module path.
+
+    Raises:
+        ImportError: with a message naming the stage.
+    """
+    known = builtin()
+    module_name = f"{STAGES_PACKAGE}.{stage}" if stage in known else stage
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        names = ", ".join(known)
+        raise ImportError(f"unknown stage {stage!r} (built-in: {names}; or a module path)") from e
+    missing = [a for a in ("VERSION", "Config", "INPUTS", "run") if not hasattr(module, a)]
+    if missing:
+        raise ImportError(f"stage module {module_name!r} lacks {', '.join(missing)}")
+    return module

@@ -1,0 +1,1 @@
+"""Figures the stages write: PNG grids of images."""

@@ -1,0 +1,2 @@
+"""On-disk formats the stages share: image tables, sequence tables, code shards, and stored
+uint8 pixels as model inputs."""
