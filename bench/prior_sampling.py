@@ -12,7 +12,7 @@ level (top prior, then bottom prior conditioned on the sampled top codes) with o
   the decoder's work per code, so at the same width it models codes worse;
 - ``patch_2x2_wide``: the same at hidden 640 (8 heads), about the decoder work per code of
   ``per_code``; on the demo's shards a 2x2 prior of twice the width matched the per-code
-  prior's val bits per code (README);
+  prior's val bits per code (docs/results.md);
 - ``*_kv1``: one key/value head shared by the 4 query heads (grouped-query attention), which
   cuts the KV cache each step reads by 4; hidden 336 keeps the parameters above the
   reference's;

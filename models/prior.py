@@ -26,7 +26,7 @@ plus the codes already chosen in it. The factorisation stays exact,
 p(patch) = p(c_0) p(c_1 | c_0) ..., but sampling a level takes ph * pw times fewer decoder steps,
 which is what bounds sampling time on a CPU (one small matrix product per layer and step). The
 price: each code gets a fraction of the decoder's work, so at the same width a patched prior
-models codes worse (README: on the demo's shards a 2x2 prior needs twice the width to match).
+models codes worse than an unpatched one of the same width.
 The idea is that of the local models of MEGABYTE (Yu et al., 2023) and RQ-Transformer (Lee et
 al., 2022); here the local model is one residual MLP.
 
@@ -52,8 +52,55 @@ from models.prior_sampling import CachedDecoder, check_precision, sample_token
 
 
 @dataclass(frozen=True)
-class PriorConfig:
-    """Prior hyper-parameters.
+class PriorArchitecture:
+    """The transformer's size, conditioning dropout and patching: what a user chooses about a
+    prior (`PriorConfig` adds what the codes decide).
+
+    Args:
+        hidden_size: Transformer width.
+        layers: Decoder layers.
+        heads: Attention heads.
+        kv_heads: Key/value heads (grouped-query attention; must divide ``heads``); 0: as many
+            as ``heads``. Fewer shrink the KV cache that every sampling step reads.
+        mlp_ratio: MLP width as a multiple of hidden_size.
+        dropout: Attention dropout.
+        class_dropout: Probability of replacing the label by the null class in training
+            (classifier-free guidance).
+        patch: (ph, pw) codes per sequence token. [1, 1]: one code per token. Larger patches
+            make the decoder take one step per patch, and a small head predicts the patch's
+            codes one after another (see the module docstring). Must divide the level's grid.
+    """
+
+    hidden_size: int = 256
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 0
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    class_dropout: float = 0.1
+    patch: list[int] = field(default_factory=lambda: [1, 1])
+
+    def __post_init__(self):
+        for name in ("hidden_size", "layers", "heads", "mlp_ratio"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.heads:
+            raise ValueError(
+                f"hidden_size: {self.hidden_size} is not divisible by heads {self.heads}"
+            )
+        if self.kv_heads < 0 or (self.kv_heads and self.heads % self.kv_heads):
+            raise ValueError(f"kv_heads: must divide heads ({self.heads}), got {self.kv_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.class_dropout < 1.0:
+            raise ValueError(f"class_dropout: must be in [0, 1), got {self.class_dropout}")
+        if len(self.patch) != 2 or min(self.patch) < 1:
+            raise ValueError(f"patch: must be two positive sizes [ph, pw], got {self.patch}")
+
+
+@dataclass(frozen=True)
+class PriorConfig(PriorArchitecture):
+    """Prior hyper-parameters: the architecture (`PriorArchitecture`) and the codes it models.
 
     Args:
         grid: (h, w) of the modelled level.
@@ -61,17 +108,6 @@ class PriorConfig:
         context_grids: Upper levels' grids, in prefix order (name -> [h, w]).
         context_codebook_sizes: Upper levels' codebook sizes (name -> K).
         num_classes: Classes for conditioning (0: unconditional).
-        class_dropout: Probability of replacing the label by the null class in training.
-        hidden_size: Transformer width.
-        layers: Decoder layers.
-        heads: Attention heads.
-        kv_heads: Key/value heads (grouped-query attention); 0 means as many as ``heads``.
-            Fewer shrink the KV cache that every sampling step reads.
-        mlp_ratio: MLP width as a multiple of hidden_size.
-        dropout: Attention dropout.
-        patch: (ph, pw) codes per sequence token. [1, 1]: one code per token. Larger patches
-            make the decoder take one step per patch, and a small head predicts the patch's
-            codes one after another (see the module docstring).
     """
 
     grid: list[int] = field(default_factory=lambda: [4, 4])
@@ -79,29 +115,12 @@ class PriorConfig:
     context_grids: dict[str, list[int]] = field(default_factory=dict)
     context_codebook_sizes: dict[str, int] = field(default_factory=dict)
     num_classes: int = 0
-    class_dropout: float = 0.1
-    hidden_size: int = 256
-    layers: int = 4
-    heads: int = 4
-    kv_heads: int = 0
-    mlp_ratio: int = 4
-    dropout: float = 0.0
-    patch: list[int] = field(default_factory=lambda: [1, 1])
 
     def __post_init__(self):
-        if self.hidden_size % self.heads:
-            raise ValueError(
-                f"hidden_size: {self.hidden_size} is not divisible by heads {self.heads}"
-            )
-        if self.kv_heads < 0 or (self.kv_heads and self.heads % self.kv_heads):
-            raise ValueError(f"kv_heads: must divide heads {self.heads}, got {self.kv_heads}")
+        super().__post_init__()
         if set(self.context_grids) != set(self.context_codebook_sizes):
             raise ValueError("context_grids: must name the same levels as context_codebook_sizes")
-        if not 0.0 <= self.class_dropout < 1.0:
-            raise ValueError(f"class_dropout: must be in [0, 1), got {self.class_dropout}")
-        if len(self.patch) != 2 or any(
-            p < 1 or g % p for p, g in zip(self.patch, self.grid, strict=True)
-        ):
+        if any(g % p for p, g in zip(self.patch, self.grid, strict=True)):
             raise ValueError(
                 f"patch: must be two positive sizes that divide the grid {self.grid}, "
                 f"got {self.patch}"

@@ -40,7 +40,7 @@ Prediction (`TDVAE.predict`, `TDVAE.rollout`): from the belief at the last obser
 Pre-training (`FrameVAE`): a plain VAE on single frames built on the TD-VAE's own encoder and
 decoder (plus a linear head to ``q(z | x)``), trained before the TD-VAE objective so the
 convolutions already draw digits. Trained from scratch, the TD-VAE's frame path learns far more
-slowly than the same blocks in a plain VAE, and its predictions stay blurred (README, TD-VAE).
+slowly than the same blocks in a plain VAE, and its predictions stay blurred.
 The train-sequence stage then re-initializes the decoder's input layer, so the latent layout is
 the TD-VAE's own (`stages.train_sequence.PretrainConfig`).
 """
@@ -86,9 +86,8 @@ class TDVAEConfig:
             the latents before their cost is paid in full, instead of collapsing to the mean
             frame.
         frame_skip: Append the current frame's features to the LSTM state (the belief is
-            ``belief_dim + frame_features`` wide). On 32x32 bouncing MNIST the val
-            reconstruction term after 2,000 steps fell from 60.2 to 54.9 nats with it
-            (README, TD-VAE).
+            ``belief_dim + frame_features`` wide): the belief sees the current frame directly
+            as well as through the LSTM.
     """
 
     family: Literal["tdvae"] = "tdvae"

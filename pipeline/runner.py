@@ -313,8 +313,8 @@ def _execute_step(
     name: str, stage: str, config: dict, inputs: dict, store_uri: str, key: str, cwd: str
 ) -> dict:
     """Runs one step inside a Ray worker: open inputs, run the stage, commit its output."""
-    import stages
     from pipeline.config import from_dict
+    from pipeline.stage import load
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
     if os.path.isdir(cwd):
@@ -325,7 +325,7 @@ def _execute_step(
         store = Store(store_uri)
         if store.get(stage, key) is not None:  # another run committed it meanwhile
             return {"status": "cached", "seconds": time.time() - start, "node": node}
-        module = stages.load(stage)
+        module = load(stage)
         typed = from_dict(module.Config, config, f"steps.{name}")
         opened = {
             slot: [store.open(*ref) for ref in refs]

@@ -67,7 +67,7 @@ class Config:
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         precision: Of the matrix products in the priors' decoders: ``fp32``; ``bf16``
             products and KV cache; ``fp16_weights``, fp16 weights times fp32 inputs (x86 CPUs:
-            faster for large priors at small batches, README); ``auto``: bf16 on GPUs with it
+            faster for large priors at small batches); ``auto``: bf16 on GPUs with it
             and on CPUs with native bf16 (AVX512-BF16 / AMX), else fp32.
         png_per_class: Images per class row in ``samples.png``.
     """

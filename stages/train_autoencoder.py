@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -37,12 +36,24 @@ import torch
 from models.families import ModelConfig, build, is_quantized
 from models.families import load as load_model
 from models.vqvae2 import VQVAE2, VQVAE2Config
-from pipeline.config import from_dict, run_option, to_dict
+from pipeline.config import from_dict, to_dict
 from pipeline.stage import Input
 from stages.figures.png import grid, save_png
 from stages.formats.images import image_table_meta, read_image_table
 from stages.formats.pixels import to_signed, to_uint8, to_unit
-from stages.training.harness import cosine_lr, resume, save_checkpoint, train_into, use_bf16, where
+from stages.training.harness import train_into, use_bf16, where
+from stages.training.loop import (
+    TrainConfig,
+    Window,
+    apply_lr,
+    check_finite,
+    cosine_lr,
+    due,
+    mean_rate,
+    resume,
+    resumed_finished,
+    save_checkpoint,
+)
 
 VERSION = "1"
 INPUTS = {"images": Input(kinds=("ingest",))}
@@ -52,58 +63,29 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation and execution options.
+class AutoencoderTrainConfig(TrainConfig):
+    """The shared training options (`stages.training.loop.TrainConfig`; ``batch_size`` counts
+    images, Adam) and the autoencoders' own.
 
     Args:
-        steps: Optimizer steps.
-        batch_size: Images per step per worker.
-        lr: Peak learning rate (Adam).
-        warmup_steps: Linear warm-up steps.
-        final_lr_fraction: Cosine decay from ``lr`` to ``lr * final_lr_fraction``.
-        grad_clip: Clip the global gradient norm (0: off).
-        checkpoint_every: Steps between checkpoints (and val evaluations).
-        log_every: Steps between logged metric rows.
-        seed: Seed of initialisation and batch sampling.
         precision: ``bf16`` autocast, ``fp32``, or ``auto`` (bf16 where the hardware has fast
             bf16: CUDA with bf16, CPUs with AVX512-BF16 or AMX).
         channels_last: Use the channels-last memory format (faster convolutions on CPU and GPU).
-        workers: 0 trains in the stage's own process; N >= 1 uses Ray Train with N DDP workers.
-        cpus_per_worker: CPU threads per worker (None: the free CPUs divided among workers).
-        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         val_images: At most this many val images are evaluated.
         binarize: For the non-quantized families: ``none`` keeps grey levels in [0, 1];
             ``threshold`` maps pixels above 0.5 to 1; ``dynamic`` draws each pixel as 1 with
             its intensity as probability, afresh for every batch (val images: one fixed draw).
     """
 
-    steps: int = 2000
-    batch_size: int = 32
-    lr: float = 3e-4
-    warmup_steps: int = 100
-    final_lr_fraction: float = 0.1
-    grad_clip: float = 1.0
-    checkpoint_every: int = 500
-    log_every: int = 50
-    seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: bool = True
-    workers: int = 1
-    cpus_per_worker: int | None = run_option(None)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
     val_images: int = 10_000
     binarize: Literal["none", "threshold", "dynamic"] = "none"
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr: must be positive, got {self.lr}")
-        if self.workers < 0:
-            raise ValueError(f"workers: 0 (in-process) or a positive count, got {self.workers}")
-        if not 0 <= self.final_lr_fraction <= 1:
-            raise ValueError("final_lr_fraction: must be in [0, 1]")
+        super().__post_init__()
+        if self.val_images < 0:
+            raise ValueError(f"val_images: cannot be negative, got {self.val_images}")
 
 
 @dataclass(frozen=True)
@@ -111,7 +93,7 @@ class Config:
     """Stage options: the model and how to train it."""
 
     model: ModelConfig = field(default_factory=VQVAE2Config)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: AutoencoderTrainConfig = field(default_factory=AutoencoderTrainConfig)
 
 
 # ----- the stage ------------------------------------------------------------------------------
@@ -244,14 +226,11 @@ def train_loop(config: Config, images_ref: dict, session) -> dict:
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
 
-    running: dict[str, float] = {}
-    window_start, window_images = time.perf_counter(), 0
+    window = Window("images_per_s")
     last_good = start_step if resume_dir is not None else None
     final_metrics = {}
     for step in range(start_step, train.steps):
-        lr = cosine_lr(step, train)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = apply_lr(optimizer, cosine_lr(step, train))
         index = torch.randint(len(train_images), (train.batch_size,), generator=generator)
         model.train()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -262,17 +241,13 @@ def train_loop(config: Config, images_ref: dict, session) -> dict:
                 out = wrapped(x, train_labels[index].to(device))
         terms = {k: v for k, v in out.items() if not torch.is_tensor(v) or v.ndim == 0}
         loss = out["loss"]
-        if not torch.isfinite(loss):
-            where = f"step {last_good}" if last_good is not None else "none yet"
-            named = ", ".join(
-                f"{k} {float(v.detach() if torch.is_tensor(v) else v):.4g}"
-                for k, v in terms.items()
-                if k != "loss"
-            )
-            raise FloatingPointError(
-                f"loss became {loss.item()} at step {step + 1} ({named}); last good "
-                f"checkpoint: {where}; lower train.lr or check the input data"
-            )
+        check_finite(
+            loss,
+            step,
+            terms,
+            f"last good checkpoint: {'none yet' if last_good is None else f'step {last_good}'}; "
+            "lower train.lr or check the input data",
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if train.grad_clip > 0:
@@ -281,46 +256,23 @@ def train_loop(config: Config, images_ref: dict, session) -> dict:
         if hasattr(model, "advance"):  # capacity-controlled beta-VAE: C grows per optimizer step
             model.advance()
 
-        for k, v in terms.items():
-            running[k] = running.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
-        running["_n"] = running.get("_n", 0) + 1
-        window_images += train.batch_size * session.world_size
+        window.add(terms, train.batch_size * session.world_size)
         done = step + 1
-        if done % train.log_every == 0 or done == train.steps:
-            n = running.pop("_n")
-            row = {"step": done, "lr": lr, **{k: v / n for k, v in running.items()}}
-            row["images_per_s"] = window_images / (time.perf_counter() - window_start)
-            history.append(row)
-            running, window_start, window_images = {}, time.perf_counter(), 0
+        if due(done, train.log_every, train.steps):
+            history.append(window.row(done, lr))
             if session.rank == 0:
-                if quantized:
-                    levels = config.model.level_names
-                    detail = " ".join(f"{lv} ppl {row[f'perplexity/{lv}']:.0f}" for lv in levels)
-                else:
-                    detail = " ".join(
-                        f"{k} {row[k]:.4g}" for k in terms if k not in ("loss", "recon")
-                    )
-                log.info(
-                    "train_autoencoder: step %d/%d loss %.4f recon %.4f | %s | %.0f img/s",
-                    done,
-                    train.steps,
-                    row["loss"],
-                    row["recon"],
-                    detail,
-                    row["images_per_s"],
-                )
-        if done % train.checkpoint_every == 0 or done == train.steps:
-            final = done == train.steps
+                _log_row(history[-1], config, terms)
+        if due(done, train.checkpoint_every, train.steps):
             metrics = {"step": done}
             if session.rank == 0 and quantized:
                 metrics.update(evaluate(model, val_images, device, bf16, train.channels_last))
             elif session.rank == 0:
                 metrics.update(evaluate_continuous(model, val_images, val_labels, device))
-            if final:
+            if done == train.steps:
                 metrics["resumed_from_step"] = start_step
                 metrics["bf16"] = bf16
                 metrics["workers"] = session.world_size
-                metrics["train_images_per_s"] = _mean_rate(history)
+                metrics["train_images_per_s"] = mean_rate(history, "images_per_s")
             state = {
                 "step": done,
                 "optimizer": optimizer.state_dict(),
@@ -335,15 +287,23 @@ def train_loop(config: Config, images_ref: dict, session) -> dict:
                     f" (val mse {metrics['val_mse']:.5f})" if "val_mse" in metrics else "",
                 )
             final_metrics = metrics
-    if start_step >= train.steps and session.rank == 0:  # resumed a finished run
-        final_metrics = json.loads((resume_dir / "final_metrics.json").read_text())
-        session.report({**final_metrics, "step": start_step}, resume_dir)
-    return final_metrics
+    return resumed_finished(session, start_step, train.steps, resume_dir) or final_metrics
 
 
-def _mean_rate(history: list[dict]) -> float:
-    rates = [r["images_per_s"] for r in history[1:]] or [r["images_per_s"] for r in history]
-    return float(np.mean(rates)) if rates else 0.0
+def _log_row(row: dict, config: Config, terms: dict) -> None:
+    if config.model.family == "vqvae2":
+        detail = " ".join(f"{lv} ppl {row[f'perplexity/{lv}']:.0f}" for lv in config.model.level_names)
+    else:
+        detail = " ".join(f"{k} {row[k]:.4g}" for k in terms if k not in ("loss", "recon"))
+    log.info(
+        "train_autoencoder: step %d/%d loss %.4f recon %.4f | %s | %.0f img/s",
+        row["step"],
+        config.train.steps,
+        row["loss"],
+        row["recon"],
+        detail,
+        row["images_per_s"],
+    )
 
 
 @torch.no_grad()

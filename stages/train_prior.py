@@ -28,19 +28,30 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 
-from models.prior import CodePrior, PriorConfig
-from pipeline.config import from_dict, run_option, to_dict
+from models.prior import CodePrior, PriorArchitecture, PriorConfig
+from pipeline.config import from_dict, to_dict
 from pipeline.stage import Input
 from stages.formats.codes import column, open_codes
-from stages.training.harness import cosine_lr, resume, save_checkpoint, train_into, use_bf16, where
+from stages.training.harness import train_into, use_bf16, where
+from stages.training.loop import (
+    TrainConfig,
+    Window,
+    apply_lr,
+    check_finite,
+    cosine_lr,
+    due,
+    mean_rate,
+    resume,
+    resumed_finished,
+    save_checkpoint,
+)
 
 VERSION = "1"
 INPUTS = {"codes": Input(kinds=("encode",))}
@@ -50,99 +61,42 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """The transformer's size and conditioning (see `models.prior.PriorConfig`).
+class ModelConfig(PriorArchitecture):
+    """The transformer's architecture (`models.prior.PriorArchitecture`) and its conditioning.
 
     Args:
-        hidden_size: Transformer width.
-        layers: Decoder layers.
-        heads: Attention heads.
-        kv_heads: Key/value heads (grouped-query attention; must divide ``heads``); 0: as many
-            as ``heads``. Fewer shrink the KV cache that each sampling step reads.
-        mlp_ratio: MLP width as a multiple of hidden_size.
-        dropout: Attention dropout.
         class_conditional: Condition on the shards' labels (ignored when they have none).
-        class_dropout: Probability of training a row as unconditional (classifier-free guidance).
-        patch: (ph, pw) codes per sequence token; [2, 2] takes a quarter of the decoder steps
-            to sample a level (see `models.prior`). Must divide the level's grid.
     """
 
-    hidden_size: int = 256
-    layers: int = 4
-    heads: int = 4
-    kv_heads: int = 0
-    mlp_ratio: int = 4
-    dropout: float = 0.0
     class_conditional: bool = True
-    class_dropout: float = 0.1
-    patch: list[int] = field(default_factory=lambda: [1, 1])
-
-    def __post_init__(self):
-        if len(self.patch) != 2 or min(self.patch) < 1:
-            raise ValueError(f"patch: must be two positive sizes [ph, pw], got {self.patch}")
-        for name in ("hidden_size", "layers", "heads", "mlp_ratio"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
-        if self.hidden_size % self.heads:
-            raise ValueError(
-                f"hidden_size: {self.hidden_size} is not divisible by heads: {self.heads}"
-            )
-        if self.kv_heads < 0 or (self.kv_heads and self.heads % self.kv_heads):
-            raise ValueError(f"kv_heads: must divide heads ({self.heads}), got {self.kv_heads}")
-        if not 0.0 <= self.class_dropout < 1.0:
-            raise ValueError(f"class_dropout: must be in [0, 1), got {self.class_dropout}")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation and execution options.
+class PriorTrainConfig(TrainConfig):
+    """The shared training options (`stages.training.loop.TrainConfig`; ``batch_size`` counts
+    code grids, AdamW with betas 0.9 / 0.95) and the prior's own.
 
     Args:
-        steps: Optimizer steps.
-        batch_size: Code grids per step per worker.
-        lr: Peak learning rate (AdamW, betas 0.9 / 0.95).
-        weight_decay: AdamW weight decay.
-        warmup_steps: Linear warm-up steps.
-        final_lr_fraction: Cosine decay from ``lr`` to ``lr * final_lr_fraction``.
-        grad_clip: Clip the global gradient norm (0: off).
-        checkpoint_every: Steps between checkpoints (and val evaluations).
-        log_every: Steps between logged metric rows.
-        shuffle_buffer: Rows in each worker's local shuffle buffer.
-        seed: Seed of initialisation, shuffling and class dropout.
         precision: ``bf16`` autocast, ``fp32``, or ``auto`` (bf16 where the hardware has it).
-        workers: 0 trains in the stage's own process; N >= 1 uses Ray Train with N DDP workers.
-        cpus_per_worker: CPU threads per worker (None: the free CPUs divided among workers).
-        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+        weight_decay: AdamW weight decay.
+        shuffle_buffer: Rows in each worker's local shuffle buffer.
         val_rows: At most this many val rows are evaluated.
     """
 
-    steps: int = 2000
     batch_size: int = 64
     lr: float = 5e-4
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    final_lr_fraction: float = 0.1
-    grad_clip: float = 1.0
-    checkpoint_every: int = 500
-    log_every: int = 50
-    shuffle_buffer: int = 4096
-    seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    workers: int = 1
-    cpus_per_worker: int | None = run_option(None)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    weight_decay: float = 0.01
+    shuffle_buffer: int = 4096
     val_rows: int = 5000
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "checkpoint_every", "log_every", "val_rows"):
+        super().__post_init__()
+        for name in ("shuffle_buffer", "val_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr: must be positive, got {self.lr}")
-        if self.workers < 0:
-            raise ValueError(f"workers: 0 (in-process) or a positive count, got {self.workers}")
-        if not 0 <= self.final_lr_fraction <= 1:
-            raise ValueError("final_lr_fraction: must be in [0, 1]")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay: cannot be negative, got {self.weight_decay}")
 
 
 @dataclass(frozen=True)
@@ -158,7 +112,7 @@ class Config:
 
     level: str = "top"
     model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: PriorTrainConfig = field(default_factory=PriorTrainConfig)
 
 
 # ----- the stage ------------------------------------------------------------------------------
@@ -222,7 +176,7 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
 
 def check_upstream(config: Config, step, steps: dict) -> None:
     """Before anything runs: the level exists in the autoencoder the shards will come from, and
-    ``model.patch`` divides its grid (the same checks as `prior_config_for`, hours earlier)."""
+    ``model.patch`` divides its grid (the same checks `prior_config_for` makes on the shards)."""
     encode = steps[step.inputs["codes"]]
     autoencoder = steps[encode.inputs["autoencoder"]].config.model
     if hasattr(autoencoder, "grid_shapes"):  # other families are refused by the encode stage
@@ -255,20 +209,14 @@ def prior_config_for(meta, config: Config) -> PriorConfig:
     above = levels[levels.index(config.level) + 1 :][::-1]  # prefix order: top first
     model = config.model
     classes = len(meta.class_names) if model.class_conditional else 0
+    architecture = {f.name: getattr(model, f.name) for f in fields(PriorArchitecture)}
     return PriorConfig(
+        **architecture,
         grid=grid,
         codebook_size=meta.codebook_sizes[config.level],
         context_grids={k: list(meta.grid_shapes[k]) for k in above},
         context_codebook_sizes={k: meta.codebook_sizes[k] for k in above},
         num_classes=classes,
-        class_dropout=model.class_dropout,
-        hidden_size=model.hidden_size,
-        layers=model.layers,
-        heads=model.heads,
-        kv_heads=model.kv_heads,
-        mlp_ratio=model.mlp_ratio,
-        dropout=model.dropout,
-        patch=list(model.patch),
     )
 
 
@@ -328,7 +276,7 @@ def train_loop(config: Config, prior: PriorConfig, session) -> dict:
         return codes, context, batch["label"].to(device)
 
     tokens_per_row = prior.length
-    running, window_rows, window_start = {"nll": 0.0, "n": 0}, 0, time.perf_counter()
+    window = Window("tokens_per_s")
     final_metrics: dict = {}
     step, epoch = start_step, 0
     while step < train.steps:
@@ -340,19 +288,13 @@ def train_loop(config: Config, prior: PriorConfig, session) -> dict:
             local_shuffle_seed=train.seed + 7919 * (start_step + epoch) + session.rank,
         ):
             batches += 1
-            lr = cosine_lr(step, train)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = apply_lr(optimizer, cosine_lr(step, train))
             codes, context, labels = unpack(batch)
             model.train()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = wrapped(codes, context, labels)
             loss = out["loss"]
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"prior loss became {loss.item()} at step {step + 1}; "
-                    "lower train.lr or check the code shards"
-                )
+            check_finite(loss, step, {}, "lower train.lr or check the code shards")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = (
@@ -362,23 +304,11 @@ def train_loop(config: Config, prior: PriorConfig, session) -> dict:
             )
             optimizer.step()
             step += 1
-            running["nll"] += float(out["nll"].detach())
-            running["n"] += 1
-            running["grad_norm"] = float(grad_norm)
-            window_rows += len(codes) * session.world_size
-            if step % train.log_every == 0 or step == train.steps:
-                seconds = time.perf_counter() - window_start
-                nll = running["nll"] / running["n"]
-                row = {
-                    "step": step,
-                    "lr": lr,
-                    "nll": nll,
-                    "bits_per_code": nll / math.log(2),
-                    "grad_norm": running["grad_norm"],
-                    "tokens_per_s": window_rows * tokens_per_row / seconds,
-                }
+            window.add({"nll": out["nll"]}, len(codes) * session.world_size * tokens_per_row)
+            if due(step, train.log_every, train.steps):
+                row = window.row(step, lr)
+                row.update(bits_per_code=row["nll"] / math.log(2), grad_norm=float(grad_norm))
                 history.append(row)
-                running, window_rows, window_start = {"nll": 0.0, "n": 0}, 0, time.perf_counter()
                 if session.rank == 0:
                     log.info(
                         "train_prior[%s]: step %d/%d %.3f bits/code lr %.2e | %.0f tokens/s",
@@ -389,7 +319,7 @@ def train_loop(config: Config, prior: PriorConfig, session) -> dict:
                         lr,
                         row["tokens_per_s"],
                     )
-            if step % train.checkpoint_every == 0 or step == train.steps:
+            if due(step, train.checkpoint_every, train.steps):
                 final_metrics = _checkpoint(
                     model, optimizer, step, start_step, history, val, unpack, bf16, session
                 )
@@ -401,10 +331,7 @@ def train_loop(config: Config, prior: PriorConfig, session) -> dict:
                 f"({train.batch_size}); lower it"
             )
         epoch += 1
-    if start_step >= train.steps and session.rank == 0:  # resumed a finished run
-        final_metrics = json.loads((resume_dir / "final_metrics.json").read_text())
-        session.report(final_metrics, resume_dir)
-    return final_metrics
+    return resumed_finished(session, start_step, train.steps, resume_dir) or final_metrics
 
 
 def _checkpoint(model, optimizer, step, start_step, history, val, unpack, bf16, session) -> dict:
@@ -413,11 +340,10 @@ def _checkpoint(model, optimizer, step, start_step, history, val, unpack, bf16, 
     if session.rank == 0 and val is not None:
         metrics.update(evaluate(model, val, unpack, bf16))
     if session.rank == 0:
-        rates = [r["tokens_per_s"] for r in history[1:]] or [r["tokens_per_s"] for r in history]
         metrics.update(
             {
                 "train_bits_per_code": history[-1]["bits_per_code"] if history else None,
-                "tokens_per_s": float(np.mean(rates)) if rates else 0.0,
+                "tokens_per_s": mean_rate(history, "tokens_per_s"),
                 "resumed_from_step": start_step,
                 "bf16": bf16,
                 "workers": session.world_size,

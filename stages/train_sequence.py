@@ -1,19 +1,17 @@
 """Train-sequence stage: a sequence table (Moving MNIST) -> a trained TD-VAE artifact.
 
-The loop is written out like the train-autoencoder stage's and runs the same way: in this
-process (``train.workers: 0``) or as Ray Train's ``train_loop_per_worker`` with N DDP workers
-(`stages.training.launch`), with the same checkpoints (``model.safetensors`` + ``config.json`` +
-``state.pt`` + ``history.json``) in the stage's scratch location, so an interrupted run resumes
-from its last checkpoint. ``train`` takes the train-autoencoder stage's options
-(`stages.train_autoencoder.TrainConfig`); ``batch_size`` counts sequences, ``val_images`` the
-val sequences evaluated, and ``binarize: dynamic`` draws every frame's pixels afresh per batch;
-training is in fp32 (``precision`` and ``channels_last`` are not used).
+The loop is written with the training skeleton (`stages.training.loop`) and runs like every
+training loop: in this process (``train.workers: 0``) or as Ray Train's
+``train_loop_per_worker`` with N DDP workers (`stages.training.harness.launch`), with
+checkpoints (``model.safetensors`` + ``config.json`` + ``state.pt`` + ``history.json``) in the
+stage's scratch location, so an interrupted run resumes from its last checkpoint. Training is
+in fp32.
 
 With ``pretrain.steps`` > 0 the loop first trains the encoder and decoder as a plain VAE on
 single frames (`models.tdvae.FrameVAE`; logged as ``pretrain_*``, val ``val_pretrain_*``), then
 runs ``train.steps`` TD-VAE steps with a fresh optimizer and learning-rate schedule; step numbers
-count both phases. On the 32x32 preset this took the val bound from 58.3 to 41.9 nats per frame
-and made the predicted digits sharp (README, TD-VAE).
+count both phases. Pre-training gives the TD-VAE phase a decoder that already draws digits
+(figures in docs/results.md).
 
 Each TD-VAE step draws a batch of sequences; the model draws one (t1, Δ) pair per sequence
 (`models.tdvae`). Logged: every loss term, the learning rate, sequences/s. At each checkpoint the
@@ -27,11 +25,10 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-import numpy as np
 import torch
 
 from models.tdvae import TDVAE, FrameVAE, TDVAEConfig
@@ -40,8 +37,19 @@ from pipeline.stage import Input
 from stages.formats.pixels import to_frames, to_unit
 from stages.formats.sequences import read_sequence_table, sequence_table_meta
 from stages.metrics.tdvae import PRETRAIN_TERMS, evaluate, evaluate_frames
-from stages.train_autoencoder import TrainConfig
-from stages.training.harness import cosine_lr, resume, save_checkpoint, train_into, where
+from stages.training.harness import train_into, where
+from stages.training.loop import (
+    TrainConfig,
+    Window,
+    apply_lr,
+    check_finite,
+    cosine_lr,
+    due,
+    mean_rate,
+    resume,
+    resumed_finished,
+    save_checkpoint,
+)
 
 VERSION = "1"
 INPUTS = {"sequences": Input(kinds=("ingest_sequences",))}
@@ -62,9 +70,7 @@ class PretrainConfig:
         reset_decoder_input: Re-initialize the decoder's first linear layer when the TD-VAE
             phase starts. Kept, the frame VAE's latent layout (made for reconstruction alone)
             stays, the latents carry no velocity and the transition cannot predict the
-            position. On the 32x32 preset (README, TD-VAE), a linear fit of the next step's
-            displacement from the belief's latent mean had R² -0.04 with the layer kept and
-            0.69 with it reset; BCE at Δ = 4 was 134.7 and 90.6 nats (mean frame: 122.7).
+            position (measured in docs/results.md, TD-VAE).
     """
 
     steps: int = 0
@@ -82,12 +88,33 @@ class PretrainConfig:
 
 
 @dataclass(frozen=True)
+class SequenceTrainConfig(TrainConfig):
+    """The shared training options (`stages.training.loop.TrainConfig`; ``batch_size`` counts
+    sequences, Adam, fp32) and the TD-VAE's own.
+
+    Args:
+        val_sequences: At most this many val sequences are evaluated.
+        binarize: ``none`` keeps grey levels in [0, 1]; ``threshold`` maps pixels above 0.5
+            to 1; ``dynamic`` draws every frame's pixels afresh for every batch (val
+            sequences: one fixed draw).
+    """
+
+    val_sequences: int = 10_000
+    binarize: Literal["none", "threshold", "dynamic"] = "none"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.val_sequences < 0:
+            raise ValueError(f"val_sequences: cannot be negative, got {self.val_sequences}")
+
+
+@dataclass(frozen=True)
 class Config:
     """Stage options: the model, its frame pre-training and how to train it."""
 
     model: TDVAEConfig = field(default_factory=TDVAEConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: SequenceTrainConfig = field(default_factory=SequenceTrainConfig)
 
 
 def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
@@ -145,7 +172,7 @@ def train_loop(config: Config, sequences_ref: dict, session) -> dict:
     artifact = Store(sequences_ref["store"]).open(sequences_ref["stage"], sequences_ref["key"])
     table = read_sequence_table(artifact, splits=("train", "val"))
     train_frames = torch.from_numpy(table.frames[table.splits == "train"])
-    val_frames = torch.from_numpy(table.frames[table.splits == "val"][: train.val_images])
+    val_frames = torch.from_numpy(table.frames[table.splits == "val"][: train.val_sequences])
     if len(train_frames) == 0:
         raise ValueError("the sequence table has no train split")
     train_frames = train_frames[session.rank :: session.world_size]
@@ -175,13 +202,12 @@ def train_loop(config: Config, sequences_ref: dict, session) -> dict:
         phase = _Phase("tdvae", model, TERMS, train.lr, train.grad_clip, state)
 
     total = pre.steps + train.steps
-    running: dict[str, float] = {}
-    window_start, window_rows = time.perf_counter(), 0
+    window = Window("frames_per_s" if phase.name == "pretrain" else "sequences_per_s")
     final_metrics: dict = {}
     for step in range(start_step, total):
         if step == pre.steps and phase.name == "pretrain":  # the TD-VAE starts afresh
             phase = _Phase("tdvae", model, TERMS, train.lr, train.grad_clip, None)
-            running, window_start, window_rows = {}, time.perf_counter(), 0
+            window = Window("sequences_per_s")
         if phase.name == "pretrain":
             lr = pre.lr
             index = torch.randint(len(train_frames), (pre.batch_size,), generator=generator)
@@ -201,28 +227,24 @@ def train_loop(config: Config, sequences_ref: dict, session) -> dict:
         if phase.name == "tdvae":
             model.advance()  # the warm-up counts the TD-VAE's optimizer steps
 
-        for k in phase.terms:
-            running[k] = running.get(k, 0.0) + float(out[k].detach())
-        running["_n"] = running.get("_n", 0) + 1
-        window_rows += rows * session.world_size
+        window.add({k: out[k] for k in phase.terms}, rows * session.world_size)
         done = step + 1
-        if done % train.log_every == 0 or done in (pre.steps, total):
-            history.append(_log_row(phase.name, done, lr, running, window_rows, window_start))
-            running, window_start, window_rows = {}, time.perf_counter(), 0
+        if due(done, train.log_every, pre.steps, total):
+            prefix = "pretrain_" if phase.name == "pretrain" else ""
+            history.append(window.row(done, lr, prefix))
             if session.rank == 0:
                 _log_progress(history[-1], total)
-        if done % train.checkpoint_every == 0 or done in (pre.steps, total):
+        if due(done, train.checkpoint_every, pre.steps, total):
             metrics = {"step": done}
             if session.rank == 0:
                 if phase.name == "pretrain":
                     metrics.update(evaluate_frames(frame_vae, val, device))
                 else:
                     metrics.update(evaluate(model, val, device))
-                rates = [r["sequences_per_s"] for r in history if "sequences_per_s" in r]
                 metrics.update(
                     resumed_from_step=start_step,
                     workers=session.world_size,
-                    train_sequences_per_s=float(np.mean(rates[1:] or rates or [0.0])),
+                    train_sequences_per_s=mean_rate(history, "sequences_per_s"),
                 )
             state = {
                 "step": done,
@@ -246,10 +268,7 @@ def train_loop(config: Config, sequences_ref: dict, session) -> dict:
                     "n/a" if score is None else f"{score:.2f}",
                 )
             final_metrics = metrics
-    if start_step >= total and session.rank == 0:  # resumed a finished run
-        final_metrics = json.loads((resume_dir / "final_metrics.json").read_text())
-        session.report(final_metrics, resume_dir)
-    return final_metrics
+    return resumed_finished(session, start_step, total, resume_dir) or final_metrics
 
 
 def _reset_decoder_input(model: TDVAE) -> None:
@@ -274,14 +293,13 @@ class _Phase:
     def step(self, out: dict, lr: float, world_size: int, step: int) -> None:
         """One optimizer step on ``out["loss"]`` (refuses a non-finite loss)."""
         loss = out["loss"]
-        if not torch.isfinite(loss):
-            named = ", ".join(f"{k} {float(out[k]):.4g}" for k in self.terms[1:])
-            raise FloatingPointError(
-                f"{self.name} loss became {loss.item()} at step {step + 1} ({named}); lower "
-                f"the learning rate; the last checkpoint is kept"
-            )
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        check_finite(
+            loss,
+            step,
+            {k: out[k] for k in self.terms},
+            f"{self.name} phase; lower the learning rate; the last checkpoint is kept",
+        )
+        apply_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.name == "pretrain" and world_size > 1:
@@ -294,19 +312,6 @@ class _Phase:
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
         self.optimizer.step()
-
-
-def _log_row(phase, done, lr, running, window_rows, window_start) -> dict:
-    """A history row: the phase's mean terms over the window and its throughput."""
-    n = running.pop("_n")
-    elapsed = time.perf_counter() - window_start
-    if phase == "pretrain":
-        row = {"step": done, "lr": lr, **{f"pretrain_{k}": v / n for k, v in running.items()}}
-        row["frames_per_s"] = window_rows / elapsed
-    else:
-        row = {"step": done, "lr": lr, **{k: v / n for k, v in running.items()}}
-        row["sequences_per_s"] = window_rows / elapsed
-    return row
 
 
 def _log_progress(row: dict, total: int) -> None:

@@ -62,7 +62,8 @@ def test_two_rank_ddp_keeps_codebooks_identical():
 def _resume_worker(rank: int, world: int, port: int, steps: list[int], root: str, results):
     from pathlib import Path
 
-    from stages.training.harness import CheckpointError, LocalSession, resume, save_checkpoint
+    from stages.training.harness import LocalSession
+    from stages.training.loop import CheckpointError, resume, save_checkpoint
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

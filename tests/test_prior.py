@@ -237,5 +237,5 @@ def test_config_checks():
         PriorConfig(hidden_size=30, heads=4)
     with pytest.raises(ValueError, match=r"patch: must be two positive sizes that divide"):
         PriorConfig(grid=[4, 4], patch=[3, 2])
-    with pytest.raises(ValueError, match="kv_heads: must divide heads 4, got 3"):
+    with pytest.raises(ValueError, match=r"kv_heads: must divide heads \(4\), got 3"):
         PriorConfig(heads=4, kv_heads=3)

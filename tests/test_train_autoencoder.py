@@ -9,7 +9,8 @@ import pytest
 from pipeline.config import from_dict
 from pipeline.store import Store
 from stages import ingest, train_autoencoder
-from stages.training.harness import CheckpointError, _training_error, launch
+from stages.training.harness import _training_error, launch
+from stages.training.loop import CheckpointError
 from tests.conftest import kill_after_checkpoints, run_json, write_yaml
 
 TINY_MODEL = (

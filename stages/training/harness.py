@@ -1,12 +1,12 @@
 """Runs a written-out training loop in this process or on Ray Train.
 
-A trainable stage writes its loop once as ``loop(loop_config: dict, session) -> dict``; the loop
-rebuilds its typed config from ``loop_config``, trains, and talks to the outside only through
-the session: ``rank``, ``world_size``, ``device``, ``cpus``, ``checkpoints()`` (newest first,
-read through `resume`), ``wrap(model)`` (DDP under Ray Train), ``dataset(name)`` (a Ray
-Dataset passed to `launch`: the whole dataset in-process, this worker's shard under Ray Train)
-and ``report(metrics, checkpoint_dir)``. The loops share `cosine_lr`, `save_checkpoint` and
-`resume`. `launch` picks the session: `LocalSession` (``workers: 0``; checkpoints in
+A trainable stage writes its loop once as ``loop(loop_config: dict, session) -> dict`` with the
+skeleton of `stages.training.loop`; the loop rebuilds its typed config from ``loop_config``,
+trains, and talks to the outside only through the session (`stages.training.loop.Session`):
+``rank``, ``world_size``, ``device``, ``cpus``, ``checkpoints()``, ``wrap(model)`` (DDP under Ray
+Train), ``dataset(name)`` (a Ray Dataset passed to `launch`: the whole dataset in-process, this
+worker's shard under Ray Train) and ``report(metrics, checkpoint_dir)``. `launch` picks the
+session: `LocalSession` (``workers: 0``; checkpoints in
 ``<scratch>/checkpoint_<step>``) or `RaySession` inside a ``TorchTrainer`` with N workers
 (checkpoints through ``ray.train.report``; a rerun with the same ``RunConfig(name,
 storage_path)`` resumes). The final checkpoint must hold ``final_metrics.json``.
@@ -17,7 +17,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -29,6 +28,7 @@ import torch
 
 from models.io import MODEL_FILES
 from pipeline.store import check_in_process, sync_directory, sync_tree
+from stages.training.loop import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -181,111 +181,6 @@ def _training_error(error: BaseException, scratch: str) -> str:
         return f"{match.group(1)}{_start_over(scratch)}"
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return f"training failed: {lines[-1] if lines else type(error).__name__}"
-
-
-# ----- pieces every loop uses -----------------------------------------------------------------
-
-
-def cosine_lr(step: int, train) -> float:
-    """Learning rate at `step`: linear warm-up, then cosine decay to ``lr * final_lr_fraction``.
-
-    Args:
-        step: Optimizer steps taken so far.
-        train: A train config with ``lr``, ``steps``, ``warmup_steps``, ``final_lr_fraction``.
-    """
-    if step < train.warmup_steps:
-        return train.lr * (step + 1) / train.warmup_steps
-    progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return train.lr * (train.final_lr_fraction + (1 - train.final_lr_fraction) * cosine)
-
-
-def save_checkpoint(session, model, state: dict, history: list, metrics: dict) -> None:
-    """Rank 0 writes a checkpoint, every rank reports it (Ray Train needs all ranks to report).
-
-    The checkpoint holds the model's own files (``model.save``), ``state.pt`` (`state`: step,
-    optimizer, RNG), ``history.json`` and ``final_metrics.json`` (`metrics`; the run's result
-    when this is the last checkpoint).
-    """
-    checkpoint_dir = None
-    if session.rank == 0:
-        checkpoint_dir = Path(tempfile.mkdtemp(prefix="twostage-ckpt-"))
-        model.save(checkpoint_dir)
-        torch.save(state, checkpoint_dir / "state.pt")
-        (checkpoint_dir / "history.json").write_text(json.dumps(history))
-        (checkpoint_dir / "final_metrics.json").write_text(json.dumps(metrics))
-    session.report(metrics, checkpoint_dir)
-    if checkpoint_dir is not None:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
-
-
-class CheckpointError(RuntimeError):
-    """No checkpoint to resume from can be loaded (the message says which file and why)."""
-
-
-def resume(session, model) -> tuple[Path | None, dict | None, list]:
-    """Loads the newest loadable checkpoint into `model`.
-
-    A checkpoint that cannot be loaded (cut short by a crash, altered, missing) is skipped with
-    a warning and the one before it is used, so it costs only the work since that one. Once one
-    loads, the skipped ones are set aside (in process renamed ``unloadable-<name>``; on Ray
-    Train left to its checkpoint manager, which deletes them in turn). When none loads, nothing
-    is moved: a rerun meets the same checkpoints and the same message.
-
-    Returns:
-        (its directory, its state, its history); (None, None, []) when there is none.
-
-    Raises:
-        CheckpointError: There are checkpoints, but none can be loaded; names the newest and
-            why it failed.
-    """
-    failed: list[tuple[str, CheckpointError]] = []
-    for checkpoint in session.checkpoints():  # newest first
-        try:
-            directory = session.fetch(checkpoint)
-            state, history = load_checkpoint(directory, model)
-        except CheckpointError as e:
-            failed.append((checkpoint, e))
-            if session.rank == 0:
-                log.warning("%s; trying the checkpoint before it", e)
-            continue
-        for checkpoint, _ in failed:
-            session.set_aside(checkpoint)
-        _same_on_every_rank(session, int(state["step"]))
-        return directory, state, history
-    if failed:
-        older = f"; nor can the {len(failed) - 1} older one(s)" if len(failed) > 1 else ""
-        raise CheckpointError(f"no checkpoint to resume from can be loaded: {failed[0][1]}{older}")
-    return None, None, []
-
-
-def _same_on_every_rank(session, step: int) -> None:
-    """Raises CheckpointError unless every DDP rank resumed from the same step."""
-    if session.world_size == 1:
-        return
-    import torch.distributed as dist
-
-    steps = torch.tensor([step, -step], device=session.device)
-    dist.all_reduce(steps, op=dist.ReduceOp.MAX)  # [largest step, -smallest step]
-    if int(steps[0]) != -int(steps[1]):
-        raise CheckpointError(
-            f"the workers resumed from different checkpoints (steps {-int(steps[1])} to "
-            f"{int(steps[0])}): some could not load the newest"
-        )
-
-
-def load_checkpoint(directory: Path, model) -> tuple[dict, list]:
-    """Loads a `save_checkpoint` directory's weights into `model`; returns (state, history)."""
-    from safetensors.torch import load_file
-
-    try:
-        model.load_state_dict(load_file(directory / "model.safetensors"))
-        state = torch.load(directory / "state.pt", weights_only=True)
-        history = json.loads((directory / "history.json").read_text())
-    except Exception as e:  # truncated, altered or from another model: never train on from it
-        error = " ".join(f"{type(e).__name__}: {e}".split())
-        raise CheckpointError(f"{directory.name} cannot be loaded ({error})") from e
-    return state, history
 
 
 # ----- sessions: what differs between in-process and Ray Train ------------------------------
