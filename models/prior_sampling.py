@@ -183,4 +183,3 @@ def sample_token(
     u = torch.rand(cdf.shape[0], 1, generator=generator) * cdf[:, -1:]
     index = torch.searchsorted(cdf, u, right=True).clamp_max(cdf.shape[-1] - 1)
     return index.squeeze(-1).to(logits.device)
-

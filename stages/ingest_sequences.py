@@ -71,7 +71,9 @@ class Source:
         used = {f.name for f in fields(GENERATORS[self.kind])}
         for f in fields(self):
             if f.name in _GENERATOR_FIELDS - used and getattr(self, f.name) != f.default:
-                raise ConfigError(f"{f.name}: not used by source kind {self.kind!r}; remove {f.name}")
+                raise ConfigError(
+                    f"{f.name}: not used by source kind {self.kind!r}; remove {f.name}"
+                )
         try:
             sequence_generator(self)
         except ValueError as e:  # messages start with the field name, as Source's do

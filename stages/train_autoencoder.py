@@ -41,19 +41,8 @@ from pipeline.stage import Input
 from stages.figures.png import grid, save_png
 from stages.formats.images import image_table_meta, read_image_table
 from stages.formats.pixels import to_signed, to_uint8, to_unit
+from stages.training import loop
 from stages.training.harness import train_into, use_bf16, where
-from stages.training.loop import (
-    TrainConfig,
-    Window,
-    apply_lr,
-    check_finite,
-    cosine_lr,
-    due,
-    mean_rate,
-    resume,
-    resumed_finished,
-    save_checkpoint,
-)
 
 VERSION = "1"
 INPUTS = {"images": Input(kinds=("ingest",))}
@@ -63,7 +52,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class AutoencoderTrainConfig(TrainConfig):
+class AutoencoderTrainConfig(loop.TrainConfig):
     """The shared training options (`stages.training.loop.TrainConfig`; ``batch_size`` counts
     images, Adam) and the autoencoders' own.
 
@@ -81,11 +70,6 @@ class AutoencoderTrainConfig(TrainConfig):
     channels_last: bool = True
     val_images: int = 10_000
     binarize: Literal["none", "threshold", "dynamic"] = "none"
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.val_images < 0:
-            raise ValueError(f"val_images: cannot be negative, got {self.val_images}")
 
 
 @dataclass(frozen=True)
@@ -213,7 +197,7 @@ def train_loop(config: Config, images_ref: dict, session) -> dict:
         )
     generator = torch.Generator().manual_seed(train.seed * 1000 + session.rank)
     start_step = 0
-    resume_dir, state, history = resume(session, model)
+    resume_dir, state, history = loop.resume(session, model)
     if resume_dir is not None:
         start_step = int(state["step"])
         generator.set_state(state["rng"][session.rank % len(state["rng"])])
@@ -226,11 +210,11 @@ def train_loop(config: Config, images_ref: dict, session) -> dict:
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
 
-    window = Window("images_per_s")
+    window = loop.Window("images_per_s")
     last_good = start_step if resume_dir is not None else None
     final_metrics = {}
     for step in range(start_step, train.steps):
-        lr = apply_lr(optimizer, cosine_lr(step, train))
+        lr = loop.apply_lr(optimizer, loop.cosine_lr(step, train))
         index = torch.randint(len(train_images), (train.batch_size,), generator=generator)
         model.train()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -241,7 +225,7 @@ def train_loop(config: Config, images_ref: dict, session) -> dict:
                 out = wrapped(x, train_labels[index].to(device))
         terms = {k: v for k, v in out.items() if not torch.is_tensor(v) or v.ndim == 0}
         loss = out["loss"]
-        check_finite(
+        loop.check_finite(
             loss,
             step,
             terms,
@@ -258,11 +242,11 @@ def train_loop(config: Config, images_ref: dict, session) -> dict:
 
         window.add(terms, train.batch_size * session.world_size)
         done = step + 1
-        if due(done, train.log_every, train.steps):
+        if loop.due(done, train.log_every, train.steps):
             history.append(window.row(done, lr))
             if session.rank == 0:
                 _log_row(history[-1], config, terms)
-        if due(done, train.checkpoint_every, train.steps):
+        if loop.due(done, train.checkpoint_every, train.steps):
             metrics = {"step": done}
             if session.rank == 0 and quantized:
                 metrics.update(evaluate(model, val_images, device, bf16, train.channels_last))
@@ -272,13 +256,13 @@ def train_loop(config: Config, images_ref: dict, session) -> dict:
                 metrics["resumed_from_step"] = start_step
                 metrics["bf16"] = bf16
                 metrics["workers"] = session.world_size
-                metrics["train_images_per_s"] = mean_rate(history, "images_per_s")
+                metrics["train_images_per_s"] = loop.mean_rate(history, "images_per_s")
             state = {
                 "step": done,
                 "optimizer": optimizer.state_dict(),
                 "rng": [generator.get_state()],
             }
-            save_checkpoint(session, model, state, history, metrics)
+            loop.save_checkpoint(session, model, state, history, metrics)
             last_good = done
             if session.rank == 0:
                 log.info(
@@ -287,12 +271,14 @@ def train_loop(config: Config, images_ref: dict, session) -> dict:
                     f" (val mse {metrics['val_mse']:.5f})" if "val_mse" in metrics else "",
                 )
             final_metrics = metrics
-    return resumed_finished(session, start_step, train.steps, resume_dir) or final_metrics
+    return loop.resumed_finished(session, start_step, train.steps, resume_dir) or final_metrics
 
 
 def _log_row(row: dict, config: Config, terms: dict) -> None:
     if config.model.family == "vqvae2":
-        detail = " ".join(f"{lv} ppl {row[f'perplexity/{lv}']:.0f}" for lv in config.model.level_names)
+        detail = " ".join(
+            f"{lv} ppl {row[f'perplexity/{lv}']:.0f}" for lv in config.model.level_names
+        )
     else:
         detail = " ".join(f"{k} {row[k]:.4g}" for k in terms if k not in ("loss", "recon"))
     log.info(

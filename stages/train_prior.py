@@ -39,19 +39,8 @@ from models.prior import CodePrior, PriorArchitecture, PriorConfig
 from pipeline.config import from_dict, to_dict
 from pipeline.stage import Input
 from stages.formats.codes import column, open_codes
+from stages.training import loop
 from stages.training.harness import train_into, use_bf16, where
-from stages.training.loop import (
-    TrainConfig,
-    Window,
-    apply_lr,
-    check_finite,
-    cosine_lr,
-    due,
-    mean_rate,
-    resume,
-    resumed_finished,
-    save_checkpoint,
-)
 
 VERSION = "1"
 INPUTS = {"codes": Input(kinds=("encode",))}
@@ -72,7 +61,7 @@ class ModelConfig(PriorArchitecture):
 
 
 @dataclass(frozen=True)
-class PriorTrainConfig(TrainConfig):
+class PriorTrainConfig(loop.TrainConfig):
     """The shared training options (`stages.training.loop.TrainConfig`; ``batch_size`` counts
     code grids, AdamW with betas 0.9 / 0.95) and the prior's own.
 
@@ -90,13 +79,7 @@ class PriorTrainConfig(TrainConfig):
     shuffle_buffer: int = 4096
     val_rows: int = 5000
 
-    def __post_init__(self):
-        super().__post_init__()
-        for name in ("shuffle_buffer", "val_rows"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay: cannot be negative, got {self.weight_decay}")
+    POSITIVE = (*loop.TrainConfig.POSITIVE, "shuffle_buffer", "val_rows")
 
 
 @dataclass(frozen=True)
@@ -252,7 +235,7 @@ def train_loop(config: Config, prior: PriorConfig, session) -> dict:
     torch.manual_seed(train.seed)  # same initial weights on every rank
     model = CodePrior(prior)
     start_step = 0
-    resume_dir, state, history = resume(session, model)
+    resume_dir, state, history = loop.resume(session, model)
     if resume_dir is not None:
         start_step = int(state["step"])
         if session.rank == 0:
@@ -276,7 +259,7 @@ def train_loop(config: Config, prior: PriorConfig, session) -> dict:
         return codes, context, batch["label"].to(device)
 
     tokens_per_row = prior.length
-    window = Window("tokens_per_s")
+    window = loop.Window("tokens_per_s")
     final_metrics: dict = {}
     step, epoch = start_step, 0
     while step < train.steps:
@@ -288,13 +271,13 @@ def train_loop(config: Config, prior: PriorConfig, session) -> dict:
             local_shuffle_seed=train.seed + 7919 * (start_step + epoch) + session.rank,
         ):
             batches += 1
-            lr = apply_lr(optimizer, cosine_lr(step, train))
+            lr = loop.apply_lr(optimizer, loop.cosine_lr(step, train))
             codes, context, labels = unpack(batch)
             model.train()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = wrapped(codes, context, labels)
             loss = out["loss"]
-            check_finite(loss, step, {}, "lower train.lr or check the code shards")
+            loop.check_finite(loss, step, {}, "lower train.lr or check the code shards")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = (
@@ -305,7 +288,7 @@ def train_loop(config: Config, prior: PriorConfig, session) -> dict:
             optimizer.step()
             step += 1
             window.add({"nll": out["nll"]}, len(codes) * session.world_size * tokens_per_row)
-            if due(step, train.log_every, train.steps):
+            if loop.due(step, train.log_every, train.steps):
                 row = window.row(step, lr)
                 row.update(bits_per_code=row["nll"] / math.log(2), grad_norm=float(grad_norm))
                 history.append(row)
@@ -319,7 +302,7 @@ def train_loop(config: Config, prior: PriorConfig, session) -> dict:
                         lr,
                         row["tokens_per_s"],
                     )
-            if due(step, train.checkpoint_every, train.steps):
+            if loop.due(step, train.checkpoint_every, train.steps):
                 final_metrics = _checkpoint(
                     model, optimizer, step, start_step, history, val, unpack, bf16, session
                 )
@@ -331,7 +314,7 @@ def train_loop(config: Config, prior: PriorConfig, session) -> dict:
                 f"({train.batch_size}); lower it"
             )
         epoch += 1
-    return resumed_finished(session, start_step, train.steps, resume_dir) or final_metrics
+    return loop.resumed_finished(session, start_step, train.steps, resume_dir) or final_metrics
 
 
 def _checkpoint(model, optimizer, step, start_step, history, val, unpack, bf16, session) -> dict:
@@ -343,7 +326,7 @@ def _checkpoint(model, optimizer, step, start_step, history, val, unpack, bf16, 
         metrics.update(
             {
                 "train_bits_per_code": history[-1]["bits_per_code"] if history else None,
-                "tokens_per_s": mean_rate(history, "tokens_per_s"),
+                "tokens_per_s": loop.mean_rate(history, "tokens_per_s"),
                 "resumed_from_step": start_step,
                 "bf16": bf16,
                 "workers": session.world_size,
@@ -357,7 +340,7 @@ def _checkpoint(model, optimizer, step, start_step, history, val, unpack, bf16, 
             else "",
         )
     state = {"step": step, "optimizer": optimizer.state_dict()}
-    save_checkpoint(session, model, state, history, metrics)
+    loop.save_checkpoint(session, model, state, history, metrics)
     return metrics
 
 

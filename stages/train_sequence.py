@@ -37,19 +37,8 @@ from pipeline.stage import Input
 from stages.formats.pixels import to_frames, to_unit
 from stages.formats.sequences import read_sequence_table, sequence_table_meta
 from stages.metrics.tdvae import PRETRAIN_TERMS, evaluate, evaluate_frames
+from stages.training import loop
 from stages.training.harness import train_into, where
-from stages.training.loop import (
-    TrainConfig,
-    Window,
-    apply_lr,
-    check_finite,
-    cosine_lr,
-    due,
-    mean_rate,
-    resume,
-    resumed_finished,
-    save_checkpoint,
-)
 
 VERSION = "1"
 INPUTS = {"sequences": Input(kinds=("ingest_sequences",))}
@@ -88,7 +77,7 @@ class PretrainConfig:
 
 
 @dataclass(frozen=True)
-class SequenceTrainConfig(TrainConfig):
+class SequenceTrainConfig(loop.TrainConfig):
     """The shared training options (`stages.training.loop.TrainConfig`; ``batch_size`` counts
     sequences, Adam, fp32) and the TD-VAE's own.
 
@@ -101,11 +90,6 @@ class SequenceTrainConfig(TrainConfig):
 
     val_sequences: int = 10_000
     binarize: Literal["none", "threshold", "dynamic"] = "none"
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.val_sequences < 0:
-            raise ValueError(f"val_sequences: cannot be negative, got {self.val_sequences}")
 
 
 @dataclass(frozen=True)
@@ -186,7 +170,7 @@ def train_loop(config: Config, sequences_ref: dict, session) -> dict:
     frame_vae = FrameVAE(model).to(device) if pre.steps else None
     generator = torch.Generator().manual_seed(train.seed * 1000 + session.rank)
     start_step = 0
-    resume_dir, state, history = resume(session, model)
+    resume_dir, state, history = loop.resume(session, model)
     if resume_dir is not None:
         start_step = int(state["step"])
         generator.set_state(state["rng"][0])
@@ -202,12 +186,12 @@ def train_loop(config: Config, sequences_ref: dict, session) -> dict:
         phase = _Phase("tdvae", model, TERMS, train.lr, train.grad_clip, state)
 
     total = pre.steps + train.steps
-    window = Window("frames_per_s" if phase.name == "pretrain" else "sequences_per_s")
+    window = loop.Window("frames_per_s" if phase.name == "pretrain" else "sequences_per_s")
     final_metrics: dict = {}
     for step in range(start_step, total):
         if step == pre.steps and phase.name == "pretrain":  # the TD-VAE starts afresh
             phase = _Phase("tdvae", model, TERMS, train.lr, train.grad_clip, None)
-            window = Window("sequences_per_s")
+            window = loop.Window("sequences_per_s")
         if phase.name == "pretrain":
             lr = pre.lr
             index = torch.randint(len(train_frames), (pre.batch_size,), generator=generator)
@@ -217,7 +201,7 @@ def train_loop(config: Config, sequences_ref: dict, session) -> dict:
             out = frame_vae(x)
             rows = pre.batch_size
         else:
-            lr = cosine_lr(step - pre.steps, train)
+            lr = loop.cosine_lr(step - pre.steps, train)
             index = torch.randint(len(train_frames), (train.batch_size,), generator=generator)
             x = to_frames(train_frames[index], device, train.binarize, generator)
             model.train()
@@ -229,12 +213,12 @@ def train_loop(config: Config, sequences_ref: dict, session) -> dict:
 
         window.add({k: out[k] for k in phase.terms}, rows * session.world_size)
         done = step + 1
-        if due(done, train.log_every, pre.steps, total):
+        if loop.due(done, train.log_every, pre.steps, total):
             prefix = "pretrain_" if phase.name == "pretrain" else ""
             history.append(window.row(done, lr, prefix))
             if session.rank == 0:
                 _log_progress(history[-1], total)
-        if due(done, train.checkpoint_every, pre.steps, total):
+        if loop.due(done, train.checkpoint_every, pre.steps, total):
             metrics = {"step": done}
             if session.rank == 0:
                 if phase.name == "pretrain":
@@ -244,7 +228,7 @@ def train_loop(config: Config, sequences_ref: dict, session) -> dict:
                 metrics.update(
                     resumed_from_step=start_step,
                     workers=session.world_size,
-                    train_sequences_per_s=mean_rate(history, "sequences_per_s"),
+                    train_sequences_per_s=loop.mean_rate(history, "sequences_per_s"),
                 )
             state = {
                 "step": done,
@@ -258,7 +242,7 @@ def train_loop(config: Config, sequences_ref: dict, session) -> dict:
                 if done == pre.steps and pre.reset_decoder_input:
                     _reset_decoder_input(model)  # before the boundary checkpoint: resumable
                     state["torch_rng"] = torch.get_rng_state()
-            save_checkpoint(session, model, state, history, metrics)
+            loop.save_checkpoint(session, model, state, history, metrics)
             if session.rank == 0:
                 score = metrics.get("val_loss", metrics.get("val_pretrain_loss"))
                 log.info(
@@ -268,7 +252,7 @@ def train_loop(config: Config, sequences_ref: dict, session) -> dict:
                     "n/a" if score is None else f"{score:.2f}",
                 )
             final_metrics = metrics
-    return resumed_finished(session, start_step, total, resume_dir) or final_metrics
+    return loop.resumed_finished(session, start_step, total, resume_dir) or final_metrics
 
 
 def _reset_decoder_input(model: TDVAE) -> None:
@@ -293,13 +277,13 @@ class _Phase:
     def step(self, out: dict, lr: float, world_size: int, step: int) -> None:
         """One optimizer step on ``out["loss"]`` (refuses a non-finite loss)."""
         loss = out["loss"]
-        check_finite(
+        loop.check_finite(
             loss,
             step,
             {k: out[k] for k in self.terms},
             f"{self.name} phase; lower the learning rate; the last checkpoint is kept",
         )
-        apply_lr(self.optimizer, lr)
+        loop.apply_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.name == "pretrain" and world_size > 1:
@@ -339,5 +323,3 @@ def _log_progress(row: dict, total: int) -> None:
             row["transition"],
             row["sequences_per_s"],
         )
-
-

@@ -22,9 +22,9 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 
@@ -65,21 +65,24 @@ class TrainConfig:
     cpus_per_worker: int | None = run_option(None)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
+    # options that must be at least 1 (a stage's train options may add theirs)
+    POSITIVE: ClassVar[tuple[str, ...]] = ("steps", "batch_size", "checkpoint_every", "log_every")
+
     def __post_init__(self):
-        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+        for f in fields(self):  # every count and rate, the stage's own options included
+            value = getattr(self, f.name)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+                raise ValueError(f"{f.name}: cannot be negative, got {value}")
+        for name in self.POSITIVE:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr: must be positive, got {self.lr}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps: cannot be negative, got {self.warmup_steps}")
-        if self.grad_clip < 0:
-            raise ValueError(f"grad_clip: cannot be negative (0: off), got {self.grad_clip}")
         if self.workers < 0:
             raise ValueError(f"workers: 0 (in-process) or a positive count, got {self.workers}")
         if self.cpus_per_worker is not None and self.cpus_per_worker < 1:
             raise ValueError(f"cpus_per_worker: must be positive, got {self.cpus_per_worker}")
-        if not 0 <= self.final_lr_fraction <= 1:
+        if self.final_lr_fraction > 1:
             raise ValueError("final_lr_fraction: must be in [0, 1]")
 
 
