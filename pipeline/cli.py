@@ -4,6 +4,7 @@
     twostage ls [STAGE] [--store URI]
     twostage show KEY [--store URI]
     twostage verify KEY... | --all [--store URI]
+    twostage stages [STAGE]
 
 Exit status: 0 success, 1 a stage failed or an artifact is corrupt, 2 a bad config or argument,
 130 interrupted (Ctrl-C).
@@ -80,7 +81,24 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--all", action="store_true", help="verify every artifact in the store")
     verify.add_argument("--store", help=store_help)
     verify.set_defaults(func=_cmd_verify)
+
+    stages = sub.add_parser("stages", help="print every stage's inputs and options (markdown)")
+    stages.add_argument("stage", nargs="?", help="only this stage (type or module path)")
+    stages.set_defaults(func=_cmd_stages)
     return parser
+
+
+def _cmd_stages(args) -> int:
+    from pipeline.options import render_stage, render_stages
+
+    if args.stage is None:
+        sys.stdout.write(render_stages())
+        return 0
+    try:
+        sys.stdout.write(render_stage(args.stage))
+    except ImportError as e:
+        raise ConfigError(str(e)) from None
+    return 0
 
 
 def _store(args) -> Store:
