@@ -45,9 +45,9 @@ def main() -> dict:
     from pipeline.runner import run_pipeline
     from pipeline.spec import parse_pipeline
     from pipeline.store import Store
-    from stages.encode import _precision
     from stages.formats.codes import open_codes
     from stages.formats.images import read_image_table
+    from stages.training.harness import pick_device, use_bf16
 
     figures = {"machine": machine()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,7 +97,7 @@ def main() -> dict:
             store.open("train_autoencoder", steps["vqvae"].key).local_path("config.json").parent
         )
         model = VQVAE2.load(model_dir).eval().to(memory_format=torch.channels_last)
-        bf16 = _precision("auto") == "bf16"
+        bf16 = use_bf16("auto", pick_device("auto"))
         images = table.images
         start = time.perf_counter()
         bare_codes = {}

@@ -31,6 +31,7 @@ from stages.formats.images import (
     read_parquet_dataset,
     table_files,
 )
+from stages.training.harness import pick_device, use_bf16
 
 VERSION = "1"
 INPUTS = {
@@ -160,7 +161,7 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
     _check_shapes(model_config, table_meta)
     levels = model_config.level_names
     grid = {name: list(shape) for name, shape in model_config.grid_shapes().items()}
-    precision = _precision(config.precision)
+    precision = "bf16" if use_bf16(config.precision, pick_device("auto")) else "fp32"
     meta = CodeShardMeta(
         level_names=levels,
         grid_shapes=grid,
@@ -247,12 +248,3 @@ def _check_shapes(model: VQVAE2Config, table: ImageTableMeta) -> None:
         )
 
 
-def _precision(precision: str) -> str:
-    import torch
-
-    if precision != "auto":
-        return precision
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    fast = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return "bf16" if fast else "fp32"
