@@ -1,6 +1,6 @@
 """The ``twostage`` command line.
 
-    twostage run CONFIG [--set a.b=v ...] [--store URI] [--json]
+    twostage run CONFIG [--set a.b=v ...] [--store URI] [--json] [-q | -v]
     twostage ls [STAGE] [--store URI]
     twostage show KEY [--store URI]
     twostage verify KEY... | --all [--store URI]
@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--store", help="artifact store path or URI (overrides the file's store)")
     run.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
+    loud = run.add_mutually_exclusive_group()
+    loud.add_argument("-q", "--quiet", action="store_true", help="print each step's outcome only")
+    loud.add_argument("-v", "--verbose", action="store_true", help="print debug lines too")
     run.set_defaults(func=_cmd_run)
 
     store_help = f"artifact store path or URI (default: $TWOSTAGE_STORE or {DEFAULT_STORE})"
@@ -118,13 +121,14 @@ def _cmd_run(args) -> int:
     from pipeline.spec import load_pipeline
 
     pipeline = load_pipeline(args.config, args.overrides, args.store)
+    verbosity = -1 if args.quiet else 1 if args.verbose else 0
     try:
         if args.json:
             with _stdout_to_stderr() as stdout:
-                result = run_pipeline(pipeline)
+                result = run_pipeline(pipeline, verbosity)
                 stdout.write(json.dumps(result.summary(), indent=2) + "\n")
         else:
-            result = run_pipeline(pipeline)
+            result = run_pipeline(pipeline, verbosity)
             _print_run(result)
     except RayStartError as e:
         print(f"twostage: {e}", file=sys.stderr)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline import cluster
 from pipeline.config import to_dict
 from pipeline.report import write_report
 from pipeline.spec import Pipeline, Step, input_keys
@@ -88,12 +89,27 @@ class RunResult:
         }
 
 
-def _say(message: str) -> None:
+# -1 quiet (step outcomes only), 0 normal (+ the steps' own progress lines), 1 verbose (+ debug)
+_verbosity = 0
+
+
+def _say(message: str, progress: bool = False) -> None:
+    """Prints a runner line; `progress` lines (heartbeats, waits) only when not quiet."""
+    if progress and _verbosity < 0:
+        return
     print(f"[twostage] {message}", file=sys.stderr, flush=True)
 
 
-def run_pipeline(pipeline: Pipeline) -> RunResult:
-    """Runs every step of `pipeline` that is not cached; returns the per-step results."""
+def run_pipeline(pipeline: Pipeline, verbosity: int = 0) -> RunResult:
+    """Runs every step of `pipeline` that is not cached; returns the per-step results.
+
+    Args:
+        pipeline: The validated pipeline.
+        verbosity: -1 prints each step's outcome only; 0 also the steps' progress lines (from
+            every Ray worker, once each); 1 also debug lines.
+    """
+    global _verbosity
+    _verbosity = verbosity
     start = time.time()
     store = Store(pipeline.store)
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{pipeline.name}-{secrets.token_hex(3)}"
@@ -134,18 +150,24 @@ def _run_on_ray(pipeline: Pipeline, store: Store, todo: list[str], done: dict) -
     import ray
 
     started_here = False
+    joins = pipeline.ray.address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         # the dashboard serves the state API, which Ray Train uses to clean up after a dead
         # controller (without it Ray Train warns every second)
         kwargs: dict[str, Any] = {
             "include_dashboard": True,
-            "logging_level": logging.WARNING,
-            "runtime_env": {"env_vars": _RAY_ENV},
+            "logging_level": logging.INFO if _verbosity > 0 else logging.WARNING,
+            "log_to_driver": _verbosity >= 0,
+            "runtime_env": {"env_vars": {**_RAY_ENV, "TWOSTAGE_VERBOSITY": str(_verbosity)}},
         }
         if pipeline.ray.address:
             kwargs["address"] = pipeline.ray.address
-        elif pipeline.ray.num_cpus and not os.environ.get("RAY_ADDRESS"):
-            kwargs["num_cpus"] = pipeline.ray.num_cpus
+        elif not joins:
+            # a new instance of our own: plain ray.init() would join a `ray start` cluster it
+            # finds on this machine instead
+            kwargs["address"] = "local"
+            if pipeline.ray.num_cpus:
+                kwargs["num_cpus"] = pipeline.ray.num_cpus
         try:
             ray.init(**kwargs)
         except (ConnectionError, ValueError) as e:  # no cluster at the address, bad options
@@ -153,7 +175,9 @@ def _run_on_ray(pipeline: Pipeline, store: Store, todo: list[str], done: dict) -
             raise RayStartError(f"ray: cannot start or reach {where}: {e}") from None
         started_here = True
     try:
-        return _schedule(ray, pipeline, store, todo, done, fixed=started_here)
+        # only an instance started here never grows (no node joins it)
+        fixed = started_here and not joins
+        return _schedule(ray, pipeline, store, todo, done, fixed=fixed)
     finally:
         if started_here:
             ray.shutdown()
@@ -165,6 +189,8 @@ def _schedule(
     """Submits each step once its inputs are committed; `fixed`: the Ray instance was started
     here, so no node will join it (a step asking for more than it has fails at once)."""
     execute = ray.remote(_execute_step)
+    node_types = [] if fixed else cluster.node_types()
+    waiting: dict[str, float] = {}  # step -> when it started waiting for a node that holds it
     results: dict[str, StepResult] = {}
     pending = list(todo)
     inflight: dict[Any, tuple[str, float]] = {}
@@ -195,15 +221,17 @@ def _schedule(
                 continue
             if any(r is None for r in deps) or step.key in by_key:
                 continue
-            pending.remove(name)
             options = _task_options(step)
-            lacking = _lacking(options, ray.cluster_resources())
-            if lacking and fixed:
-                not_run(name, f"resources: asks for {lacking}, more than this Ray instance has")
-                _say(f"{name} ({step.stage}) FAILED: {results[name].error}")
+            unplaceable = _unplaceable(
+                step, options, fixed, node_types, waiting, pipeline.ray.infeasible_timeout_s
+            )
+            if unplaceable == "wait":
                 continue
-            if lacking:
-                _say(f"{name} ({step.stage}) waits for {lacking}: no node has that now")
+            pending.remove(name)
+            if unplaceable:
+                not_run(name, unplaceable)
+                _say(f"{name} ({step.stage}) FAILED: {unplaceable}")
+                continue
             by_key[step.key] = name
             ref = execute.options(**options).remote(
                 name,
@@ -217,11 +245,14 @@ def _schedule(
             inflight[ref] = (name, time.time())
             _say(f"{name} ({step.stage}) started {step.key[:12]}")
         if not inflight:
+            if pending:  # steps wait for a node that can hold them
+                time.sleep(1.0)
             continue
-        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=HEARTBEAT_SECONDS)
+        wait = HEARTBEAT_SECONDS if not waiting else min(HEARTBEAT_SECONDS, 5.0)
+        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=wait)
         if not ready:
             running = ", ".join(f"{n} {time.time() - t0:.0f}s" for n, t0 in inflight.values())
-            _say(f"running: {running}")
+            _say(f"running: {running}", progress=True)
             continue
         ref = ready[0]
         name, t0 = inflight.pop(ref)
@@ -275,20 +306,64 @@ def _task_options(step: Step) -> dict:
     return options
 
 
-def _lacking(options: dict, total: dict) -> str:
-    """What a task with `options` asks for beyond the Ray cluster's `total` resources, e.g.
-    ``"GPU 1 (has 0)"``; empty when it fits."""
-    wants = {"CPU": options["num_cpus"], "GPU": options["num_gpus"], **options.get("resources", {})}
-    has = {name: total.get(name, 0) for name in wants}
-    if options.get("memory"):  # in GiB, as the step's memory_gb
-        wants["memory_gb"] = options["memory"] / 2**30
-        has["memory_gb"] = total.get("memory", 0) / 2**30
-    short = [
-        f"{name} {amount:g} (has {has[name]:.3g})"
-        for name, amount in wants.items()
-        if amount and amount > has[name]
-    ]
-    return ", ".join(short)
+def _unplaceable(
+    step: Step,
+    options: dict,
+    fixed: bool,
+    node_types: list[dict],
+    waiting: dict[str, float],
+    timeout: float,
+) -> str:
+    """Whether every request of a step (its task, then the workers it starts itself) fits on
+    some node: ``""`` when it does, ``"wait"`` while a node that holds it may still come, else
+    the one-line error to fail the step with.
+
+    Ray waits without end for what no node can hold. So a Ray instance started here (no node
+    joins it) fails such a step at once; a cluster whose autoscaler has a node type that holds
+    it lets Ray wait; otherwise the step waits ``ray.infeasible_timeout_s`` for such a node to
+    join (a ``ray start`` by hand), then fails.
+    """
+    requests = [("resources: asks for {}", _task_bundle(options))]
+    workers = getattr(step.module, "worker_requests", None)
+    for bundle in workers(step.config) if workers else []:
+        requests.append(("its workers ask for {} each", {k: v for k, v in bundle.items() if v}))
+    nodes = cluster.alive_nodes()
+    for what, bundle in requests:
+        if any(cluster.fits(bundle, node) for node in nodes):
+            continue
+        need = what.format(cluster.describe(bundle))
+        offer = cluster.describe_nodes(nodes)
+        if fixed:
+            return f"{need}, more than any node of this Ray instance has ({offer})"
+        if any(cluster.fits(bundle, t) for t in node_types):
+            _say(f"{step.name} ({step.stage}) {need}: waits for the autoscaler to add a node")
+            return ""
+        if step.name not in waiting:
+            waiting[step.name] = time.time()
+            _say(
+                f"{step.name} ({step.stage}) {need}, more than any node has ({offer}); waits "
+                f"up to {timeout:g} s for a node that can (ray.infeasible_timeout_s)"
+            )
+        if time.time() - waiting[step.name] > timeout:
+            return (
+                f"{need}, more than any node has ({offer}), and no node that can "
+                f"joined within ray.infeasible_timeout_s ({timeout:g} s)"
+            )
+        return "wait"
+    waiting.pop(step.name, None)
+    return ""
+
+
+def _task_bundle(options: dict) -> dict[str, float]:
+    """The resources a step's task asks for, by Ray's resource names."""
+    bundle = {
+        "CPU": options["num_cpus"],
+        "GPU": options["num_gpus"],
+        **options.get("resources", {}),
+    }
+    if options.get("memory"):
+        bundle["memory"] = options["memory"]
+    return {k: v for k, v in bundle.items() if v}
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -316,7 +391,8 @@ def _execute_step(
     from pipeline.config import from_dict
     from pipeline.stage import load
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
+    level = logging.DEBUG if os.environ.get("TWOSTAGE_VERBOSITY") == "1" else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
     if os.path.isdir(cwd):
         os.chdir(cwd)  # relative data paths mean the same as on the driver (same machine)
     node = _node_id()

@@ -52,14 +52,22 @@ class RayOptions:
         address: None starts Ray on this machine (or joins ``RAY_ADDRESS`` when set);
             ``auto`` joins the cluster this machine belongs to; ``ray://host:10001`` a remote one.
         num_cpus: CPUs to give a Ray instance started here (None: all).
+        infeasible_timeout_s: On a cluster, how long a step whose request no node can hold
+            (and no node type of the autoscaler could) waits for such a node to join before it
+            fails, in seconds.
     """
 
     address: str | None = None
     num_cpus: int | None = None
+    infeasible_timeout_s: float = 300.0
 
     def __post_init__(self):
         if self.num_cpus is not None and self.num_cpus < 1:
             raise ConfigError(f"num_cpus: must be positive, got {self.num_cpus}")
+        if self.infeasible_timeout_s < 0:
+            raise ConfigError(
+                f"infeasible_timeout_s: cannot be negative, got {self.infeasible_timeout_s}"
+            )
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,9 @@
   pipeline places it on resources and commits ``out`` to the artifact store.
 - optionally ``DEFAULT_NUM_CPUS``: CPUs its Ray task reserves when the step does not say (a
   stage that starts its own Ray Train workers coordinates only and reserves 0).
+- optionally ``worker_requests(config) -> list[dict]``: the resources each of the Ray workers
+  the stage starts itself asks for (Ray Train workers, Ray Data actors), where its config says;
+  the runner checks them against the nodes before it submits the step (`pipeline.cluster`).
 - optionally ``fingerprint(config) -> str | None``: a cheap summary of external data the stage
   reads (file sizes and times), folded into the artifact key so changed source files are not
   served from cache.

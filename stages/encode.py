@@ -21,6 +21,7 @@ from typing import Literal
 
 from models.families import vqvae2_config
 from models.vqvae2 import VQVAE2Config
+from pipeline import cluster
 from pipeline.config import run_option
 from pipeline.stage import Input
 from stages.formats.codes import CodeShardMeta, ShardWriter, codes_table
@@ -50,7 +51,8 @@ class Config:
     Args:
         batch_size: Images per model call.
         actors: Size of the Ray Data actor pool (model replicas).
-        cpus_per_actor: CPU threads per actor (None: the free CPUs divided among actors).
+        cpus_per_actor: CPU threads per actor (None: what one node can give, shared among the
+            actors).
         gpus_per_actor: GPUs per actor (1 on GPU clusters; 0 on CPU).
         precision: ``bf16`` autocast, ``fp32``, or ``auto`` (bf16 where fast). Recorded in the
             shard metadata: bf16 and fp32 codes can differ where two codes are nearly tied.
@@ -140,6 +142,12 @@ class Encoder:
         )
 
 
+def worker_requests(config: Config) -> list[dict[str, float]]:
+    """What each encoder actor asks for where the config says, for the runner to check against
+    the nodes before the step runs (`pipeline.stage`)."""
+    return [{"CPU": config.cpus_per_actor or 0, "GPU": config.gpus_per_actor}] * config.actors
+
+
 def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
     """Encodes every requested split of ``images`` with ``autoencoder``; writes shards to `out`."""
     import json
@@ -176,11 +184,12 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
     # small blocks (a few thousand images): reading, encoding and writing overlap, and no
     # block ever holds a large part of the dataset (Parquet reads otherwise give one block)
     context.target_max_block_size = 4 * 2**20
-    free_cpus = int(ray.available_resources().get("CPU", 1))
-    threads = config.cpus_per_actor or max(1, free_cpus // config.actors)
+    needs = {"GPU": config.gpus_per_actor} if config.gpus_per_actor else None
+    room = cluster.cpus_per_worker(1, needs)  # the CPUs one node can give now
+    threads = config.cpus_per_actor or max(1, room // config.actors)
     # Ray Data's file listing and read tasks need a CPU of their own: never let the actor pool
     # reserve every free CPU, or the pipeline waits forever (torch threads use the cores anyway)
-    reserve = min(float(config.cpus_per_actor or 1), max(0.1, (free_cpus - 1) / config.actors))
+    reserve = min(float(config.cpus_per_actor or 1), max(0.1, (room - 1) / config.actors))
     ds = read_parquet_dataset(  # light I/O tasks; the encoder actors hold the CPUs
         [images.fs_path(p) for p in parts], images.store.fs, ["id", "label", "split", "image"]
     )

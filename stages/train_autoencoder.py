@@ -41,7 +41,7 @@ from pipeline.stage import Input
 from stages.figures.png import grid, save_png
 from stages.formats.images import image_table_meta, read_image_table
 from stages.formats.pixels import to_signed, to_uint8, to_unit
-from stages.training import loop
+from stages.training import harness, loop
 from stages.training.harness import train_into, use_bf16, where
 
 VERSION = "1"
@@ -81,6 +81,11 @@ class Config:
 
 
 # ----- the stage ------------------------------------------------------------------------------
+
+
+def worker_requests(config: Config) -> list[dict[str, float]]:
+    """What each Ray Train worker asks for, for the runner to check against the nodes."""
+    return harness.worker_requests(config.train)
 
 
 def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:

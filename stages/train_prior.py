@@ -39,7 +39,7 @@ from models.prior import CodePrior, PriorArchitecture, PriorConfig
 from pipeline.config import from_dict, to_dict
 from pipeline.stage import Input
 from stages.formats.codes import column, open_codes
-from stages.training import loop
+from stages.training import harness, loop
 from stages.training.harness import train_into, use_bf16, where
 
 VERSION = "1"
@@ -99,6 +99,11 @@ class Config:
 
 
 # ----- the stage ------------------------------------------------------------------------------
+
+
+def worker_requests(config: Config) -> list[dict[str, float]]:
+    """What each Ray Train worker asks for, for the runner to check against the nodes."""
+    return harness.worker_requests(config.train)
 
 
 def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:

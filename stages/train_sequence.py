@@ -37,7 +37,7 @@ from pipeline.stage import Input
 from stages.formats.pixels import to_frames, to_unit
 from stages.formats.sequences import read_sequence_table, sequence_table_meta
 from stages.metrics.tdvae import PRETRAIN_TERMS, evaluate, evaluate_frames
-from stages.training import loop
+from stages.training import harness, loop
 from stages.training.harness import train_into, where
 
 VERSION = "1"
@@ -99,6 +99,11 @@ class Config:
     model: TDVAEConfig = field(default_factory=TDVAEConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     train: SequenceTrainConfig = field(default_factory=SequenceTrainConfig)
+
+
+def worker_requests(config: Config) -> list[dict[str, float]]:
+    """What each Ray Train worker asks for, for the runner to check against the nodes."""
+    return harness.worker_requests(config.train)
 
 
 def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:

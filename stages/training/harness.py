@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from models.io import MODEL_FILES
+from pipeline import cluster
 from pipeline.store import check_in_process, sync_directory, sync_tree
 from stages.training.loop import CheckpointError
 
@@ -51,7 +52,8 @@ def launch(
         loop: The stage's loop function (module level, so Ray can ship it by reference).
         loop_config: Plain data the loop rebuilds its config from.
         workers: 0 runs in this process; N >= 1 runs N Ray Train workers (DDP).
-        cpus_per_worker: CPU threads per worker (None: free CPUs divided among workers).
+        cpus_per_worker: CPU threads per worker (None: what one node can give, shared among
+            the workers; `pipeline.cluster.cpus_per_worker`).
         device: ``auto``, ``cpu`` or ``cuda``.
         scratch: The stage's resumable-state location (path or URI).
         final: An empty local directory the final Ray Train checkpoint is copied to.
@@ -100,6 +102,14 @@ def train_into(
     return metrics, history
 
 
+def worker_requests(train) -> list[dict[str, float]]:
+    """The resources each Ray Train worker of a train config asks for, where the config says
+    (an explicit ``cpus_per_worker``, ``device: cuda``), for the runner to check against the
+    nodes before the step runs; in-process training asks for none."""
+    bundle = {"CPU": train.cpus_per_worker or 1, "GPU": 1 if train.device == "cuda" else 0}
+    return [bundle] * train.workers
+
+
 def where(train) -> str:
     """``in-process`` or ``N Ray Train worker(s)``, for the stages' start-up log line."""
     return "in-process" if train.workers == 0 else f"{train.workers} Ray Train worker(s)"
@@ -114,7 +124,7 @@ def _launch_ray_train(
 
     gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = device == "cuda" or (device == "auto" and gpus > 0)
-    cpus = cpus_per_worker or max(1, int(ray.available_resources().get("CPU", 1)) // workers)
+    cpus = cpus_per_worker or cluster.cpus_per_worker(workers, {"GPU": 1} if use_gpu else None)
     storage_path, storage_fs = _ray_storage(scratch)
     trainer = TorchTrainer(
         _ray_train_worker,

@@ -48,7 +48,8 @@ class TrainConfig:
         log_every: Steps between logged metric rows.
         seed: Seed of initialisation and of the batches' draws.
         workers: 0 trains in the stage's own process; N >= 1 uses Ray Train with N DDP workers.
-        cpus_per_worker: CPU threads per worker (None: the free CPUs divided among workers).
+        cpus_per_worker: CPU threads per worker (None: what one node can give, shared among the
+            workers).
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
     """
 
