@@ -45,6 +45,7 @@ def launch(
     final: Path,
     datasets: dict | None = None,
     split: tuple[str, ...] = (),
+    worker_resources: dict[str, float] | None = None,
 ) -> tuple[Path, dict]:
     """Runs `loop` and returns (directory of the final checkpoint, final metrics).
 
@@ -59,6 +60,7 @@ def launch(
         final: An empty local directory the final Ray Train checkpoint is copied to.
         datasets: Ray Datasets the loop reads through ``session.dataset(name)``.
         split: Names of the datasets sharded across workers (the others: whole on every one).
+        worker_resources: Custom Ray resources each Ray Train worker asks for.
     """
     datasets = datasets or {}
     check_in_process(workers, "this store's scratch", scratch)
@@ -70,7 +72,16 @@ def launch(
             raise CheckpointError(f"{e}{_start_over(scratch)}") from None
         return session.last_checkpoint, metrics
     return _launch_ray_train(
-        loop, loop_config, workers, cpus_per_worker, device, scratch, final, datasets, split
+        loop,
+        loop_config,
+        workers,
+        cpus_per_worker,
+        device,
+        scratch,
+        final,
+        datasets,
+        split,
+        worker_resources or {},
     )
 
 
@@ -94,6 +105,7 @@ def train_into(
             device=train.device,
             scratch=scratch,
             final=Path(tmp),
+            worker_resources=train.worker_resources,
             **data,
         )
         for name in MODEL_FILES:
@@ -106,7 +118,11 @@ def worker_requests(train) -> list[dict[str, float]]:
     """The resources each Ray Train worker of a train config asks for, where the config says
     (an explicit ``cpus_per_worker``, ``device: cuda``), for the runner to check against the
     nodes before the step runs; in-process training asks for none."""
-    bundle = {"CPU": train.cpus_per_worker or 1, "GPU": 1 if train.device == "cuda" else 0}
+    bundle = {
+        "CPU": train.cpus_per_worker or 1,
+        "GPU": 1 if train.device == "cuda" else 0,
+        **train.worker_resources,
+    }
     return [bundle] * train.workers
 
 
@@ -116,7 +132,16 @@ def where(train) -> str:
 
 
 def _launch_ray_train(
-    loop, loop_config, workers, cpus_per_worker, device, scratch, final, datasets, split
+    loop,
+    loop_config,
+    workers,
+    cpus_per_worker,
+    device,
+    scratch,
+    final,
+    datasets,
+    split,
+    worker_resources,
 ):
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -124,13 +149,16 @@ def _launch_ray_train(
 
     gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = device == "cuda" or (device == "auto" and gpus > 0)
-    cpus = cpus_per_worker or cluster.cpus_per_worker(workers, {"GPU": 1} if use_gpu else None)
+    needs = {"GPU": 1 if use_gpu else 0, **worker_resources}
+    cpus = cpus_per_worker or cluster.cpus_per_worker(workers, needs)
     storage_path, storage_fs = _ray_storage(scratch)
     trainer = TorchTrainer(
         _ray_train_worker,
         train_loop_config={"loop": loop, "loop_config": loop_config, "cpus": cpus},
         scaling_config=ScalingConfig(
-            num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}
+            num_workers=workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cpus, **worker_resources},
         ),
         run_config=RunConfig(
             name="ray_train",
@@ -190,7 +218,9 @@ def _training_error(error: BaseException, scratch: str) -> str:
     if match:
         return f"{match.group(1)}{_start_over(scratch)}"
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    return f"training failed: {lines[-1] if lines else type(error).__name__}"
+    what = lines[-1] if lines else type(error).__name__
+    # a lost worker or node, a killed process: the checkpoints in scratch are what a rerun uses
+    return f"training failed: {what}; rerun to resume from the last checkpoint in {scratch}"
 
 
 # ----- sessions: what differs between in-process and Ray Train ------------------------------

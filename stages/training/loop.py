@@ -22,7 +22,7 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
@@ -51,6 +51,8 @@ class TrainConfig:
         cpus_per_worker: CPU threads per worker (None: what one node can give, shared among the
             workers).
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+        worker_resources: Custom Ray resources each Ray Train worker asks for besides its CPUs
+            and GPU, e.g. ``{gpu_like: 1}`` to place the workers on the nodes that have them.
     """
 
     steps: int = 2000
@@ -65,6 +67,7 @@ class TrainConfig:
     workers: int = 1
     cpus_per_worker: int | None = run_option(None)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    worker_resources: dict[str, float] = field(default_factory=dict, metadata={"in_key": False})
 
     # options that must be at least 1 (a stage's train options may add theirs)
     POSITIVE: ClassVar[tuple[str, ...]] = ("steps", "batch_size", "checkpoint_every", "log_every")
@@ -83,6 +86,12 @@ class TrainConfig:
             raise ValueError(f"workers: 0 (in-process) or a positive count, got {self.workers}")
         if self.cpus_per_worker is not None and self.cpus_per_worker < 1:
             raise ValueError(f"cpus_per_worker: must be positive, got {self.cpus_per_worker}")
+        for name, amount in self.worker_resources.items():
+            if name in ("CPU", "GPU") or amount < 0:
+                raise ValueError(
+                    f"worker_resources: {name}: {amount}; name custom resources with amounts "
+                    ">= 0 (CPUs: cpus_per_worker, GPUs: device)"
+                )
         if self.final_lr_fraction > 1:
             raise ValueError("final_lr_fraction: must be in [0, 1]")
 
