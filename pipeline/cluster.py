@@ -73,6 +73,13 @@ def node_types() -> list[dict[str, float]]:
     ]
 
 
+def type_fits(bundle: dict[str, float], node_type: dict[str, float]) -> bool:
+    """Whether a node of `node_type` could hold `bundle`: CPUs and memory a type leaves out are
+    the instance's own (unknown here), so only what it states is compared."""
+    known = {k: v for k, v in bundle.items() if k in node_type or k not in ("CPU", "memory")}
+    return fits(known, node_type)
+
+
 def describe(bundle: dict[str, float]) -> str:
     """``{CPU: 64, GPU: 1}``, for messages."""
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in bundle.items() if v) + "}"

@@ -335,7 +335,7 @@ def _unplaceable(
         offer = cluster.describe_nodes(nodes)
         if fixed:
             return f"{need}, more than any node of this Ray instance has ({offer})"
-        if any(cluster.fits(bundle, t) for t in node_types):
+        if any(cluster.type_fits(bundle, t) for t in node_types):
             _say(f"{step.name} ({step.stage}) {need}: waits for the autoscaler to add a node")
             return ""
         if step.name not in waiting:
