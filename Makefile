@@ -1,5 +1,6 @@
 # twostage: `make demo` runs the default pipeline end to end, `make test` runs the test suite.
-# Both create .venv and install the project (CPU torch wheel where one is at hand) on first use.
+# `make test-fast` runs the tests not marked slow. Each creates .venv and installs the project
+# (CPU torch wheel where one is at hand) on first use.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -7,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_CONFIG ?= configs/mnist_vqvae2.yaml
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test test-fast bench lint clean
 
 install: $(STAMP)
 
@@ -23,6 +24,9 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q -ra --durations=10
+
+test-fast: install
+	$(BIN)/python -m pytest -q -ra -m "not slow"
 
 bench: install
 	$(BIN)/python -m bench.run

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from pipeline.spec import parse_pipeline
-from tests.conftest import REPO, cli_env
+from tests.helpers import REPO, cli_env
 
 
 @pytest.fixture
@@ -32,6 +32,7 @@ def two_node_cluster(monkeypatch):
     cluster.shutdown()
 
 
+@pytest.mark.slow
 def test_stages_run_on_more_than_one_node(two_node_cluster, tmp_path):
     import ray
 

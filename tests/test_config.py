@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.config import ConfigError
 from pipeline.spec import load_pipeline, parse_pipeline
-from tests.conftest import REPO, cli_env, twostage, write_yaml
+from tests.helpers import REPO, cli_env, twostage, write_yaml
 
 GOOD = {
     "name": "t",
@@ -284,7 +284,7 @@ def test_source_files_are_fingerprinted(tmp_path):
 
     import numpy as np
 
-    from tests.conftest import write_idx
+    from tests.helpers import write_idx
 
     write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((3, 28, 28), np.uint8))
     write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(3, np.uint8))

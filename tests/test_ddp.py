@@ -3,12 +3,16 @@
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from models.vqvae2 import VQVAE2, VQVAE2Config
+from tests.helpers import tiny_vqvae
+
+pytestmark = pytest.mark.slow
 
 
 def _worker(rank: int, world: int, port: int, results):
@@ -16,17 +20,7 @@ def _worker(rank: int, world: int, port: int, results):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     torch.manual_seed(0)  # same initial weights
-    model = VQVAE2(
-        VQVAE2Config(
-            in_channels=1,
-            channels=16,
-            res_blocks=1,
-            res_channels=8,
-            embed_dim=8,
-            codebook_size=32,
-            dead_code_steps=2,
-        )
-    )
+    model = VQVAE2(VQVAE2Config(**tiny_vqvae(dead_code_steps=2)))
     ddp = DDP(model, broadcast_buffers=False)  # no buffer copying: the quantizer must sync itself
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     gen = torch.Generator().manual_seed(100 + rank)  # different data on each rank
@@ -67,7 +61,7 @@ def _resume_worker(rank: int, world: int, port: int, steps: list[int], root: str
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    model = VQVAE2(VQVAE2Config(in_channels=1, channels=16, res_blocks=1, res_channels=8))
+    model = VQVAE2(VQVAE2Config(**tiny_vqvae()))
     session = LocalSession(Path(root) / f"rank{rank}", torch.device("cpu"), 1)
     session.rank = 0  # each writes its own checkpoint, as rank 0 would
     step = steps[rank]

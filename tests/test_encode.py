@@ -14,57 +14,57 @@ from models.vqvae2 import VQVAE2
 from pipeline.store import CorruptArtifactError, Store
 from stages.formats.codes import CodeShardError, open_codes
 from stages.formats.images import read_image_table
-from tests.conftest import REPO, run_json, twostage, write_yaml
+from tests.helpers import (
+    REPO,
+    TWO_STAGE_BASE,
+    copy_run,
+    run_json,
+    steps_by_name,
+    twostage,
+    write_yaml,
+)
 
-PIPELINE = """
-name: enc
-ray: {num_cpus: 2}
-steps:
-  data: {stage: ingest, image_size: 32, limit: 400}
-  vqvae:
-    stage: train_autoencoder
-    inputs: {images: data}
-    model: {in_channels: 1, channels: 16, res_blocks: 1, res_channels: 8, codebook_size: 32, embed_dim: 8}
-    train: {steps: 20, checkpoint_every: 20, log_every: 10, workers: 0}
-  codes:
-    stage: encode
-    inputs: {images: data, autoencoder: vqvae}
-    precision: fp32
-    batch_size: 128
-"""
+# the two-stage pipeline's stage 1 (data, the tiny VQ-VAE-2, its codes) on its own
+PIPELINE = "name: enc\nray: {num_cpus: 2}\n" + TWO_STAGE_BASE
 
 
 @pytest.fixture(scope="module")
-def encoded(tmp_path_factory):
-    """One pipeline run, then a second with a retrained autoencoder (more steps) whose encode
-    keeps only train and val: some of the table's batches hold only test rows, so they encode
-    to no rows."""
-    tmp = tmp_path_factory.mktemp("encode")
+def encoded(two_stage_run, tmp_path_factory):
+    """The session's two-stage run (its stage 1 is `PIPELINE`'s steps) copied, then `PIPELINE`
+    run again in that store, then a third time with a retrained autoencoder (more steps) whose
+    encode keeps only train and val: some of the table's batches hold only test rows, so they
+    encode to no rows."""
+    run_root, summary = two_stage_run
+    tmp = copy_run(run_root, tmp_path_factory.mktemp("encode") / "run")
+    store = Store(str(tmp / "artifacts"))
+    first = {  # the session run's stage 1, located in this copy
+        name: {**step, "uri": store.uri_of(step["stage"], step["key"])}
+        for name, step in steps_by_name(summary).items()
+        if name in ("data", "vqvae", "codes")
+    }
     config = write_yaml(tmp / "enc.yaml", PIPELINE)
-    first = run_json(config, cwd=tmp, timeout=600)
-    assert first["status"] == "ok", first
     again = run_json(config, cwd=tmp, timeout=600)
     retrained = run_json(
         config,
         "--set",
-        "steps.vqvae.train.steps=30",
+        "steps.vqvae.train.steps=40",
         "--set",
         "steps.codes.splits=[train, val]",
         cwd=tmp,
         timeout=600,
     )
     assert retrained["status"] == "ok", retrained
-    keys = lambda s: {x["name"]: x for x in s["stages"]}  # noqa: E731
     return {
         "tmp": tmp,
         "config": config,
-        "first": keys(first),
-        "again": keys(again),
-        "retrained": keys(retrained),
-        "store": Store(str(tmp / "artifacts")),
+        "first": first,
+        "again": steps_by_name(again),
+        "retrained": steps_by_name(retrained),
+        "store": store,
     }
 
 
+@pytest.mark.slow
 def test_plain_pyarrow_reads_a_shard_and_its_metadata(encoded):
     artifact = encoded["store"].open("encode", encoded["first"]["codes"]["key"])
     path = artifact.local_path("codes-00000.parquet")
@@ -114,6 +114,7 @@ print(json.dumps({{"rows": t.num_rows, "columns": t.column_names, "meta": meta,
     assert codes["top"][0].flatten().tolist() == out["top"]
 
 
+@pytest.mark.slow
 def test_open_codes_views(encoded):
     dataset = open_codes(encoded["store"].open("encode", encoded["first"]["codes"]["key"]))
     arrays = dataset.to_numpy()
@@ -140,6 +141,7 @@ def test_open_codes_views(encoded):
         ray.shutdown()
 
 
+@pytest.mark.slow
 def test_rerun_is_cached_and_retraining_makes_new_shards(encoded, tmp_path):
     assert encoded["again"]["codes"]["status"] == "cached"
     old, new = encoded["first"]["codes"]["key"], encoded["retrained"]["codes"]["key"]
@@ -180,6 +182,7 @@ def _copy_artifact(store: Store, key: str, tmp_path: Path) -> Store:
     return target
 
 
+@pytest.mark.slow
 def test_bit_flip_and_truncation_are_detected_naming_the_file(encoded, tmp_path):
     key = encoded["first"]["codes"]["key"]
     copy = _copy_artifact(encoded["store"], key, tmp_path)

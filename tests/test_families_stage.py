@@ -10,6 +10,7 @@ import pytest
 from pipeline.config import ConfigError, from_dict
 from pipeline.store import Store
 from stages import analyze_latents, ingest, train_autoencoder
+from tests.helpers import run_json, tiny_vqvae, write_yaml
 
 FAMILIES = {
     "autoencoder": {},
@@ -138,24 +139,23 @@ def test_dsprites_factors_reach_mig_and_the_factor_vae_score(tmp_path):
 
 def test_analyze_latents_refuses_a_vqvae2(mnist, tmp_path):
     store, images = mnist
-    model = {
-        "in_channels": 1,
-        "channels": 16,
-        "res_blocks": 1,
-        "res_channels": 8,
-        "codebook_size": 16,
-        "embed_dim": 8,
-    }
-    artifact = _train(store, images, _key("vq"), model, steps=2, batch_size=8, checkpoint_every=2)
+    artifact = _train(
+        store,
+        images,
+        _key("vq"),
+        tiny_vqvae(codebook_size=16),
+        steps=2,
+        batch_size=8,
+        checkpoint_every=2,
+    )
     with pytest.raises(ValueError, match="VQ-VAE-2 .*continuous families"):
         analyze_latents.run(
             analyze_latents.Config(), {"autoencoder": artifact, "images": images}, tmp_path, ""
         )
 
 
+@pytest.mark.slow
 def test_pipeline_compares_families_in_the_report(tmp_path):
-    from tests.conftest import run_json, write_yaml
-
     config = write_yaml(
         tmp_path / "families.yaml",
         """

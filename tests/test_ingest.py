@@ -11,7 +11,7 @@ from PIL import Image
 from pipeline.store import Store
 from stages import ingest
 from stages.formats.images import META_KEY, read_image_table
-from tests.conftest import write_idx
+from tests.helpers import write_idx
 
 
 def _ingest(tmp_path: Path, **kwargs) -> tuple[dict, object]:

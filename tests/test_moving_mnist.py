@@ -21,7 +21,7 @@ from stages.formats.sequences import (
     write_sequence_table,
 )
 from stages.sources import mnist, moving_mnist
-from tests.conftest import write_idx
+from tests.helpers import write_idx
 
 
 @pytest.fixture(scope="module")
@@ -302,7 +302,9 @@ def test_sequence_table_errors_name_the_file(tmp_path):
 
 def _ingest(tmp_path: Path, **kwargs) -> tuple[dict, object, ingest_sequences.Config]:
     """Runs ingest and commits it to a store in tmp_path; returns (metrics, artifact, config)."""
-    config = ingest_sequences.Config(source=ingest_sequences.Source(**kwargs.pop("source")), **kwargs)
+    config = ingest_sequences.Config(
+        source=ingest_sequences.Source(**kwargs.pop("source")), **kwargs
+    )
     store = Store(str(tmp_path / "store"))
     key = f"{abs(hash(repr(config))):064x}"[-64:]
     with store.staging("ingest_sequences", key) as out:

@@ -8,8 +8,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from pipeline.store import Store
-from tests.conftest import REPO, cli_env, run_json, twostage, write_yaml
+from tests.helpers import REPO, cli_env, run_json, twostage, write_yaml
+
+pytestmark = pytest.mark.slow
 
 SMOKE = REPO / "configs" / "smoke.yaml"
 

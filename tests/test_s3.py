@@ -7,7 +7,9 @@ import pytest
 
 from pipeline.store import CorruptArtifactError, Store
 from stages.formats.images import read_image_table
-from tests.conftest import REPO, cli_env, run_json, twostage
+from tests.helpers import REPO, cli_env, run_json, twostage
+
+pytestmark = pytest.mark.slow
 
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",

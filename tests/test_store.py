@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.store import MANIFEST, CorruptArtifactError, Store, StoreError, artifact_key
 from stages.formats.images import image_table_meta, read_image_table
-from tests.conftest import REPO, twostage
+from tests.helpers import REPO, twostage
 
 
 def _commit(store: Store, key: str, files: dict[str, bytes], stage: str = "demo"):
@@ -151,6 +151,7 @@ def test_find_by_prefix(tmp_path):
         store.find("ffff")
 
 
+@pytest.mark.slow
 def test_cli_verify_and_reader_fail_on_flipped_byte(tmp_path):
     """Acceptance: one flipped byte makes `twostage verify` and any reader fail, naming the file."""
     run = twostage(

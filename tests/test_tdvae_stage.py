@@ -16,7 +16,7 @@ from pipeline.config import ConfigError, from_dict
 from pipeline.store import Store
 from stages import ingest_sequences, rollout, train_sequence
 from stages.training.harness import LocalSession
-from tests.conftest import kill_after_checkpoints, run_json, write_yaml
+from tests.helpers import kill_after_checkpoints, run_json, write_yaml
 
 TINY_MODEL = {
     "image_size": 16,
@@ -38,7 +38,9 @@ def _key(name: str) -> str:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     store = Store(str(tmp_path_factory.mktemp("tdvae") / "store"))
-    config = from_dict(ingest_sequences.Config, {"source": {**SOURCE, "digit_size": 8}, "limit": 300}, "data")
+    config = from_dict(
+        ingest_sequences.Config, {"source": {**SOURCE, "digit_size": 8}, "limit": 300}, "data"
+    )
     with store.staging("ingest_sequences", _key("data")) as out:
         metrics = ingest_sequences.run(config, {}, out, "")
         data, _ = store.commit("ingest_sequences", _key("data"), out, {"metrics": metrics})
@@ -190,6 +192,7 @@ def test_model_and_frames_must_agree(trained, tmp_path):
         from_dict(train_sequence.Config, {"model": {"max_jump": 0}}, "t")
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_and_the_report_has_the_prediction_table(tmp_path):
     source = ", ".join(f"{k}: {v}" for k, v in {**SOURCE, "digit_size": 8}.items())
     model = ", ".join(f"{k}: {v}" for k, v in TINY_MODEL.items())

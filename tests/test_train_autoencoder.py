@@ -11,12 +11,9 @@ from pipeline.store import Store
 from stages import ingest, train_autoencoder
 from stages.training.harness import _training_error, launch
 from stages.training.loop import CheckpointError
-from tests.conftest import kill_after_checkpoints, run_json, write_yaml
+from tests.helpers import kill_after_checkpoints, run_json, tiny_vqvae, tiny_vqvae_yaml, write_yaml
 
-TINY_MODEL = (
-    "{in_channels: 1, channels: 16, res_blocks: 1, res_channels: 8, codebook_size: 32, "
-    "embed_dim: 8}"
-)
+TINY_MODEL = tiny_vqvae_yaml()
 
 
 def _images(tmp_path: Path, **kwargs):
@@ -29,16 +26,14 @@ def _images(tmp_path: Path, **kwargs):
 
 
 def _config(**train) -> train_autoencoder.Config:
-    model = dict(
-        in_channels=1, channels=16, res_blocks=1, res_channels=8, codebook_size=32, embed_dim=8
-    )
     return from_dict(
         train_autoencoder.Config,
-        {"model": model, "train": {"workers": 0, "log_every": 10, **train}},
+        {"model": tiny_vqvae(), "train": {"workers": 0, "log_every": 10, **train}},
         "",
     )
 
 
+@pytest.mark.slow
 def test_pipeline_trains_with_ray_train_one_and_two_ddp_workers(tmp_path):
     config = write_yaml(
         tmp_path / "vq.yaml",
@@ -84,6 +79,7 @@ steps:
     assert (Path(summary["run_dir"]) / "reconstructions.png").is_file()
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     config = write_yaml(
         tmp_path / "resume.yaml",

@@ -1,8 +1,9 @@
 """Stage 2 end to end: encode -> train_prior (per level) -> sample -> evaluate -> report.
 
-One tiny pipeline runs once per module on local Ray (real Ray Train + Ray Data, real Parquet);
-the tests then look at its artifacts, re-sample from its priors, and run further pipelines in
-the same store (cached stages, a refused prior, a killed prior run that resumes).
+One tiny pipeline runs once per session on local Ray (real Ray Train + Ray Data, real Parquet;
+conftest's `two_stage_run`); the tests then look at its artifacts, re-sample from its priors,
+and run further pipelines in a copy of its store (cached stages, a refused prior, a killed
+prior run that resumes).
 """
 
 import glob
@@ -19,61 +20,28 @@ from pipeline.store import Store
 from stages import sample, train_prior
 from stages.formats.codes import CodeShardError, open_codes
 from stages.sampling.priors import load_priors
-from tests.conftest import kill_after_checkpoints, run_json, twostage, write_yaml
+from tests.helpers import (
+    TINY_PRIOR,
+    TWO_STAGE_BASE,
+    copy_run,
+    kill_after_checkpoints,
+    run_json,
+    steps_by_name,
+    tiny_vqvae_yaml,
+    twostage,
+    write_yaml,
+)
 
-TINY_AE = (
-    "{in_channels: 1, channels: 16, res_blocks: 1, res_channels: 8, codebook_size: 32, "
-    "embed_dim: 8}"
-)
-TINY_PRIOR = "{hidden_size: 32, layers: 1, heads: 2}"
-PATCH_PRIOR = "{hidden_size: 32, layers: 1, heads: 2, patch: [2, 2]}"  # one step per 2x2 codes
-BASE = f"""
-steps:
-  data: {{stage: ingest, image_size: 32, limit: 600}}
-  vqvae:
-    stage: train_autoencoder
-    inputs: {{images: data}}
-    model: {TINY_AE}
-    train: {{steps: 30, workers: 0, log_every: 10, checkpoint_every: 30}}
-  codes: {{stage: encode, inputs: {{images: data, autoencoder: vqvae}}}}
-"""
-PIPELINE = (
-    "name: two_stage\n"
-    + BASE
-    + f"""
-  prior_top:
-    stage: train_prior
-    inputs: {{codes: codes}}
-    level: top
-    model: {TINY_PRIOR}
-    train: {{steps: 20, batch_size: 16, log_every: 5, checkpoint_every: 10, workers: 1}}
-  prior_bottom:
-    stage: train_prior
-    inputs: {{codes: codes}}
-    level: bottom
-    model: {PATCH_PRIOR}
-    train: {{steps: 20, batch_size: 16, log_every: 5, checkpoint_every: 10, workers: 0}}
-  classifier: {{stage: train_classifier, inputs: {{images: data}}, steps: 20}}
-  samples:
-    stage: sample
-    inputs: {{autoencoder: vqvae, priors: [prior_top, prior_bottom]}}
-    per_class: 2
-  evaluation:
-    stage: evaluate
-    inputs: {{images: data, classifier: classifier, samples: samples, autoencoder: vqvae,
-              codes: codes, priors: [prior_top, prior_bottom]}}
-"""
-)
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def two_stage(tmp_path_factory):
-    root = tmp_path_factory.mktemp("two_stage")
-    config = write_yaml(root / "pipeline.yaml", PIPELINE)
-    summary = run_json(config, cwd=root, timeout=600)
-    assert summary["status"] == "ok", summary
-    steps = {s["name"]: s for s in summary["stages"]}
-    return root, Store(str(root / "artifacts")), steps, summary
+def two_stage(two_stage_run, tmp_path_factory):
+    """The session's tiny two-stage run (helpers.TWO_STAGE_PIPELINE), copied: these tests run
+    further pipelines in its store."""
+    run_root, summary = two_stage_run
+    root = copy_run(run_root, tmp_path_factory.mktemp("two_stage") / "run")
+    return root, Store(str(root / "artifacts")), steps_by_name(summary), summary
 
 
 def test_pipeline_trains_priors_samples_evaluates_and_reports(two_stage):
@@ -173,12 +141,12 @@ def test_prior_of_another_autoencoder_is_refused(two_stage):
     config = write_yaml(
         root / "refused.yaml",
         "name: refused\n"
-        + BASE
+        + TWO_STAGE_BASE
         + f"""
   other:
     stage: train_autoencoder
     inputs: {{images: data}}
-    model: {TINY_AE}
+    model: {tiny_vqvae_yaml()}
     train: {{steps: 10, workers: 0, log_every: 10, checkpoint_every: 10, seed: 1}}
   prior_top:
     stage: train_prior
@@ -209,7 +177,7 @@ def test_sweep_reuses_cached_shards_and_compares_priors(two_stage):
     config = write_yaml(
         root / "sweep.yaml",
         "name: sweep\n"
-        + BASE
+        + TWO_STAGE_BASE
         + f"""
   prior_a:
     stage: train_prior
@@ -265,7 +233,7 @@ def test_killed_prior_run_resumes_from_its_last_checkpoint(two_stage):
     config = write_yaml(
         root / "resume.yaml",
         "name: resume\n"
-        + BASE
+        + TWO_STAGE_BASE
         + f"""
   prior:
     stage: train_prior

@@ -4,13 +4,12 @@ import pytest
 import torch
 
 from models.vqvae2 import PRESETS, VQVAE2, ConfigError, VQVAE2Config, preset
-
-TINY = dict(channels=16, res_blocks=1, res_channels=8, embed_dim=8, codebook_size=32)
+from tests.helpers import tiny_vqvae
 
 
 def _model(**changes) -> VQVAE2:
     torch.manual_seed(0)
-    return VQVAE2(VQVAE2Config(**{**TINY, **changes}))
+    return VQVAE2(VQVAE2Config(**tiny_vqvae(**changes)))
 
 
 @pytest.mark.parametrize(
