@@ -276,9 +276,7 @@ def _class_swap(model, x, codes, num_classes: int, out: Path) -> None:
     for i in range(len(x)):
         z = codes[i].repeat(num_classes, 1)
         rows += [x[i : i + 1], model.decode(z, torch.arange(num_classes))]
-    save_png(
-        grid(to_uint8(torch.cat(rows)), nrow=num_classes + 1, scale=2), out / "class_swap.png"
-    )
+    save_png(grid(to_uint8(torch.cat(rows)), nrow=num_classes + 1, scale=2), out / "class_swap.png")
 
 
 def _disentanglement(model, table, prepare, config: Config) -> dict:

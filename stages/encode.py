@@ -255,5 +255,3 @@ def _check_shapes(model: VQVAE2Config, table: ImageTableMeta) -> None:
         raise ValueError(
             f"the autoencoder takes {model.in_channels} channel(s), the images have {table.channels}"
         )
-
-

@@ -239,5 +239,3 @@ def _samples_png(images, labels, class_names, config: Config, path: Path) -> Non
     else:
         tiles, nrow = images[:64], min(8, len(images))
     save_png(grid(tiles, nrow=nrow, scale=2), path)
-
-

@@ -133,5 +133,3 @@ def _shift(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Ten
         rows,
         cols,
     ]
-
-

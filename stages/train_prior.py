@@ -32,13 +32,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 
 from models.prior import CodePrior, PriorArchitecture, PriorConfig
 from pipeline.config import from_dict, to_dict
 from pipeline.stage import Input
-from stages.formats.codes import column, open_codes
+from stages.formats.codes import open_codes
 from stages.training import harness, loop
 from stages.training.harness import train_into, use_bf16, where
 
@@ -115,19 +114,10 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
     meta = codes.meta
     prior_config = prior_config_for(meta, config)
     levels = [config.level, *prior_config.context_grids]
-    grids = {config.level: prior_config.grid, **prior_config.context_grids}
     # read and convert once; every epoch then streams blocks from the object store (code shards
     # are small: ~100 bytes per image in Parquet, a few hundred as int32 arrays)
     datasets = {
-        split: codes.to_ray_dataset(columns=["label", "split", *map(column, levels)])
-        .map_batches(
-            code_rows,
-            fn_kwargs={"split": split, "sizes": {k: h * w for k, (h, w) in grids.items()}},
-            batch_format="pyarrow",
-            num_cpus=0,  # light; other stages may hold the CPUs
-        )
-        .materialize()
-        for split in ("train", "val")
+        split: codes.to_ray_grids(split, levels).materialize() for split in ("train", "val")
     }
     n_params = sum(p.numel() for p in CodePrior(prior_config).parameters())
     log.info(
@@ -206,18 +196,6 @@ def prior_config_for(meta, config: Config) -> PriorConfig:
         context_codebook_sizes={k: meta.codebook_sizes[k] for k in above},
         num_classes=classes,
     )
-
-
-def code_rows(batch, split: str, sizes: dict[str, int]) -> dict[str, np.ndarray]:
-    """Ray Data batch function: shard rows of one split -> ``label`` and ``n (h w)`` int32 codes."""
-    import pyarrow.compute as pc
-
-    batch = batch.filter(pc.equal(batch["split"], split))
-    out = {"label": pc.fill_null(batch["label"], -1).to_numpy().astype(np.int64)}
-    for level, size in sizes.items():  # codes per grid (a block may hold no rows of `split`)
-        flat = batch[column(level)].combine_chunks().flatten().to_numpy()
-        out[level] = flat.astype(np.int32).reshape(batch.num_rows, size)
-    return out
 
 
 def _loop(loop_config: dict, session) -> dict:

@@ -184,6 +184,17 @@ class CodeDataset:
         """File-system paths of the shards (in the store's pyarrow filesystem)."""
         return [self.artifact.fs_path(name) for name in self.files]
 
+    def to_ray_grids(self, split: str, levels: list[str]):
+        """A Ray Dataset of one split's rows for training: ``label`` (-1 for none) and one flat
+        ``(h w)`` int32 tensor per level in `levels`."""
+        sizes = {level: math.prod(self.meta.grid_shapes[level]) for level in levels}
+        return self.to_ray_dataset(columns=["label", "split", *map(column, levels)]).map_batches(
+            _grid_rows,
+            fn_kwargs={"split": split, "sizes": sizes},
+            batch_format="pyarrow",
+            num_cpus=0,  # light; other stages may hold the CPUs
+        )
+
     def read_table(self, split: str | None = None, columns: list[str] | None = None) -> pa.Table:
         """All rows (of one split) as one Arrow table, read from the verified files."""
         tables = [
@@ -232,6 +243,23 @@ class CodeDataset:
         from stages.formats.images import read_parquet_dataset
 
         return read_parquet_dataset(self.paths(), self.artifact.store.fs, columns)
+
+
+def _grid_rows(batch: pa.Table, split: str, sizes: dict[str, int]) -> pa.Table:
+    """Ray Data batch function of `CodeDataset.to_ray_grids`. This module is light to import in
+    Ray Data's workers (no torch), and the codes are Arrow tensor columns even in a block with
+    no rows of `split` (numpy arrays of 0 rows would make Ray Data fall back to pickling)."""
+    import pyarrow.compute as pc
+    from ray.data.extensions import ArrowTensorArray
+
+    batch = batch.filter(pc.equal(batch["split"], split))
+    out = {"label": pc.fill_null(batch["label"], -1).cast(pa.int64())}
+    for level, size in sizes.items():
+        flat = batch[column(level)].combine_chunks().flatten().to_numpy()
+        out[level] = ArrowTensorArray.from_numpy(
+            flat.astype(np.int32).reshape(batch.num_rows, size)
+        )
+    return pa.table(out)
 
 
 def open_codes(source, expect_autoencoder: str | None = None, verify: bool = True) -> CodeDataset:
