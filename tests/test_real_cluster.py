@@ -1,0 +1,340 @@
+"""A real Ray cluster on this machine, as a user starts one: `ray start --head` and a second
+`ray start` node, separate processes, token authentication on, a custom resource (`gpu_like`)
+on the second node only, and one shared store. The pipeline runs against it with `twostage
+run` (RAY_ADDRESS), with `ray job submit`, and through `scripts/submit.py` as `ray submit`
+calls it; a training step is killed with its node and recovers on a node started again.
+"""
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO, cli_env, twostage, write_yaml
+
+pytestmark = pytest.mark.slow
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+@dataclass
+class RealCluster:
+    address: str  # GCS, for RAY_ADDRESS
+    dashboard: str  # http://..., for ray job submit
+    env: dict  # token authentication on, with the cluster's token
+    root: Path  # every node's temp dir lies under it
+
+    def start_worker(self, name: str = "worker") -> None:
+        """Starts a `ray start` node with 2 CPUs and the custom resource `gpu_like`."""
+        _ray_start(
+            [f"--address={self.address}", '--resources={"gpu_like": 1}'],
+            self.root / name,
+            self.env,
+        )
+
+    def stop_worker(self, name: str = "worker") -> None:
+        """Kills every process of one node (its raylet and everything it started)."""
+        _kill_under(self.root / name)
+
+    def nodes(self) -> list[dict]:
+        out = subprocess.run(
+            [sys.executable, "-c", _NODES],
+            env={**self.env, "RAY_ADDRESS": self.address},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+_NODES = (
+    "import json, ray; ray.init(logging_level='ERROR'); "
+    "print(json.dumps([{'id': n['NodeID'], **n['Resources']} for n in ray.nodes() if n['Alive']]))"
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_start(args: list[str], temp_dir: Path, env: dict) -> None:
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        [RAY, "start", "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def _kill_under(root: Path) -> None:
+    """SIGKILLs the processes whose command line names `root` (a node's temp dir): its GCS,
+    raylet, log monitor and dashboard; their workers die with the raylet. Unlike `ray stop`,
+    which stops every Ray process of the user, this stops one node."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if str(root) in cmdline:
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+            except OSError:
+                pass
+
+
+@pytest.fixture(scope="module")
+def real_cluster():
+    root = Path(tempfile.mkdtemp(prefix="ts-cluster-"))  # short: Ray's socket paths
+    port, dashboard = _free_port(), _free_port()
+    env = cli_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
+    env.pop("RAY_ADDRESS", None)
+    cluster = RealCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", env, root)
+    try:
+        _ray_start(
+            [
+                "--head",
+                f"--port={port}",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dashboard}",
+                '--resources={"head_like": 1}',
+            ],
+            root / "head",
+            env,
+        )
+        cluster.start_worker()
+        yield cluster
+    finally:
+        for name in sorted(p.name for p in root.iterdir() if p.is_dir()):
+            if name != "head":
+                _kill_under(root / name)
+        _kill_under(root / "head")
+
+
+PIPELINE = """
+name: cluster
+store: {store}
+ray: {{infeasible_timeout_s: 20}}
+steps:
+  data: {{stage: ingest, source: {{kind: embedded}}, image_size: 32, limit: 400}}
+  vqvae:
+    stage: train_autoencoder
+    inputs: {{images: data}}
+    resources: {{custom: {{gpu_like: 1}}}}
+    model: {{family: vqvae2, in_channels: 1, channels: 16, res_channels: 8, codebook_size: 16}}
+    train: {{steps: {steps}, batch_size: 16, checkpoint_every: 20, log_every: 10}}
+  codes:
+    stage: encode
+    inputs: {{images: data, autoencoder: vqvae}}
+    resources: {{custom: {{gpu_like: 1}}}}
+  prior:
+    stage: train_prior
+    inputs: {{codes: codes}}
+    level: top
+    model: {{hidden_size: 32, layers: 1, heads: 2}}
+    train: {{steps: 20, batch_size: 16, checkpoint_every: 20, log_every: 10}}
+"""
+
+
+def _pipeline(path: Path, store: Path, steps: int = 40) -> Path:
+    return write_yaml(path, PIPELINE.format(store=store, steps=steps))
+
+
+def _run(config: Path, cluster: RealCluster, cwd: Path, *extra, timeout=600):
+    env = {**cluster.env, "RAY_ADDRESS": cluster.address}
+    return twostage("run", config, "--json", *extra, cwd=cwd, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def two_node_run(real_cluster, tmp_path_factory):
+    """The shortened demo pipeline, run once on the two nodes; its store is reused below."""
+    root = tmp_path_factory.mktemp("two_node_run")
+    nodes = real_cluster.nodes()
+    config = _pipeline(root / "p.yaml", root / "store")
+    start = time.time()
+    proc = _run(config, real_cluster, root)
+    seconds = time.time() - start
+    print(f"two-node cluster run: {seconds:.1f} s")
+    return nodes, config, proc
+
+
+def test_pipeline_runs_on_a_two_node_cluster_with_steps_pinned_to_the_second_node(two_node_run):
+    nodes, _, proc = two_node_run
+    assert len(nodes) == 2 and sum("gpu_like" in n for n in nodes) == 1
+    summary = json.loads(proc.stdout)
+    steps = {s["name"]: s for s in summary["stages"]}
+    assert summary["status"] == "ok", steps
+    assert {s["status"] for s in steps.values()} == {"ran"}
+    # pinned by resource: training and encode ran on the second node
+    second = next(n["id"] for n in nodes if "gpu_like" in n)
+    assert steps["vqvae"]["node"] == steps["codes"]["node"] == second
+    # every worker line once (each node has its own temp dir, so one log monitor tails it)
+    lines = [ln for ln in proc.stderr.splitlines() if "train_autoencoder: step 20/40" in ln]
+    assert len(lines) == 1, lines
+
+
+UNPLACEABLE = """
+name: unplaceable
+store: {store}
+ray: {{infeasible_timeout_s: 20}}
+steps:
+  data: {{stage: ingest, source: {{kind: embedded}}, image_size: 32, limit: 200}}
+  big:   # a worker of 64 CPUs, on 2-CPU nodes (steps differ: one key would run once)
+    stage: train_autoencoder
+    inputs: {{images: data}}
+    model: {{family: vqvae2, in_channels: 1, channels: 16, res_channels: 8, codebook_size: 16}}
+    train: {{steps: 3, batch_size: 16, cpus_per_worker: 64}}
+  cuda:  # a GPU worker, on a cluster without GPUs
+    stage: train_autoencoder
+    inputs: {{images: data}}
+    model: {{family: vqvae2, in_channels: 1, channels: 16, res_channels: 8, codebook_size: 16}}
+    train: {{steps: 4, batch_size: 16, device: cuda}}
+  small:
+    stage: train_autoencoder
+    inputs: {{images: data}}
+    model: {{family: vqvae2, in_channels: 1, channels: 16, res_channels: 8, codebook_size: 16}}
+    train: {{steps: 2, batch_size: 16}}
+  codes: {{stage: encode, inputs: {{images: data, autoencoder: small}}, gpus_per_actor: 1}}
+"""
+
+
+def test_requests_no_node_can_hold_fail_within_the_timeout(real_cluster, tmp_path):
+    config = write_yaml(tmp_path / "p.yaml", UNPLACEABLE.format(store=tmp_path / "store"))
+    start = time.time()
+    proc = _run(config, real_cluster, tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    steps = {s["name"]: s for s in json.loads(proc.stdout)["stages"]}
+    assert steps["data"]["status"] == steps["small"]["status"] == "ran"  # kept
+    expected = {
+        "big": "its workers ask for {CPU: 64} each, more than any node has (2 node(s): ",
+        "cuda": "its workers ask for {CPU: 1, GPU: 1} each, more than any node has (2 node(s): ",
+        "codes": "its workers ask for {GPU: 1} each, more than any node has (2 node(s): ",
+    }
+    for name, start_of_error in expected.items():
+        error = steps[name].get("error", "")
+        assert steps[name]["status"] == "failed" and error.startswith(start_of_error), steps[name]
+        assert "ray.infeasible_timeout_s (20 s)" in error and "\n" not in error
+    assert time.time() - start < 2 * 20 + 90
+    assert (tmp_path / "store" / "ingest").is_dir()
+
+
+def test_ray_job_submit_and_ray_submit_entry_point(real_cluster, two_node_run):
+    """Each entry point trains one more prior on the two-node run's stored codes."""
+    _, config, _ = two_node_run
+    job = subprocess.run(
+        [
+            RAY,
+            "job",
+            "submit",
+            f"--address={real_cluster.dashboard}",
+            f"--runtime-env-json={json.dumps({'env_vars': {'PYTHONPATH': str(REPO)}})}",
+            "--",
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "run",
+            str(config),
+            "--set",
+            "steps.prior.train.steps=10",
+            "--json",
+        ],
+        env=real_cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "succeeded" in job.stdout
+    ran = {"data": "cached", "vqvae": "cached", "codes": "cached", "prior": "ran"}
+    assert '"status": "ran"' in job.stdout and len(list(_stored(config, "train_prior"))) == 2
+    # scripts/submit.py, as `ray submit` runs it on the head: joins the cluster (RAY_ADDRESS)
+    env = {**real_cluster.env, "RAY_ADDRESS": real_cluster.address}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "submit.py"),
+            str(config),
+            "--set",
+            "steps.prior.train.steps=15",
+            "--json",
+        ],
+        cwd=config.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {s["name"]: s["status"] for s in json.loads(proc.stdout)["stages"]} == ran
+    assert len(list(_stored(config, "train_prior"))) == 3
+
+
+def _stored(config: Path, stage: str):
+    return (p for p in (config.parent / "store" / stage).iterdir() if not p.name.startswith("."))
+
+
+NODE_LOSS = """
+name: node_loss
+store: {store}
+steps:
+  data: {{stage: ingest, source: {{kind: embedded}}, image_size: 32, limit: 400}}
+  vqvae:
+    stage: train_autoencoder
+    inputs: {{images: data}}
+    resources: {{custom: {{head_like: 1}}}}   # the step's task stays on the head
+    model: {{family: vqvae2, in_channels: 1, channels: 16, res_channels: 8, codebook_size: 16}}
+    train: {{steps: 120, batch_size: 16, checkpoint_every: 20, log_every: 20,
+            worker_resources: {{gpu_like: 1}}}}   # its Ray Train worker on the second node
+"""
+
+
+def test_a_lost_training_node_fails_the_step_in_one_line_and_the_rerun_resumes(
+    real_cluster, tmp_path
+):
+    store = tmp_path / "store"
+    config = write_yaml(tmp_path / "p.yaml", NODE_LOSS.format(store=store))
+    env = {**real_cluster.env, "RAY_ADDRESS": real_cluster.address}
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", str(config), "--json"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    snapshot = store / "_scratch" / "train_autoencoder"
+    deadline = time.time() + 300
+    while not list(snapshot.glob("*/ray_train/checkpoint_*")):
+        assert run.poll() is None and time.time() < deadline, "no checkpoint before the kill"
+        time.sleep(0.2)
+    real_cluster.stop_worker()  # the node of the training worker, after its first checkpoint
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 1, err[-3000:]
+    step = {s["name"]: s for s in json.loads(out)["stages"]}["vqvae"]
+    assert step["status"] == "failed"
+    assert "training failed: " in step["error"] and "\n" not in step["error"]
+    assert "rerun to resume from the last checkpoint" in step["error"]
+
+    real_cluster.start_worker("worker2")  # a node with gpu_like again
+    rerun = twostage("run", config, "--json", cwd=tmp_path, env=env, timeout=600)
+    steps = {s["name"]: s for s in json.loads(rerun.stdout)["stages"]}
+    assert steps["data"]["status"] == "cached"
+    assert steps["vqvae"]["status"] == "resumed", rerun.stderr[-3000:]
+    manifest = json.loads(Path(steps["vqvae"]["uri"], "_MANIFEST.json").read_text())
+    assert manifest["metrics"]["resumed_from_step"] >= 20
