@@ -91,7 +91,7 @@ steps:
     stage: train_autoencoder
     inputs: {{images: data}}
     model: {TINY_MODEL}
-    train: {{steps: 600, checkpoint_every: 50, log_every: 50, warmup_steps: 10}}
+    train: {{steps: 240, checkpoint_every: 20, log_every: 20, warmup_steps: 10}}
 """,
     )
     registered = kill_after_checkpoints(config, tmp_path, "train_autoencoder", count=2)
@@ -108,11 +108,11 @@ steps:
     key = summary["stages"][1]["key"]
     artifact = Store(str(tmp_path / "artifacts")).open("train_autoencoder", key)
     resumed_from = artifact.metrics["resumed_from_step"]
-    assert resumed_from == before["metrics"]["step"] and resumed_from % 50 == 0
-    assert 50 <= resumed_from < newest["metrics"]["step"] < 600
-    assert artifact.metrics["step"] == 600
+    assert resumed_from == before["metrics"]["step"] and resumed_from % 20 == 0
+    assert 20 <= resumed_from < newest["metrics"]["step"] < 240
+    assert artifact.metrics["step"] == 240
     history = json.loads(artifact.read_bytes("metrics.json"))["history"]
-    assert [r["step"] for r in history] == list(range(50, 601, 50))  # no step trained twice
+    assert [r["step"] for r in history] == list(range(20, 241, 20))  # no step trained twice
 
 
 def test_in_process_resume_and_checkpoint_contents(tmp_path):
