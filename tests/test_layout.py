@@ -2,6 +2,7 @@
 
 import ast
 import importlib
+import re
 from pathlib import Path
 
 from pipeline import stage as registry
@@ -58,3 +59,24 @@ def test_the_import_check_sees_imports_inside_functions(tmp_path):
     path = tmp_path / "m.py"
     path.write_text("def f():\n    import stages\n    from stages.formats import codes\n")
     assert {"stages", "stages.formats", "stages.formats.codes"} <= _imports(path)
+
+
+def test_readme_is_short_and_its_figures_link_to_dated_results():
+    readme = (REPO / "README.md").read_text()
+    assert len(readme) <= 10_000, f"README.md has {len(readme)} characters, more than 10,000"
+    results = (REPO / "docs" / "results.md").read_text()
+    anchors = {
+        "-".join(
+            "".join(c for c in line[3:].strip().lower() if c.isalnum() or c in " -").split(" ")
+        )
+        for line in results.splitlines()
+        if line.startswith("## ")
+    }
+    table = readme.split("## Headline figures", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    links = re.findall(r"\]\(docs/results\.md#([\w-]+)\)", table)
+    assert len(rows) > 1 and links
+    for row in rows[1:]:  # below the header: each row's figure links to an entry
+        assert "](docs/results.md#" in row, row
+    missing = sorted(set(links) - anchors)
+    assert not missing, f"README links to results.md entries that do not exist: {missing}"
