@@ -23,7 +23,7 @@ demo: install
 	$(BIN)/twostage run $(DEMO_CONFIG)
 
 test: install
-	$(BIN)/python -m pytest -q -ra --durations=10
+	$(BIN)/python -m pytest -q -ra --durations=25
 
 test-fast: install
 	$(BIN)/python -m pytest -q -ra -m "not slow"

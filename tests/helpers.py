@@ -72,7 +72,6 @@ def kill_after_checkpoints(
         (``checkpoint_results``: each registered checkpoint's ``checkpoint_dir_name`` and
         ``metrics``, oldest first).
     """
-    import glob
     import signal
     import time
 
@@ -87,7 +86,7 @@ def kill_after_checkpoints(
     snapshot = str(cwd / f"artifacts/_scratch/{stage}/*/ray_train/checkpoint_manager_snapshot.json")
     deadline = time.time() + within
     while time.time() < deadline:
-        registered = _registered_checkpoints(glob.glob(snapshot))
+        registered = registered_checkpoints(snapshot)
         if len(registered.get("checkpoint_results", [])) >= count:
             break
         assert proc.poll() is None, f"the run ended before {count} checkpoint(s)"
@@ -100,17 +99,23 @@ def kill_after_checkpoints(
     time.sleep(3)
     # read again until it stays put: Ray Train's worker can register more checkpoints before
     # it too is gone
-    last = _registered_checkpoints(glob.glob(snapshot))
+    last = registered_checkpoints(snapshot)
     for _ in range(10):
         time.sleep(1)
-        now = _registered_checkpoints(glob.glob(snapshot))
+        now = registered_checkpoints(snapshot)
         if now == last:
             break
         last = now
     return last
 
 
-def _registered_checkpoints(snapshots: list[str]) -> dict:
+def registered_checkpoints(pattern: str) -> dict:
+    """Ray Train's checkpoint-manager snapshot at the glob `pattern` (``{}`` while there is none):
+    ``checkpoint_results``, each registered checkpoint's ``checkpoint_dir_name`` and
+    ``metrics``, oldest first."""
+    import glob
+
+    snapshots = glob.glob(pattern)
     try:
         return json.loads(Path(snapshots[0]).read_text()) if snapshots else {}
     except (ValueError, OSError):

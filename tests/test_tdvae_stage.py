@@ -1,8 +1,7 @@
 """TD-VAE through its stages: ingest (bouncing Moving MNIST) -> train_sequence -> rollout, in
-process on a real store, then the whole pipeline through the CLI with a killed-and-resumed
-training run and the report's prediction table."""
+process on a real store, then the whole pipeline through the CLI with training on Ray Train
+and the report's prediction table."""
 
-import glob
 import hashlib
 import json
 
@@ -16,7 +15,7 @@ from pipeline.config import ConfigError, from_dict
 from pipeline.store import Store
 from stages import ingest_sequences, rollout, train_sequence
 from stages.training.harness import LocalSession
-from tests.helpers import kill_after_checkpoints, run_json, write_yaml
+from tests.helpers import run_json, write_yaml
 
 TINY_MODEL = {
     "image_size": 16,
@@ -193,7 +192,9 @@ def test_model_and_frames_must_agree(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_training_resumes_and_the_report_has_the_prediction_table(tmp_path):
+def test_pipeline_trains_with_ray_train_rolls_out_and_reports_the_prediction_table(tmp_path):
+    """Through the CLI, training on a Ray Train worker (resume after a kill is the shared
+    skeleton's, tested on the prior and on a real cluster)."""
     source = ", ".join(f"{k}: {v}" for k, v in {**SOURCE, "digit_size": 8}.items())
     model = ", ".join(f"{k}: {v}" for k, v in TINY_MODEL.items())
     config = write_yaml(
@@ -206,7 +207,8 @@ steps:
     stage: train_sequence
     inputs: {{sequences: data}}
     model: {{{model}}}
-    train: {{steps: 200, batch_size: 8, checkpoint_every: 50, log_every: 50, warmup_steps: 5}}
+    train: {{steps: 40, batch_size: 8, checkpoint_every: 20, log_every: 20, warmup_steps: 5,
+            workers: 1}}
   rollout:
     stage: rollout
     inputs: {{model: tdvae, sequences: data}}
@@ -214,17 +216,13 @@ steps:
     samples: 2
 """,
     )
-    kill_after_checkpoints(config, tmp_path, "train_sequence")
-    assert not glob.glob(str(tmp_path / "artifacts/train_sequence/*"))  # nothing committed
-
     summary = run_json(config, cwd=tmp_path, timeout=600)
-    assert [s["status"] for s in summary["stages"]] == ["cached", "resumed", "ran"]
+    assert [s["status"] for s in summary["stages"]] == ["ran", "ran", "ran"]
     store = Store(str(tmp_path / "artifacts"))
     artifact = store.open("train_sequence", summary["stages"][1]["key"])
-    resumed_from = artifact.metrics["resumed_from_step"]
-    assert 50 <= resumed_from < 200 and resumed_from % 50 == 0
+    assert artifact.metrics["step"] == 40
     history = json.loads(artifact.read_bytes("metrics.json"))["history"]
-    assert [r["step"] for r in history] == list(range(50, 201, 50))  # no step trained twice
+    assert [r["step"] for r in history] == [20, 40]
     page = (tmp_path / summary["run_dir"] / "report.html").read_text()
     assert "Predictions (rollout)" in page and "BCE copy last frame" in page
     assert "rollouts.png" in page

@@ -1,6 +1,6 @@
-"""The train_autoencoder stage: artifacts, Ray Train with DDP workers, resume after a kill, NaN."""
+"""The train_autoencoder stage: artifacts, Ray Train with DDP workers, resume, NaN. A killed
+training node and the rerun's resume past a checkpoint cut short: tests/test_real_cluster.py."""
 
-import glob
 import json
 from pathlib import Path
 
@@ -11,7 +11,7 @@ from pipeline.store import Store
 from stages import ingest, train_autoencoder
 from stages.training.harness import _training_error, launch
 from stages.training.loop import CheckpointError
-from tests.helpers import kill_after_checkpoints, run_json, tiny_vqvae, tiny_vqvae_yaml, write_yaml
+from tests.helpers import run_json, tiny_vqvae, tiny_vqvae_yaml, write_yaml
 
 TINY_MODEL = tiny_vqvae_yaml()
 
@@ -41,17 +41,17 @@ def test_pipeline_trains_with_ray_train_one_and_two_ddp_workers(tmp_path):
 name: vq
 ray: {{num_cpus: 4}}
 steps:
-  data: {{stage: ingest, image_size: 32, limit: 1000}}
+  data: {{stage: ingest, image_size: 32, limit: 400}}
   one:
     stage: train_autoencoder
     inputs: {{images: data}}
     model: {TINY_MODEL}
-    train: {{steps: 40, checkpoint_every: 20, log_every: 10, workers: 1, cpus_per_worker: 1}}
+    train: {{steps: 20, checkpoint_every: 10, log_every: 10, workers: 1, cpus_per_worker: 1}}
   two:
     stage: train_autoencoder
     inputs: {{images: data}}
     model: {TINY_MODEL}
-    train: {{steps: 40, checkpoint_every: 20, log_every: 10, workers: 2, cpus_per_worker: 1}}
+    train: {{steps: 20, checkpoint_every: 10, log_every: 10, workers: 2, cpus_per_worker: 1}}
 """,
     )
     summary = run_json(config, cwd=tmp_path, timeout=600)
@@ -67,52 +67,16 @@ steps:
             "reconstructions.png",
         }
         final = artifact.metrics
-        assert final["workers"] == workers and final["step"] == 40
+        assert final["workers"] == workers and final["step"] == 20
         assert 0 < final["val_mse"] < 1 and final["val_psnr"] > 0
         assert {"val_usage/bottom", "val_usage/top", "val_perplexity/top"} <= set(final)
         history = json.loads(artifact.read_bytes("metrics.json"))["history"]
-        assert [row["step"] for row in history] == [10, 20, 30, 40]
+        assert [row["step"] for row in history] == [10, 20]
         assert {"loss", "recon", "commitment", "perplexity/bottom", "usage/top", "lr"} <= set(
             history[0]
         )
         assert not Path(store.scratch_uri("train_autoencoder", step["key"])).exists()
     assert (Path(summary["run_dir"]) / "reconstructions.png").is_file()
-
-
-@pytest.mark.slow
-def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
-    config = write_yaml(
-        tmp_path / "resume.yaml",
-        f"""
-name: resume
-steps:
-  data: {{stage: ingest, image_size: 32, limit: 600}}
-  vqvae:
-    stage: train_autoencoder
-    inputs: {{images: data}}
-    model: {TINY_MODEL}
-    train: {{steps: 240, checkpoint_every: 20, log_every: 20, warmup_steps: 10}}
-""",
-    )
-    registered = kill_after_checkpoints(config, tmp_path, "train_autoencoder", count=2)
-    assert not glob.glob(str(tmp_path / "artifacts/train_autoencoder/*"))  # nothing committed
-    # cut the newest checkpoint short, as a crash while writing it could: the rerun resumes
-    # from the one before it (and keeps the loss to one checkpoint interval)
-    *_, before, newest = registered["checkpoint_results"]
-    (run,) = glob.glob(str(tmp_path / "artifacts/_scratch/train_autoencoder/*/ray_train"))
-    weights = Path(run) / newest["checkpoint_dir_name"] / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])
-
-    summary = run_json(config, cwd=tmp_path, timeout=600)
-    assert [s["status"] for s in summary["stages"]] == ["cached", "resumed"]
-    key = summary["stages"][1]["key"]
-    artifact = Store(str(tmp_path / "artifacts")).open("train_autoencoder", key)
-    resumed_from = artifact.metrics["resumed_from_step"]
-    assert resumed_from == before["metrics"]["step"] and resumed_from % 20 == 0
-    assert 20 <= resumed_from < newest["metrics"]["step"] < 240
-    assert artifact.metrics["step"] == 240
-    history = json.loads(artifact.read_bytes("metrics.json"))["history"]
-    assert [r["step"] for r in history] == list(range(20, 241, 20))  # no step trained twice
 
 
 def test_in_process_resume_and_checkpoint_contents(tmp_path):
