@@ -135,9 +135,14 @@ def run_pipeline(pipeline: Pipeline, verbosity: int = 0) -> RunResult:
 # Ray Train gives up on starting its workers after 60 s and retries with a long traceback each
 # time; in a pipeline a training step often waits for another step's CPUs or GPUs (two priors
 # on a small node), so let it wait quietly (6 h) unless the user set the variable.
+# Ray Train's controller polls its workers every 2 s by default, and a training step waits on
+# several polls as it starts and ends (4-5 s of a 25 s step on a 2-core host); polls every
+# 0.5 s cost little and give that time back to every training step.
 _RAY_ENV = {
-    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get(
-        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "21600"
+    name: os.environ.get(name, default)
+    for name, default in (
+        ("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "21600"),
+        ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
     )
 }
 
