@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 SMOKE = REPO / "configs" / "smoke.yaml"
 
 
-def test_smoke_twice_second_run_is_cached_and_fast(tmp_path):
+def test_smoke_twice_second_run_is_cached_and_fast_then_ls_and_show(tmp_path):
     t0 = time.perf_counter()
     first = run_json(SMOKE, cwd=tmp_path)
     first_seconds = time.perf_counter() - t0
@@ -46,6 +46,16 @@ def test_smoke_twice_second_run_is_cached_and_fast(tmp_path):
     assert (run_dir / "class_means.png").stat().st_size > 1000
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["data"]["images"] == 7000
+
+    # ls and show on that store
+    listing = twostage("ls", cwd=tmp_path, check=0).stdout
+    assert "ingest" in listing and "image_stats" in listing
+    (row,) = json.loads(twostage("ls", "image_stats", "--json", cwd=tmp_path, check=0).stdout)
+    assert row["inputs"] == {"images": first["stages"][0]["key"]}
+    shown = json.loads(twostage("show", row["key"][:8], cwd=tmp_path, check=0).stdout)
+    assert shown["stage"] == "image_stats" and "stats.json" in shown["files"]
+    missing = twostage("show", "ffffffff", cwd=tmp_path, check=1)
+    assert "no artifact with key 'ffffffff'" in missing.stderr
 
 
 def test_two_runs_at_once_leave_one_intact_artifact_per_key(tmp_path):
@@ -159,19 +169,3 @@ steps:
         "bad_data": "failed",
         "greedy": "failed",
     }
-
-
-def test_ls_show_verify(tmp_path):
-    twostage("run", SMOKE, "--set", "steps.data.limit=200", cwd=tmp_path, check=0)
-    listing = twostage("ls", cwd=tmp_path, check=0).stdout
-    assert "ingest" in listing and "image_stats" in listing
-    rows = json.loads(twostage("ls", "image_stats", "--json", cwd=tmp_path, check=0).stdout)
-    (row,) = rows
-    ingest_key = json.loads(twostage("ls", "ingest", "--json", cwd=tmp_path, check=0).stdout)[0][
-        "key"
-    ]
-    assert row["inputs"] == {"images": ingest_key}
-    shown = json.loads(twostage("show", row["key"][:8], cwd=tmp_path, check=0).stdout)
-    assert shown["stage"] == "image_stats" and "stats.json" in shown["files"]
-    missing = twostage("show", "ffffffff", cwd=tmp_path, check=1)
-    assert "no artifact with key 'ffffffff'" in missing.stderr
