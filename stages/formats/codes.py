@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 SCHEMA_VERSION = 1
@@ -203,15 +204,11 @@ class CodeDataset:
         ]
         table = pa.concat_tables(tables)
         if split is not None:
-            import pyarrow.compute as pc
-
             table = table.filter(pc.equal(table["split"], split))
         return table
 
     def to_numpy(self, split: str | None = None) -> dict[str, np.ndarray]:
         """``id``, ``label`` (-1 for none), ``split`` and one ``n h w`` uint16 array per level."""
-        import pyarrow.compute as pc
-
         table = self.read_table(split)
         n = table.num_rows
         out = {
@@ -249,7 +246,6 @@ def _grid_rows(batch: pa.Table, split: str, sizes: dict[str, int]) -> pa.Table:
     """Ray Data batch function of `CodeDataset.to_ray_grids`. This module is light to import in
     Ray Data's workers (no torch), and the codes are Arrow tensor columns even in a block with
     no rows of `split` (numpy arrays of 0 rows would make Ray Data fall back to pickling)."""
-    import pyarrow.compute as pc
     from ray.data.extensions import ArrowTensorArray
 
     batch = batch.filter(pc.equal(batch["split"], split))
