@@ -6,33 +6,43 @@ Sources (``source.kind``):
   (licence note there), so a fresh machine needs no network and no data directory;
 - ``mnist``: a directory of standard IDX files (``train-images-idx3-ubyte[.gz]``, ...), raw or
   gzipped; the ``t10k`` files, when present, become the ``test`` split;
-- ``image_folder``: ``<path>/<class name>/*.png|jpg|jpeg`` (classes sorted by name);
+- ``image_folder``: ``<path>/<class name>/**/*.png|jpg|jpeg`` (classes sorted by name), a local
+  folder or a pyarrow URI (``s3://bucket/prefix``); read by a Ray Data job
+  (`stages.sources.image_folder`): parallel decode and resize tasks spread over the cluster,
+  written as they come, so no process holds the folder;
 - ``parquet``: an existing image table (a file or a directory of Parquet files written by this
-  stage, e.g. copied out of another store);
+  stage, e.g. copied out of another store), streamed a row group at a time;
 - ``dsprites``: ``source.count`` procedural dSprites images (`stages.sources.dsprites`, 64x64)
   drawn uniformly from the factor grid with ``seed``; the factors are stored as ``factor_*``
   columns and the shape is the class label.
 
-Images of the training pool are split into ``train`` and ``val`` by a seeded permutation. An
-optional ``image_size`` pads (centred, zeros) or resizes every image to a square. Unreadable
-files of an image folder are counted and listed in the metrics, or stop the stage when
-``strict`` is set; an unreadable IDX or Parquet file always stops it, naming the file.
+Images of the training pool are split into ``train`` and ``val``: by a seeded permutation for
+the in-memory sources (``embedded``, ``mnist``, ``dsprites``), by a seeded hash of each file's
+relative path (image folders) or of each id (Parquet tables) for the streamed ones, so the same
+data always gives the same splits. An optional ``image_size`` brings every image to a square:
+``center_crop`` (the centred square, resized), ``pad`` (centred on zeros) or ``resize``.
+Unreadable files of an image folder are counted and listed in the metrics, or stop the stage
+when ``strict`` is set; an unreadable IDX or Parquet file always stops it, naming the file.
+Every source writes through the bounded writer (`stages.formats.images.ImageTableWriter`).
 Sequence data (Moving MNIST) has its own stage, `stages.ingest_sequences`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, run_option
 from pipeline.stage import Input
-from stages.formats.images import ImageTable, ImageTableMeta, write_image_table
+from stages.formats.images import FILE_BYTES, ImageTable, ImageTableMeta, ImageTableWriter
 from stages.sources import dsprites
+from stages.sources import image_folder as folder
 from stages.sources.mnist import EMBEDDED_DIR, MNIST_CLASSES, read_mnist_dir
 
 VERSION = "1"
@@ -47,9 +57,10 @@ RETIRED_OPTIONS = {
         "digit_size": 28,
         "speed": 0.1,
         "shift": 1,
-    }
+    },
+    "rows_per_file": 50_000,  # files are bounded in bytes now (file_mb, not in keys)
 }
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+DEFAULT_NUM_CPUS = 0  # an image folder's decode tasks reserve the CPUs; other sources are light
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +71,8 @@ class Source:
 
     Args:
         kind: ``embedded``, ``mnist``, ``image_folder``, ``parquet`` or ``dsprites``.
-        path: Directory or file to read (``mnist``, ``image_folder``, ``parquet``).
+        path: Directory or file to read (``mnist``, ``image_folder``, ``parquet``); image
+            folders and Parquet tables may be pyarrow URIs (``s3://bucket/prefix``).
         count: Images to generate (``dsprites``).
     """
 
@@ -83,26 +95,31 @@ class Config:
 
     Args:
         source: The data source.
-        image_size: Pad or resize every image to ``image_size x image_size`` (None: keep).
-        resize: ``pad`` centres smaller images on a zero canvas (MNIST 28 -> 32); ``resize``
-            rescales (bilinear).
-        channels: Convert to 1 (grey) or 3 (RGB) channels (None: keep the source's).
+        image_size: Bring every image to ``image_size x image_size`` (None: keep; an image
+            folder's images must then share one size).
+        resize: ``center_crop`` crops the centred square and rescales it (bilinear; the
+            VQ-VAE-2 recipe for ImageNet and FFHQ); ``pad`` centres smaller images on a zero
+            canvas (MNIST 28 -> 32); ``resize`` rescales the whole image (bilinear).
+        channels: Convert to 1 (grey) or 3 (RGB) channels (None: keep the source's; an image
+            folder is RGB if any of its first 64 images is in colour).
         val_fraction: Fraction of the training pool held out as the ``val`` split.
-        seed: Seed of the train/val permutation.
+        seed: Seed of the train/val split.
         limit: Read at most this many images from each source file set (quick runs).
         strict: Stop on the first unreadable image instead of counting it.
-        rows_per_file: Rows per Parquet file.
+        file_mb: Pixel megabytes per Parquet file (row groups hold at most 32 MB each).
+        readers: Decode tasks an image folder runs at once (None: one per CPU of the cluster).
     """
 
     source: Source = field(default_factory=Source)
     image_size: int | None = None
-    resize: Literal["pad", "resize"] = "pad"
+    resize: Literal["pad", "resize", "center_crop"] = "pad"
     channels: int | None = None
     val_fraction: float = 0.1
     seed: int = 0
     limit: int | None = None
     strict: bool = False
-    rows_per_file: int = 50_000
+    file_mb: int = run_option(FILE_BYTES // 2**20)
+    readers: int | None = run_option(None)
 
     def __post_init__(self):
         if self.image_size is not None and not 4 <= self.image_size <= 4096:
@@ -113,8 +130,12 @@ class Config:
             raise ConfigError(f"val_fraction: must be in [0, 1), got {self.val_fraction}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit: must be positive or null, got {self.limit}")
-        if self.rows_per_file < 1:
-            raise ConfigError(f"rows_per_file: must be positive, got {self.rows_per_file}")
+        if self.file_mb < 1:
+            raise ConfigError(f"file_mb: must be positive, got {self.file_mb}")
+        if self.readers is not None and self.readers < 1:
+            raise ConfigError(f"readers: must be positive or null, got {self.readers}")
+        if self.resize == "center_crop" and self.image_size is None:
+            raise ConfigError("resize: center_crop needs image_size")
 
 
 # side, channels and classes of the images each source kind writes (before image_size and
@@ -134,8 +155,9 @@ def image_shape(config: Config) -> tuple[int | None, int | None, int | None]:
 
 
 def fingerprint(config: Config) -> str | None:
-    """Sizes and modification times of the source files, so edited data is not served from cache."""
-    if config.source.path is None:  # embedded or generated data
+    """Sizes and modification times of the source files, so edited data is not served from
+    cache; for the streamed sources also the split rule (hashes, not a permutation)."""
+    if config.source.path is None or "://" in config.source.path:  # generated, or remote
         return None
     root = Path(config.source.path).expanduser()
     if not root.exists():
@@ -145,12 +167,91 @@ def fingerprint(config: Config) -> str | None:
         f"{p.relative_to(root) if p != root else p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
         for p in paths[:200_000]
     ]
+    if config.source.kind in ("image_folder", "parquet"):
+        parts.insert(0, "split: seeded hash of each path or id")
     return "\n".join(parts)
 
 
 def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
     """Reads the source, splits, resizes and writes the image table into `out`."""
-    pools, class_names, problems = _read_source(config)
+    start = time.perf_counter()
+    if config.source.kind == "image_folder":
+        tally = _ingest_folder(config, out)
+    elif config.source.kind == "parquet":
+        tally = _ingest_parquet(config, out)
+    else:
+        tally = _ingest_in_memory(config, out)
+    return tally.metrics(out, time.perf_counter() - start)
+
+
+class _Tally:
+    """What went into the table, for the log and the metrics."""
+
+    def __init__(self, writer: ImageTableWriter, total: int | None = None):
+        self.writer, self.total = writer, total
+        self.splits = {s: 0 for s in ("train", "val", "test")}
+        self.classes = np.zeros(len(writer.meta.class_names), np.int64)
+        self.problems: list[str] = []
+        self.ignored = 0
+        self.start = self.last_log = time.perf_counter()
+
+    def write(self, table: ImageTable) -> None:
+        self.writer.write(table)
+        for split in self.splits:
+            self.splits[split] += int(np.sum(table.splits == split))
+        labelled = table.labels[table.labels >= 0]
+        self.classes += np.bincount(labelled, minlength=len(self.classes))[: len(self.classes)]
+        now = time.perf_counter()
+        if now - self.last_log > 10:
+            self.last_log = now
+            rows = self.writer.rows
+            of = f"/{self.total}" if self.total else ""
+            log.info("ingest: %d%s images, %.0f img/s", rows, of, rows / (now - self.start))
+
+    def metrics(self, out: Path, seconds: float) -> dict:
+        files = self.writer.close()
+        meta, rows = self.writer.meta, self.writer.rows
+        if rows == 0:
+            raise ValueError("no images to write: every image of the source was unreadable")
+        size = sum((out / f).stat().st_size for f in files)
+        log.info(
+            "ingest: wrote %d images (%s) as %dx%dx%d in %d file(s), %.1f MB, %.0f img/s",
+            rows,
+            ", ".join(f"{k} {v}" for k, v in self.splits.items()),
+            meta.height,
+            meta.width,
+            meta.channels,
+            len(files),
+            size / 1e6,
+            rows / max(seconds, 1e-9),
+        )
+        if self.problems:
+            log.warning(
+                "ingest: skipped %d unreadable image(s), e.g. %s",
+                len(self.problems),
+                self.problems[0],
+            )
+        return {
+            "images": rows,
+            "splits": self.splits,
+            "height": meta.height,
+            "width": meta.width,
+            "channels": meta.channels,
+            "num_classes": len(meta.class_names),
+            "class_counts": self.classes.tolist(),
+            "corrupt": {"count": len(self.problems), "examples": self.problems[:20]},
+            "ignored_files": self.ignored,
+            "files": len(files),
+            "bytes": size,
+            "pixel_bytes": rows * meta.height * meta.width * meta.channels,
+            "seconds": round(seconds, 3),
+            "images_per_s": rows / max(seconds, 1e-9),
+        }
+
+
+def _ingest_in_memory(config: Config, out: Path) -> _Tally:
+    """The sources that fit in memory (MNIST, the embedded digits, generated dSprites)."""
+    pools, class_names = _read_source(config)
     pool_images, pool_labels, pool_splits, pool_ids, pool_factors = [], [], [], [], []
     for pool in pools:
         images, labels, ids = pool["images"], pool["labels"], pool["ids"]
@@ -176,9 +277,6 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
         pool_ids.append(np.asarray(ids, np.int64))
         pool_factors.append(np.asarray(factors, np.int64))
         log.info("ingest: %d images from %s", n, pool["name"])
-
-    if not pool_images:
-        raise ValueError(f"source {config.source.kind} {config.source.path or ''}: no images found")
     images = _to_uniform(pool_images, config)
     meta = ImageTableMeta(
         height=images.shape[1],
@@ -187,55 +285,171 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
         class_names=class_names,
         **(_DSPRITES_FACTORS if config.source.kind == "dsprites" else {}),
     )
-    table = ImageTable(
-        meta,
-        np.concatenate(pool_ids),
-        np.concatenate(pool_labels),
-        np.concatenate(pool_splits),
-        images,
-        np.concatenate(pool_factors),
+    tally = _Tally(ImageTableWriter(out, meta, config.file_mb * 2**20))
+    tally.write(
+        ImageTable(
+            meta,
+            np.concatenate(pool_ids),
+            np.concatenate(pool_labels),
+            np.concatenate(pool_splits),
+            images,
+            np.concatenate(pool_factors),
+        )
     )
-    files = write_image_table(out, table, config.rows_per_file)
-    counts = {s: int(np.sum(table.splits == s)) for s in ("train", "val", "test")}
-    labelled = table.labels[table.labels >= 0]
-    log.info(
-        "ingest: wrote %d images (%s) as %dx%dx%d in %d file(s)",
-        len(table),
-        ", ".join(f"{k} {v}" for k, v in counts.items()),
-        meta.height,
-        meta.width,
-        meta.channels,
-        len(files),
+    return tally
+
+
+def _ingest_folder(config: Config, out: Path) -> _Tally:
+    """An image folder through a Ray Data job: decode and resize tasks, rows written in id order
+    as they come."""
+    import ray.data
+
+    fs, root = folder.filesystem(config.source.path)
+    rows, classes, ignored = folder.list_images(fs, root, config.seed, config.val_fraction)
+    rows = rows[: config.limit] if config.limit is not None else rows
+    if not rows:
+        raise ValueError(
+            f"{config.source.path}: no .png, .jpg or .jpeg images in its class folders"
+        )
+    height = width = config.image_size
+    channels = config.channels
+    if height is None or channels is None:
+        probed = folder.probe(fs, rows)
+        height, width = (height, width) if height else probed[:2]
+        channels = channels or probed[2]
+    meta = ImageTableMeta(height=height, width=width, channels=channels, class_names=classes)
+    tally = _Tally(ImageTableWriter(out, meta, config.file_mb * 2**20), total=len(rows))
+    tally.ignored = ignored
+    if ignored:
+        log.warning("ingest: ignored %d file(s) that are not .png, .jpg or .jpeg", ignored)
+    log.info("ingest: %d images in %d classes from %s", len(rows), len(classes), root)
+
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # the same folder gives the same files
+    context.enable_progress_bars = False  # progress is logged
+    per_block = 128
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // per_block)))
+    ds = ds.map_batches(
+        folder.decode_batch,
+        fn_kwargs={
+            "fs": fs,
+            "height": height,
+            "width": width,
+            "channels": channels,
+            "mode": config.resize if config.image_size else "same",
+        },
+        batch_size=32,
+        batch_format="numpy",
+        num_cpus=1,
+        concurrency=config.readers,
     )
-    return {
-        "images": len(table),
-        "splits": counts,
-        "height": meta.height,
-        "width": meta.width,
-        "channels": meta.channels,
-        "num_classes": len(class_names),
-        "class_counts": np.bincount(labelled, minlength=len(class_names)).tolist(),
-        "corrupt": {"count": len(problems), "examples": problems[:20]},
-    }
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        bad = batch["problem"] != ""
+        if bad.any():
+            fatal = batch["fatal"] & bad
+            if fatal.any() or config.strict:
+                raise ValueError(batch["problem"][np.argmax(fatal if fatal.any() else bad)])
+            tally.problems.extend(batch["problem"][bad].tolist())
+        good = ~bad
+        tally.write(
+            ImageTable(
+                meta,
+                batch["id"][good],
+                batch["label"][good],
+                batch["split"][good],
+                batch["image"][good],
+            )
+        )
+    return tally
 
 
-# ----- sources ------------------------------------------------------------------------------
+def _ingest_parquet(config: Config, out: Path) -> _Tally:
+    """An image table's Parquet files, a row group at a time; train and val are split again by
+    this step's seed (a hash of each id), test stays test."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    from stages.formats.images import META_KEY, table_from_arrow
+
+    fs, root = folder.filesystem(config.source.path)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"source.path {str(root)!r} does not exist")
+    if info.type == pafs.FileType.File:
+        paths = [root]
+    else:
+        selector = pafs.FileSelector(root, recursive=True)
+        paths = sorted(e.path for e in fs.get_file_info(selector) if e.path.endswith(".parquet"))
+    if not paths:
+        raise ValueError(f"{root}: no .parquet files")
+    tally, rows = None, 0
+    for path in paths:
+        try:
+            with fs.open_input_file(path) as f:
+                parquet = pq.ParquetFile(f)
+                source = ImageTableMeta.from_json(parquet.schema_arrow.metadata[META_KEY])
+                if tally is None:
+                    height = width = config.image_size
+                    height, width = (height, width) if height else (source.height, source.width)
+                    meta = ImageTableMeta(
+                        height, width, config.channels or source.channels, source.class_names
+                    )
+                    tally = _Tally(ImageTableWriter(out, meta, config.file_mb * 2**20))
+                for batch in parquet.iter_batches(batch_size=512):
+                    if config.limit is not None and rows >= config.limit:
+                        break
+                    data = table_from_arrow(pa.Table.from_batches([batch]), source)
+                    data = ImageTable(
+                        meta,
+                        data.ids,
+                        data.labels,
+                        _resplit(data.ids, data.splits, config),
+                        _to_uniform(list(data.images), config, (height, width, meta.channels)),
+                    )
+                    if config.limit is not None:
+                        data = _head(data, config.limit - rows)
+                    tally.write(data)
+                    rows += len(data)
+        except (OSError, KeyError, TypeError, pa.ArrowException) as e:
+            raise ValueError(f"{path}: not a readable twostage image table ({e})") from e
+    return tally
 
 
-def _read_source(config: Config) -> tuple[list[dict], list[str], list[str]]:
+def _resplit(ids: np.ndarray, splits: np.ndarray, config: Config) -> np.ndarray:
+    """train/val again by a seeded hash of each id; test stays test."""
+    out = np.where(splits == "test", "test", "train").astype(object)
+    for i, image_id in enumerate(ids.tolist()):
+        digest = hashlib.blake2b(f"{config.seed}\0{image_id}".encode(), digest_size=8).digest()
+        if out[i] == "train" and int.from_bytes(digest, "little") / 2**64 < config.val_fraction:
+            out[i] = "val"
+    return out
+
+
+def _head(table: ImageTable, n: int) -> ImageTable:
+    return ImageTable(
+        table.meta,
+        table.ids[:n],
+        table.labels[:n],
+        table.splits[:n],
+        table.images[:n],
+        table.factors[:n],
+    )
+
+
+# ----- the in-memory sources ---------------------------------------------------------------
+
+
+def _read_source(config: Config) -> tuple[list[dict], list[str]]:
     kind = config.source.kind
     if kind == "embedded":
-        return read_mnist_dir(EMBEDDED_DIR), MNIST_CLASSES, []
+        return read_mnist_dir(EMBEDDED_DIR), MNIST_CLASSES
     if kind == "dsprites":
-        return _generate_dsprites(config.source.count, config.seed), list(dsprites.SHAPES), []
+        return _generate_dsprites(config.source.count, config.seed), list(dsprites.SHAPES)
     root = Path(config.source.path).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"source.path {str(root)!r} does not exist")
-    if kind == "mnist":
-        return read_mnist_dir(root), MNIST_CLASSES, []
-    if kind == "image_folder":
-        return _read_image_folder(root, config.strict)
-    return _read_parquet(root, config.strict)
+    return read_mnist_dir(root), MNIST_CLASSES
 
 
 _DSPRITES_FACTORS = {
@@ -258,124 +472,22 @@ def _generate_dsprites(count: int, seed: int) -> list[dict]:
     ]
 
 
-def _read_image_folder(root: Path, strict: bool) -> tuple[list[dict], list[str], list[str]]:
-    from PIL import Image
-
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not class_dirs:
-        raise ValueError(f"{root}: no class sub-folders (expected <path>/<class>/<image>.png)")
-    images, labels, problems = [], [], []
-    for label, class_dir in enumerate(class_dirs):
-        files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        for path in files:
-            try:
-                with Image.open(path) as im:
-                    im.load()
-                    images.append(_pil_to_array(im))
-            except Exception as e:  # PIL raises many types for broken files
-                if strict:
-                    raise ValueError(f"{path}: unreadable image ({e})") from e
-                problems.append(f"{path.relative_to(root)}: {type(e).__name__}")
-                continue
-            labels.append(label)
-    if problems:
-        log.warning("ingest: skipped %d unreadable image(s), e.g. %s", len(problems), problems[0])
-    pool = {
-        "name": str(root),
-        "split": "train",
-        "ids": np.arange(len(images)),
-        "images": images,
-        "labels": labels,
-    }
-    return [pool], [p.name for p in class_dirs], problems
-
-
-def _pil_to_array(im) -> np.ndarray:
-    if im.mode not in ("L", "RGB"):
-        im = im.convert("RGB" if im.mode in ("RGBA", "P", "CMYK", "YCbCr", "LA") else "L")
-    array = np.asarray(im, dtype=np.uint8)
-    return array[..., None] if array.ndim == 2 else array
-
-
-def _read_parquet(root: Path, strict: bool) -> tuple[list[dict], list[str], list[str]]:
-    import pyarrow.parquet as pq
-
-    from stages.formats.images import META_KEY, table_from_arrow
-
-    files = [root] if root.is_file() else sorted(root.rglob("*.parquet"))
-    if not files:
-        raise ValueError(f"{root}: no .parquet files")
-    pools, class_names = [], []
-    for path in files:
-        try:
-            table = pq.read_table(path)
-            meta = ImageTableMeta.from_json(table.schema.metadata[META_KEY])
-            data = table_from_arrow(table, meta)
-        except Exception as e:
-            raise ValueError(f"{path}: not a readable twostage image table ({e})") from e
-        class_names = meta.class_names
-        for split in ("train", "val", "test"):
-            mask = data.splits == split
-            if not mask.any():
-                continue
-            # train and val are re-split by this stage's seed; test stays test
-            pools.append(
-                {
-                    "name": f"{path.name}[{split}]",
-                    "split": "test" if split == "test" else "train",
-                    "images": list(data.images[mask]),
-                    "labels": data.labels[mask],
-                    "ids": data.ids[mask],
-                }
+def _to_uniform(
+    images: list[np.ndarray], config: Config, shape: tuple[int, int, int] | None = None
+) -> np.ndarray:
+    """Brings every image to one size and channel count (`shape`, else the config's, else the
+    images' own); returns uint8 ``n h w c``."""
+    if shape is None:
+        sizes = {im.shape[:2] for im in images}
+        if config.image_size is None and len(sizes) > 1:
+            raise ValueError(
+                f"images have {len(sizes)} different sizes (e.g. {sorted(sizes)[:3]}); "
+                "set image_size to bring them to one"
             )
-    return pools, class_names, []
-
-
-# ----- shaping ------------------------------------------------------------------------------
-
-
-def _to_uniform(images: list[np.ndarray], config: Config) -> np.ndarray:
-    """Brings every image to the same size and channel count; returns uint8 ``n h w c``."""
-    channels = config.channels or max(im.shape[2] for im in images)
-    size = config.image_size
-    shapes = {im.shape[:2] for im in images}
-    if size is None and len(shapes) > 1:
-        raise ValueError(
-            f"images have {len(shapes)} different sizes (e.g. {sorted(shapes)[:3]}); "
-            "set image_size to bring them to one"
-        )
-    out_h, out_w = (size, size) if size else next(iter(shapes))
-    out = np.zeros((len(images), out_h, out_w, channels), np.uint8)
+        side = config.image_size
+        height, width = (side, side) if side else next(iter(sizes))
+        shape = (height, width, config.channels or max(im.shape[2] for im in images))
+    out = np.zeros((len(images), *shape), np.uint8)
     for i, im in enumerate(images):
-        im = _convert_channels(im, channels)
-        h, w = im.shape[:2]
-        if (h, w) != (out_h, out_w):
-            if config.resize == "pad":
-                if h > out_h or w > out_w:
-                    raise ValueError(
-                        f"image of {h}x{w} is larger than image_size {size}; "
-                        "use resize: resize to scale it down"
-                    )
-                top, left = (out_h - h) // 2, (out_w - w) // 2
-                out[i, top : top + h, left : left + w] = im
-                continue
-            im = _resize(im, out_h, out_w)
-        out[i] = im
+        out[i] = folder.shape_image(im, *shape, config.resize)
     return out
-
-
-def _convert_channels(im: np.ndarray, channels: int) -> np.ndarray:
-    if im.shape[2] == channels:
-        return im
-    if channels == 3:
-        return np.repeat(im, 3, axis=2)
-    grey = im[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    return np.clip(np.rint(grey), 0, 255).astype(np.uint8)[..., None]
-
-
-def _resize(im: np.ndarray, h: int, w: int) -> np.ndarray:
-    from PIL import Image
-
-    pil = Image.fromarray(im[..., 0] if im.shape[2] == 1 else im)
-    array = np.asarray(pil.resize((w, h), Image.BILINEAR), np.uint8)
-    return array[..., None] if array.ndim == 2 else array

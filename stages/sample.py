@@ -13,7 +13,7 @@ Class-conditional priors sample ``per_class`` images for each class in ``classes
 unconditional ones ``num_samples`` images.
 
 Artifact: ``codes-00000.parquet`` (the sampled codes in the code-shard format, split
-``sample``, label = conditioning class), ``images-00000.parquet`` (the decoded images as an
+``sample``, label = conditioning class), ``images-sample-00000.parquet`` (the decoded images as an
 image table, read by the evaluate stage) and ``samples.png`` (one row per class when
 conditional).
 """

@@ -5,6 +5,12 @@ prior), or one of the classic families ``autoencoder``, ``denoising``, ``sparse`
 ``contractive``, ``vae``, ``beta_vae``, ``cvae``. VQ-VAE-2 sees images in [-1, 1]; the other
 families see [0, 1], optionally binarized (``train.binarize``) for Bernoulli likelihoods.
 
+Data streams (`stages.formats.image_stream`): each worker reads its share of the train split's
+row groups through Ray Data, in a seeded order that changes every epoch, and draws batches
+through a local shuffle buffer of ``train.shuffle_buffer`` images; in-process training streams
+the same way. No process holds the table: memory grows with the batch, not the dataset. The
+val figures use the first ``train.val_images`` images of the val split (fixed, bounded).
+
 The training loop (`train_loop`) is written out once and runs either in this process
 (``train.workers: 0``) or as Ray Train's ``train_loop_per_worker`` under a ``TorchTrainer`` with
 N DDP workers (``train.workers: N``, the default 1); `stages.training.launch` picks the
@@ -13,7 +19,8 @@ session object handed to it (rank, device, checkpoint I/O, reporting).
 Checkpoints (``model.safetensors`` + ``config.json`` + ``state.pt`` with optimizer, step, RNG
 and metric history) are written every ``checkpoint_every`` steps into the stage's scratch
 location, through Ray Train when it runs there (``RunConfig(name, storage_path)``). A rerun of an
-interrupted stage resumes from the last checkpoint. A non-finite loss stops training with an
+interrupted stage resumes from the last checkpoint, at the place in the data where it stopped
+(give or take one row group and one shuffle buffer of images). A non-finite loss stops training with an
 error naming the step; checkpoints written before it are kept.
 
 Artifact: ``config.json``, ``model.safetensors``, ``metrics.json`` (loss terms, per-level
@@ -39,12 +46,13 @@ from models.vqvae2 import VQVAE2, VQVAE2Config
 from pipeline.config import from_dict, to_dict
 from pipeline.stage import Input
 from stages.figures.png import grid, save_png
-from stages.formats.images import image_table_meta, read_image_table
+from stages.formats import image_stream
+from stages.formats.images import image_table_meta
 from stages.formats.pixels import to_signed, to_uint8, to_unit
 from stages.training import harness, loop
 from stages.training.harness import train_into, use_bf16, where
 
-VERSION = "1"
+VERSION = "2"  # 2: streamed epochs of a shuffled order (1 drew batches with replacement)
 INPUTS = {"images": Input(kinds=("ingest",))}
 DEFAULT_NUM_CPUS = 0  # the Ray task only coordinates; Ray Train workers reserve the CPUs
 
@@ -60,7 +68,9 @@ class AutoencoderTrainConfig(loop.TrainConfig):
         precision: ``bf16`` autocast, ``fp32``, or ``auto`` (bf16 where the hardware has fast
             bf16: CUDA with bf16, CPUs with AVX512-BF16 or AMX).
         channels_last: Use the channels-last memory format (faster convolutions on CPU and GPU).
-        val_images: At most this many val images are evaluated.
+        val_images: At most this many val images are evaluated (held in memory on rank 0).
+        shuffle_buffer: Images in each worker's local shuffle buffer (memory: this many
+            images; the default 4,096 is 4 MB at 32px grey, 800 MB at 256px RGB).
         binarize: For the non-quantized families: ``none`` keeps grey levels in [0, 1];
             ``threshold`` maps pixels above 0.5 to 1; ``dynamic`` draws each pixel as 1 with
             its intensity as probability, afresh for every batch (val images: one fixed draw).
@@ -69,6 +79,7 @@ class AutoencoderTrainConfig(loop.TrainConfig):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: bool = True
     val_images: int = 10_000
+    shuffle_buffer: int = 4096
     binarize: Literal["none", "threshold", "dynamic"] = "none"
 
 
@@ -104,9 +115,9 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
         out, _loop, {"config": to_dict(config), "images": images_ref}, config.train, scratch
     )
     model = load_model(out)
-    table = read_image_table(artifact, splits=("val",))
+    table = image_stream.read_rows(artifact, "val", 24)
     if len(table) == 0:
-        table = read_image_table(artifact, splits=("train",))
+        table = image_stream.read_rows(artifact, "train", 24)
     _reconstructions(model, table, config.train.binarize, out / "reconstructions.png")
     metrics = {**metrics, "image_shape": [meta.height, meta.width, meta.channels]}
     (out / "metrics.json").write_text(json.dumps({"final": metrics, "history": history}, indent=2))
@@ -177,19 +188,12 @@ def train_loop(config: Config, images_ref: dict, session) -> dict:
     train = config.train
     torch.set_num_threads(max(1, session.cpus))
     artifact = Store(images_ref["store"]).open(images_ref["stage"], images_ref["key"])
-    table = read_image_table(artifact, splits=("train", "val"))
-    is_train, is_val = table.splits == "train", table.splits == "val"
-    train_images = torch.from_numpy(table.images[is_train])
-    train_labels = torch.from_numpy(table.labels[is_train].astype(np.int64))
-    val_images = torch.from_numpy(table.images[is_val][: train.val_images])
-    val_labels = torch.from_numpy(table.labels[is_val][: train.val_images].astype(np.int64))
-    if len(train_images) == 0:
+    train_groups = image_stream.groups(artifact, "train")
+    if not train_groups:
         raise ValueError("the image table has no train split")
-    if config.model.family == "cvae" and bool((train_labels < 0).any()):
-        raise ValueError("model.family cvae needs a label for every training image")
-    # each rank draws its batches from its own shard of the training images
-    train_images = train_images[session.rank :: session.world_size]
-    train_labels = train_labels[session.rank :: session.world_size]
+    val = image_stream.read_rows(artifact, "val", train.val_images if session.rank == 0 else 0)
+    val_images = torch.from_numpy(val.images)
+    val_labels = torch.from_numpy(val.labels.astype(np.int64))
 
     device = session.device
     bf16 = use_bf16(train.precision, device)
@@ -215,19 +219,23 @@ def train_loop(config: Config, images_ref: dict, session) -> dict:
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
 
+    batches = _train_batches(artifact, train_groups, train, session, start_step)
     window = loop.Window("images_per_s")
     last_good = start_step if resume_dir is not None else None
     final_metrics = {}
     for step in range(start_step, train.steps):
         lr = loop.apply_lr(optimizer, loop.cosine_lr(step, train))
-        index = torch.randint(len(train_images), (train.batch_size,), generator=generator)
+        batch = next(batches)
+        images, labels = batch["image"], batch["label"]
+        if config.model.family == "cvae" and bool((labels < 0).any()):
+            raise ValueError("model.family cvae needs a label for every training image")
         model.train()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             if quantized:
-                out = wrapped(to_signed(train_images[index], device, train.channels_last))
+                out = wrapped(to_signed(images, device, train.channels_last))
             else:
-                x = to_unit(train_images[index], device, train.binarize, generator)
-                out = wrapped(x, train_labels[index].to(device))
+                x = to_unit(images, device, train.binarize, generator)
+                out = wrapped(x, labels.to(device))
         terms = {k: v for k, v in out.items() if not torch.is_tensor(v) or v.ndim == 0}
         loss = out["loss"]
         loop.check_finite(
@@ -277,6 +285,30 @@ def train_loop(config: Config, images_ref: dict, session) -> dict:
                 )
             final_metrics = metrics
     return loop.resumed_finished(session, start_step, train.steps, resume_dir) or final_metrics
+
+
+def _train_batches(artifact, table: list, train: AutoencoderTrainConfig, session, start_step: int):
+    """This worker's training batches from `start_step` on (`stages.formats.image_stream`)."""
+    rows = train.batch_size * (train.steps - start_step + 1)
+    order = image_stream.plan(
+        table,
+        seed=train.seed,
+        rank=session.rank,
+        world=session.world_size,
+        rows=rows,
+        skip_rows=train.batch_size * start_step,
+    )
+    meta = image_table_meta(artifact)
+    data = image_stream.dataset(artifact.store.fs, order, "train", meta)
+    yield from data.iter_torch_batches(
+        batch_size=train.batch_size,
+        drop_last=True,
+        local_shuffle_buffer_size=train.shuffle_buffer,
+        local_shuffle_seed=train.seed * 1000 + session.rank + 7919 * start_step,
+        prefetch_batches=2,
+        device="cpu",
+    )
+    raise RuntimeError("the training stream ended before the last step")  # plan covers steps
 
 
 def _log_row(row: dict, config: Config, terms: dict) -> None:

@@ -14,6 +14,17 @@ def shared_mnist() -> Path:
     return SHARED_MNIST
 
 
+@pytest.fixture(scope="module")
+def ray_local():
+    """A Ray instance of this process for tests that call Ray Data directly (a new one, never a
+    `ray start` cluster of another test), shut down after the module."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def two_stage_run(tmp_path_factory) -> tuple[Path, dict]:
     """The tiny two-stage pipeline (helpers.TWO_STAGE_PIPELINE: MNIST, the tiny VQ-VAE-2, its

@@ -41,9 +41,12 @@ def test_embedded_source(tmp_path):
 
 def test_plain_pyarrow_reads_the_table(tmp_path):
     _, artifact = _ingest(tmp_path, limit=50)
-    path = artifact.local_path("images-00000.parquet")
+    path = artifact.local_path("images-train-00000.parquet")
     table = pq.read_table(path)
     assert table.column_names == ["id", "label", "split", "image"]
+    assert set(table["split"].to_pylist()) == {"train"}  # one file set per split
+    whole = pq.read_table(Path(path).parent)  # the directory: every split
+    assert sorted(set(whole["split"].to_pylist())) == ["test", "train", "val"]
     import json
 
     meta = json.loads(table.schema.metadata[META_KEY])
@@ -108,7 +111,7 @@ def _image_folder(root: Path) -> Path:
     return root
 
 
-def test_image_folder_counts_corrupt_files(tmp_path):
+def test_image_folder_counts_corrupt_files(tmp_path, ray_local):
     root = _image_folder(tmp_path / "images")
     metrics, artifact = _ingest(
         tmp_path,
@@ -127,7 +130,7 @@ def test_image_folder_counts_corrupt_files(tmp_path):
     assert artifact.manifest["metrics"]["corrupt"]["count"] == 1
 
 
-def test_image_folder_strict_stops_on_corrupt_file(tmp_path):
+def test_image_folder_strict_stops_on_corrupt_file(tmp_path, ray_local):
     root = _image_folder(tmp_path / "images")
     with pytest.raises(ValueError, match=r"broken.png: unreadable image"):
         _ingest(
@@ -139,7 +142,7 @@ def test_image_folder_strict_stops_on_corrupt_file(tmp_path):
         )
 
 
-def test_image_folder_mixed_sizes_need_image_size(tmp_path):
+def test_image_folder_mixed_sizes_need_image_size(tmp_path, ray_local):
     root = _image_folder(tmp_path / "images")
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "cat" / "small.png")
     with pytest.raises(ValueError, match=r"different sizes .*; set image_size"):
@@ -150,7 +153,7 @@ def test_image_folder_mixed_sizes_need_image_size(tmp_path):
 
 def test_parquet_source_round_trip(tmp_path):
     _, first = _ingest(tmp_path / "one", limit=100, val_fraction=0.2, channels=3)
-    path = first.local_path("images-00000.parquet")
+    path = Path(first.local_path("images-train-00000.parquet")).parent  # the table's files
     _, second = _ingest(
         tmp_path / "two", source={"kind": "parquet", "path": str(path)}, val_fraction=0.2
     )

@@ -73,7 +73,7 @@ def test_pipeline_on_s3_store_writes_reads_and_caches(s3_server, aws_env, tmp_pa
     listed = s3_server["client"].list_objects_v2(Bucket="twostage", Prefix="runs-test/ingest/")
     names = [o["Key"] for o in listed["Contents"]]
     assert any(n.endswith("/_MANIFEST.json") for n in names)
-    assert any(n.endswith("/images-00000.parquet") for n in names)
+    assert any(n.endswith("/images-train-00000.parquet") for n in names)
 
     store = Store(s3_server["uri"])
     (ingest,) = store.list("ingest")
@@ -84,15 +84,15 @@ def test_pipeline_on_s3_store_writes_reads_and_caches(s3_server, aws_env, tmp_pa
 
     # corrupt one object in the bucket: verify and readers name it
     manifest = ingest.manifest
-    key = f"runs-test/ingest/{ingest.key}/{manifest['data_dir']}/images-00000.parquet"
+    key = f"runs-test/ingest/{ingest.key}/{manifest['data_dir']}/images-train-00000.parquet"
     body = bytearray(s3_server["client"].get_object(Bucket="twostage", Key=key)["Body"].read())
     body[len(body) // 3] ^= 0x10
     s3_server["client"].put_object(Bucket="twostage", Key=key, Body=bytes(body))
     bad = twostage(
         "verify", ingest.key[:8], "--store", s3_server["uri"], cwd=tmp_path, env=env, check=1
     )
-    assert "images-00000.parquet" in bad.stdout
-    with pytest.raises(CorruptArtifactError, match="images-00000.parquet"):
+    assert "images-train-00000.parquet" in bad.stdout
+    with pytest.raises(CorruptArtifactError, match="images-train-00000.parquet"):
         read_image_table(store.open("ingest", ingest.key))
     listing = json.loads(
         twostage("ls", "--json", "--store", s3_server["uri"], cwd=tmp_path, env=env, check=0).stdout

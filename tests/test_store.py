@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.store import MANIFEST, CorruptArtifactError, Store, StoreError, artifact_key
-from stages.formats.images import image_table_meta, read_image_table
+from stages.formats import image_stream
+from stages.formats.images import read_image_table
 from tests.helpers import REPO, twostage
 
 
@@ -162,13 +163,13 @@ def test_cli_verify_and_reader_fail_on_flipped_byte(tmp_path):
     assert proc.stdout.count("ok ") == 2
     store = Store(str(tmp_path / "artifacts"))
     (ingest,) = store.list("ingest")
-    parquet = Path(store.dir_of("ingest", ingest.key)) / "images-00000.parquet"
+    parquet = Path(store.dir_of("ingest", ingest.key)) / "images-train-00000.parquet"
     data = bytearray(parquet.read_bytes())
     data[len(data) // 2] ^= 0xFF
     parquet.write_bytes(bytes(data))
     proc = twostage("verify", ingest.key[:10], cwd=tmp_path, check=1)
-    assert "CORRUPT" in proc.stdout and "images-00000.parquet" in proc.stdout
-    with pytest.raises(CorruptArtifactError, match="images-00000.parquet"):
+    assert "CORRUPT" in proc.stdout and "images-train-00000.parquet" in proc.stdout
+    with pytest.raises(CorruptArtifactError, match="images-train-00000.parquet"):
         read_image_table(store.open("ingest", ingest.key))
     # a downstream stage reading the corrupt table fails with the file's name too
     rerun = twostage(
@@ -184,8 +185,8 @@ def test_cli_verify_and_reader_fail_on_flipped_byte(tmp_path):
     summary = json.loads(rerun.stdout)
     assert rerun.returncode == 1
     stats = next(s for s in summary["stages"] if s["name"] == "stats")
-    assert stats["status"] == "failed" and "images-00000.parquet" in stats["error"]
+    assert stats["status"] == "failed" and "images-train-00000.parquet" in stats["error"]
     # a truncated table fails where its footer is first read, naming the file and the remedy
     parquet.write_bytes(bytes(data[: len(data) // 2]))
-    with pytest.raises(CorruptArtifactError, match=r"images-00000.parquet: size .* rerun to"):
-        image_table_meta(store.open("ingest", ingest.key))
+    with pytest.raises(CorruptArtifactError, match=r"images-train-00000.parquet: size .* rerun to"):
+        image_stream.groups(store.open("ingest", ingest.key), "train")  # what streaming reads

@@ -1,17 +1,23 @@
 """The image table: the artifact format the ingest stage writes and image-reading stages read.
 
-Parquet files ``images-00000.parquet``, ... with one row per image:
+Parquet files ``images-<split>-00000.parquet``, ... (one set per split; tables written before
+the split sets hold all splits in ``images-00000.parquet``, ... and read the same) with one row
+per image:
 
 - ``id`` (int64): stable image id, unique within the table;
 - ``label`` (int16, nullable): class index, null when unlabelled;
 - ``split`` (string): ``train``, ``val`` or ``test``;
-- ``image`` (binary): raw uint8 pixels, row-major ``h w c``;
+- ``image`` (large_binary; plain binary in older tables): raw uint8 pixels, row-major ``h w c``;
 - ``factor_<name>`` (int16), only in procedural tables (dSprites): the ground-truth generative
   factors as grid indices, named in the metadata's ``factor_names`` / ``factor_sizes``.
 
 The file metadata key ``twostage.image_table`` holds `ImageTableMeta` as JSON (height, width,
 channels, class names, schema version), so plain ``pyarrow.parquet.read_table`` can read and
 reshape the pixels without this project installed.
+
+Files are bounded in bytes (`ImageTableWriter`: 256 MB of pixels by default) and row groups
+hold at most 32 MB or 2,048 images, so readers stream a table of any size a row group at a time
+(`stages.formats.image_stream`); 64-bit offsets keep a single column past 2 GB readable.
 """
 
 from __future__ import annotations
@@ -36,9 +42,12 @@ ARROW_SCHEMA = pa.schema(
         pa.field("id", pa.int64(), nullable=False),
         pa.field("label", pa.int16(), nullable=True),
         pa.field("split", pa.string(), nullable=False),
-        pa.field("image", pa.binary(), nullable=False),
+        pa.field("image", pa.large_binary(), nullable=False),
     ]
 )
+FILE_BYTES = 256 * 2**20  # pixel bytes per Parquet file
+GROUP_BYTES = 32 * 2**20  # pixel bytes per row group: what a reader holds per read
+GROUP_ROWS = 2048  # rows per row group, for small images (shuffling works in row groups)
 
 
 @dataclass(frozen=True)
@@ -93,38 +102,109 @@ class ImageTable:
         return len(self.ids)
 
 
-def write_image_table(
-    out: Path, table: ImageTable, rows_per_file: int = 50_000, prefix: str = "images"
-) -> list[str]:
-    """Writes `table` as Parquet files into directory `out`; returns the file names."""
-    meta = table.meta
-    n = len(table)
-    names = []
-    for part, start in enumerate(range(0, max(n, 1), rows_per_file)):
-        stop = min(start + rows_per_file, n)
-        labels = table.labels[start:stop]
-        pixels = np.ascontiguousarray(table.images[start:stop]).reshape(stop - start, -1)
-        columns = {
-            "id": pa.array(table.ids[start:stop], pa.int64()),
-            "label": pa.array(labels, pa.int16(), mask=labels < 0),
-            "split": pa.array(table.splits[start:stop].tolist(), pa.string()),
-            "image": pa.array([row.tobytes() for row in pixels], pa.binary()),
-        }
-        schema = ARROW_SCHEMA
-        for j, name in enumerate(meta.factor_names):
-            columns[f"factor_{name}"] = pa.array(table.factors[start:stop, j], pa.int16())
-            schema = schema.append(pa.field(f"factor_{name}", pa.int16(), nullable=False))
-        arrow = pa.table(columns, schema=schema.with_metadata({META_KEY: meta.to_json()}))
-        name = f"{prefix}-{part:05d}.parquet"
-        pq.write_table(
-            arrow,
-            out / name,
+class ImageTableWriter:
+    """Writes image rows as they come into bounded Parquet files, one file set per split.
+
+    Memory holds at most one row group per split. `close` returns the file names written.
+    """
+
+    def __init__(
+        self, out: Path, meta: ImageTableMeta, file_bytes: int = FILE_BYTES, prefix: str = "images"
+    ):
+        self.out, self.meta, self.file_bytes, self.prefix = Path(out), meta, file_bytes, prefix
+        self.image_bytes = meta.height * meta.width * meta.channels
+        self.group_rows = max(1, min(GROUP_ROWS, GROUP_BYTES // self.image_bytes))
+        self.schema = ARROW_SCHEMA.with_metadata({META_KEY: meta.to_json()})
+        for name in meta.factor_names:
+            self.schema = self.schema.append(pa.field(f"factor_{name}", pa.int16(), False))
+        self.rows = 0
+        self.names: list[str] = []
+        self._pending: dict[str, list[pa.Table]] = {}  # split -> rows not yet in a row group
+        self._open: dict[str, tuple[pq.ParquetWriter, int]] = {}  # split -> (writer, rows)
+        self._parts: dict[str, int] = {}
+
+    def write(self, table: ImageTable) -> None:
+        """Appends the rows of `table` (its images must have the writer's shape)."""
+        if table.images.shape[1:] != (self.meta.height, self.meta.width, self.meta.channels):
+            raise ValueError(f"images of shape {table.images.shape[1:]} in a table of {self.meta}")
+        for split in sorted(set(table.splits.tolist())):
+            self._pending.setdefault(split, []).append(self._arrow(table, table.splits == split))
+            self._flush(split, final=False)
+        self.rows += len(table)
+
+    def close(self) -> list[str]:
+        for split in list(self._pending):
+            self._flush(split, final=True)
+        for writer, _ in self._open.values():
+            writer.close()
+        self._open = {}
+        if not self.names:  # an empty table still gets one (empty) file with the metadata
+            self._writer("train")
+            self._open.pop("train")[0].close()
+        return sorted(self.names)
+
+    def _arrow(self, table: ImageTable, mask: np.ndarray) -> pa.Table:
+        n = int(mask.sum())
+        labels = table.labels[mask]
+        pixels = np.ascontiguousarray(table.images[mask]).reshape(-1)
+        offsets = pa.array(np.arange(n + 1, dtype=np.int64) * self.image_bytes, pa.int64())
+        columns = [
+            pa.array(table.ids[mask], pa.int64()),
+            pa.array(labels, pa.int16(), mask=labels < 0),
+            pa.array(table.splits[mask].tolist(), pa.string()),
+            pa.LargeBinaryArray.from_buffers(
+                pa.large_binary(), n, [None, offsets.buffers()[1], pa.py_buffer(pixels)]
+            ),
+        ]
+        columns += [
+            pa.array(table.factors[mask][:, j], pa.int16())
+            for j in range(len(self.meta.factor_names))
+        ]
+        return pa.Table.from_arrays(columns, schema=self.schema)
+
+    def _flush(self, split: str, final: bool) -> None:
+        pending = self._pending.get(split)
+        if not pending:
+            return
+        table = pa.concat_tables(pending)
+        full = table.num_rows - table.num_rows % self.group_rows
+        cut = table.num_rows if final else full
+        start = 0
+        while start < cut:
+            writer, rows = self._open.get(split) or self._writer(split)
+            capacity = max(1, self.file_bytes // self.image_bytes)  # rows per file
+            take = min(cut - start, capacity - rows, self.group_rows)
+            writer.write_table(table.slice(start, take), row_group_size=self.group_rows)
+            start += take
+            rows += take
+            self._open[split] = (writer, rows)
+            if rows >= capacity:
+                self._open.pop(split)[0].close()
+        self._pending[split] = [table.slice(cut)] if cut < table.num_rows else []
+
+    def _writer(self, split: str) -> tuple[pq.ParquetWriter, int]:
+        part = self._parts.get(split, 0)
+        self._parts[split] = part + 1
+        name = f"{self.prefix}-{split}-{part:05d}.parquet"
+        self.names.append(name)
+        writer = pq.ParquetWriter(
+            self.out / name,
+            self.schema,
             compression="zstd",
             use_dictionary=["split", "label"],
-            row_group_size=4096,
-        )  # row groups small enough to stream
-        names.append(name)
-    return names
+            write_page_checksum=True,  # streamed reads check pages (they skip the file sha256)
+        )
+        self._open[split] = (writer, 0)
+        return self._open[split]
+
+
+def write_image_table(
+    out: Path, table: ImageTable, file_bytes: int = FILE_BYTES, prefix: str = "images"
+) -> list[str]:
+    """Writes an in-memory `table` into directory `out`; returns the file names."""
+    writer = ImageTableWriter(out, table.meta, file_bytes, prefix)
+    writer.write(table)
+    return writer.close()
 
 
 def table_files(artifact) -> list[str]:
@@ -216,14 +296,21 @@ def table_from_arrow(table: pa.Table, meta: ImageTableMeta) -> ImageTable:
 
 
 def decode_pixels(column, meta: ImageTableMeta) -> np.ndarray:
-    """The ``image`` column (binary, raw pixels) as uint8 ``n h w c`` without copying rows."""
-    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    """The ``image`` column (large_binary or binary, raw pixels) as uint8 ``n h w c``, without
+    copying rows when the column is one chunk."""
+    if isinstance(column, pa.ChunkedArray):
+        if column.num_chunks != 1:
+            chunks = [decode_pixels(c, meta) for c in column.chunks]
+            shape = (0, meta.height, meta.width, meta.channels)
+            return np.concatenate(chunks) if chunks else np.zeros(shape, np.uint8)
+        column = column.chunk(0)
     n = len(column)
     shape = (n, meta.height, meta.width, meta.channels)
     if n == 0:
         return np.zeros(shape, np.uint8)
     pixels = meta.height * meta.width * meta.channels
-    offsets = np.frombuffer(column.buffers()[1], np.int32)[column.offset : column.offset + n + 1]
+    width = np.int64 if pa.types.is_large_binary(column.type) else np.int32
+    offsets = np.frombuffer(column.buffers()[1], width)[column.offset : column.offset + n + 1]
     if not np.all(np.diff(offsets) == pixels):
         raise ValueError(f"image column holds rows of the wrong size (expected {pixels} bytes)")
     flat = np.frombuffer(column.buffers()[2], np.uint8)

@@ -1,0 +1,181 @@
+"""Streaming reads of an image table, for training and for any stage that must not hold a table.
+
+A table is a list of row groups (`groups`: file, index, rows of one split; at most 32 MB each,
+`stages.formats.images`). Training walks them in a seeded order that changes every epoch;
+worker ``r`` of ``w`` takes every ``w``-th group of that order (`plan`), Ray Data tasks read
+them (`dataset`), and the loop draws batches through Ray Data's local shuffle buffer
+(``iter_torch_batches``). A worker so holds a few row groups, the shuffle buffer and the
+prefetched batches, never the table.
+
+The order depends on (seed, epoch, rank, world size) only. A resumed run plans again and skips
+the rows its worker trained on before (``skip_rows``), starting at the row group that holds the
+first row not trained on yet: at most one row group plus one shuffle buffer of images around
+the interruption is trained on twice or skipped; every other image keeps its place.
+
+This module is light to import in Ray Data's workers (no torch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.store import CorruptArtifactError
+from stages.formats.images import (
+    META_KEY,
+    ImageTable,
+    ImageTableMeta,
+    decode_pixels,
+    image_table_meta,
+    table_files,
+    table_from_arrow,
+)
+
+
+@dataclass(frozen=True)
+class Group:
+    """One row group of a table file: its path in the store's filesystem, its index and the
+    number of its rows in the split it was listed for."""
+
+    path: str
+    index: int
+    rows: int
+
+
+def groups(artifact, split: str) -> list[Group]:
+    """The row groups of `artifact` that hold rows of `split`, in file order.
+
+    Reads Parquet footers only, except for row groups whose statistics do not show a single
+    split (tables written before the per-split files), where the ``split`` column is read.
+    """
+    out = []
+    for name in table_files(artifact):
+        path = artifact.fs_path(name)
+        try:
+            with artifact.store.fs.open_input_file(path) as f:
+                if f.size() != artifact.files[name]["size"]:
+                    artifact.read_bytes(name)  # raises, naming the file and the remedy
+                parquet = pq.ParquetFile(f, page_checksum_verification=True)
+                for index in range(parquet.metadata.num_row_groups):
+                    rows = _split_rows(parquet, index, split)
+                    if rows:
+                        out.append(Group(path, index, rows))
+        except (OSError, pa.ArrowException) as e:
+            raise CorruptArtifactError(f"{path}: unreadable Parquet file ({e})") from e
+    return out
+
+
+def _split_rows(parquet: pq.ParquetFile, index: int, split: str) -> int:
+    group = parquet.metadata.row_group(index)
+    column = parquet.schema_arrow.get_field_index("split")
+    stats = group.column(column).statistics
+    if stats is not None and stats.has_min_max and stats.min == stats.max:
+        return group.num_rows if stats.min == split else 0
+    values = parquet.read_row_group(index, columns=["split"])["split"]
+    return int(pc.sum(pc.equal(values, split)).as_py() or 0)
+
+
+def plan(
+    table: list[Group], *, seed: int, rank: int, world: int, rows: int, skip_rows: int = 0
+) -> list[Group]:
+    """The row groups worker `rank` of `world` reads, in order, to yield `rows` rows after the
+    first `skip_rows` rows of its sequence (epoch after epoch, each in its own seeded order)."""
+    if len(table) < world:
+        raise ValueError(
+            f"the split has {len(table)} row group(s), fewer than the {world} workers; "
+            "lower train.workers or ingest more images"
+        )
+    out, seen, epoch = [], 0, 0
+    while seen < skip_rows + rows:
+        order = np.random.default_rng([seed, epoch]).permutation(len(table))
+        for i in order[rank::world]:
+            group = table[i]
+            if seen + group.rows > skip_rows:
+                out.append(group)
+            seen += group.rows
+            if seen >= skip_rows + rows:
+                break
+        epoch += 1
+    return out
+
+
+def rows_per_epoch(table: list[Group], world: int) -> int:
+    """Rows each worker reads per epoch, about (the groups do not divide evenly)."""
+    return sum(g.rows for g in table) // world
+
+
+def dataset(filesystem, table: list[Group], split: str, meta: ImageTableMeta, readers: int = 2):
+    """A Ray Dataset of the rows of `split` in the groups `table`, in that order: ``image``
+    (uint8 ``h w c`` tensors), ``label`` (-1 for none) and ``id``.
+
+    Args:
+        filesystem: The store's pyarrow filesystem.
+        readers: Row groups read at once (Ray Data tasks; they reserve no CPU, as the training
+            workers hold the CPUs).
+    """
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # the planned order, on every run
+    context.enable_progress_bars = False
+    items = [{"path": g.path, "index": g.index} for g in table]
+    return ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 200))).map_batches(
+        _read_groups,
+        fn_kwargs={"filesystem": filesystem, "split": split, "meta": meta},
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=0,
+        concurrency=readers,
+    )
+
+
+def _read_groups(batch: pa.Table, filesystem, split: str, meta: ImageTableMeta) -> pa.Table:
+    """Ray Data batch function of `dataset`: reads the listed row groups."""
+    from ray.data.extensions import ArrowTensorArray
+
+    parts = []
+    for path, index in zip(batch["path"].to_pylist(), batch["index"].to_pylist(), strict=True):
+        with filesystem.open_input_file(path) as f:
+            part = pq.ParquetFile(f, page_checksum_verification=True).read_row_group(
+                index, columns=["id", "label", "split", "image"]
+            )
+        parts.append(part.filter(pc.equal(part["split"], split)))
+    rows = pa.concat_tables(parts)
+    return pa.table(
+        {
+            "image": ArrowTensorArray.from_numpy(decode_pixels(rows["image"], meta)),
+            "label": pc.fill_null(rows["label"], -1).cast(pa.int64()),
+            "id": rows["id"],
+        }
+    )
+
+
+def read_rows(artifact, split: str, limit: int) -> ImageTable:
+    """The first `limit` rows of `split` in file order (a fixed, bounded subset: validation
+    images, reconstructions), read a row group at a time."""
+    meta = image_table_meta(artifact)
+    tables, rows = [], 0
+    for group in groups(artifact, split):
+        if rows >= limit:
+            break
+        with artifact.store.fs.open_input_file(group.path) as f:
+            part = pq.ParquetFile(f, page_checksum_verification=True).read_row_group(group.index)
+        part = part.filter(pc.equal(part["split"], split)).slice(0, limit - rows)
+        tables.append(part.replace_schema_metadata({META_KEY: meta.to_json()}))
+        rows += part.num_rows
+    if not tables:
+        return table_from_arrow(_empty(meta), meta)
+    return table_from_arrow(pa.concat_tables(tables, promote_options="default"), meta)
+
+
+def _empty(meta: ImageTableMeta) -> pa.Table:
+    from stages.formats.images import ARROW_SCHEMA
+
+    schema = ARROW_SCHEMA
+    for name in meta.factor_names:
+        schema = schema.append(pa.field(f"factor_{name}", pa.int16(), False))
+    return schema.empty_table()

@@ -1,0 +1,210 @@
+"""Image folders: ``<root>/<class>/**/*.png|jpg|jpeg`` on a local disk or any pyarrow filesystem
+(``s3://bucket/prefix``), listed, split and decoded without holding the folder in memory.
+
+- `list_images` lists the files (classes: the sub-folders, sorted by name). Each file gets an id
+  and its split from hashes of its path relative to the root, so the same folder always gives
+  the same ids and splits, whatever the order of listing, and no global permutation is held.
+  Files are listed in id order, which is random with respect to class and name: the table
+  written in that order needs no further shuffling to be read in random order.
+- `decode_batch` (a Ray Data batch function, light to import: numpy, PIL, pyarrow) reads,
+  decodes, converts and resizes a batch of files; an unreadable file becomes a row with a
+  ``problem`` instead of an error, so the stage decides (count it, or stop under ``strict``).
+- `shape_image` brings one image to the table's size and channels (``center_crop``, ``pad`` or
+  ``resize``); the in-memory sources use it too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import numpy as np
+import pyarrow.fs as pafs
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path in it) of a local path or a URI such as ``s3://bucket/x``."""
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    from pathlib import Path
+
+    return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+
+
+def list_images(
+    fs: pafs.FileSystem, root: str, seed: int, val_fraction: float
+) -> tuple[list[dict], list[str], int]:
+    """(rows ``{path, relpath, id, label, split}`` in id order, class names, other files).
+
+    ``split`` is ``val`` for a seeded-hash fraction `val_fraction` of the files, else ``train``.
+    """
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"source.path {root!r} does not exist")
+    if info.type != pafs.FileType.Directory:
+        raise ValueError(f"{root}: not a folder (expected <path>/<class>/<image>.png)")
+    classes = sorted(
+        e.base_name
+        for e in fs.get_file_info(pafs.FileSelector(root))
+        if e.type == pafs.FileType.Directory and not e.base_name.startswith(".")
+    )
+    if not classes:
+        raise ValueError(f"{root}: no class sub-folders (expected <path>/<class>/<image>.png)")
+    rows, others = [], 0
+    for label, name in enumerate(classes):
+        selector = pafs.FileSelector(f"{root}/{name}", recursive=True)
+        for entry in fs.get_file_info(selector):
+            if entry.type != pafs.FileType.File or entry.base_name.startswith("."):
+                continue
+            if not entry.base_name.lower().endswith(IMAGE_SUFFIXES):
+                others += 1
+                continue
+            relpath = entry.path[len(root) :].lstrip("/")
+            rows.append(
+                {
+                    "path": entry.path,
+                    "relpath": relpath,
+                    "id": _hash(relpath.encode()) >> 1,  # 63 bits: a non-negative int64
+                    "label": label,
+                    "split": "val" if _unit(seed, relpath) < val_fraction else "train",
+                }
+            )
+    rows.sort(key=lambda r: r["id"])
+    return rows, classes, others
+
+
+def _hash(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def _unit(seed: int, relpath: str) -> float:
+    """A number in [0, 1) fixed by the seed and the path."""
+    return _hash(f"{seed}\0{relpath}".encode()) / 2**64
+
+
+def probe(fs: pafs.FileSystem, rows: list[dict], count: int = 64) -> tuple[int, int, int]:
+    """(height, width, channels) the table takes when the config does not say: the size of the
+    first readable image (in id order); 3 channels if any of the first `count` readable images
+    is in colour, else 1."""
+    from PIL import Image
+
+    size, channels, seen = None, 1, 0
+    for row in rows:
+        try:
+            with fs.open_input_file(row["path"]) as f, Image.open(io.BytesIO(f.read())) as im:
+                im.load()
+                array = to_array(im)
+        except Exception:  # counted when the batch functions meet it
+            continue
+        size = size or array.shape[:2]
+        channels = max(channels, 3 if array.shape[2] >= 3 else 1)
+        seen += 1
+        if seen >= count:
+            break
+    if size is None:
+        raise ValueError(f"none of the {len(rows)} image file(s) is readable")
+    return size[0], size[1], channels
+
+
+def decode_batch(
+    batch: dict, fs: pafs.FileSystem, height: int, width: int, channels: int, mode: str
+) -> dict:
+    """Ray Data batch function: files -> ``id, label, split, image (n h w c uint8), problem``
+    (``problem``: empty, or why the file is missing from the table; ``fatal`` problems stop the
+    stage whatever ``strict`` says)."""
+    from PIL import Image
+
+    n = len(batch["path"])
+    images = np.zeros((n, height, width, channels), np.uint8)
+    problems, fatal = [""] * n, np.zeros(n, bool)
+    for i, (path, relpath) in enumerate(zip(batch["path"], batch["relpath"], strict=True)):
+        try:
+            with fs.open_input_file(path) as f, Image.open(io.BytesIO(f.read())) as im:
+                im.load()
+                array = to_array(im)
+        except Exception as e:  # PIL raises many types for broken files
+            problems[i] = f"{relpath}: unreadable image ({type(e).__name__}: {e})"
+            continue
+        try:
+            images[i] = shape_image(array, height, width, channels, mode)
+        except ValueError as e:
+            problems[i], fatal[i] = f"{relpath}: {e}", True
+    return {
+        "id": np.asarray(batch["id"], np.int64),
+        "label": np.asarray(batch["label"], np.int64),
+        "split": np.asarray(batch["split"], dtype=object),
+        "image": images,
+        "problem": np.asarray(problems, dtype=object),
+        "fatal": fatal,
+    }
+
+
+def to_array(im) -> np.ndarray:
+    """A PIL image as uint8 ``h w c`` with 1 (grey) or 3 (RGB) channels: alpha is dropped,
+    16- and 32-bit grey is scaled to 8 bits, palettes and CMYK become RGB."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        array = np.asarray(im).astype(np.int64)
+        top = 65535 if im.mode.startswith("I;16") else max(int(array.max()), 1)
+        return np.clip(array * 255 // max(top, 1), 0, 255).astype(np.uint8)[..., None]
+    if im.mode == "F":
+        array = np.asarray(im, np.float32)
+        return np.clip(np.rint(array * 255 / max(float(array.max()), 1.0)), 0, 255).astype(
+            np.uint8
+        )[..., None]
+    if im.mode not in ("L", "RGB"):
+        im = im.convert("L" if im.mode in ("1", "LA") else "RGB")
+    array = np.asarray(im, dtype=np.uint8)
+    return array[..., None] if array.ndim == 2 else array
+
+
+def shape_image(array: np.ndarray, height: int, width: int, channels: int, mode: str):
+    """`array` (uint8 ``h w c``) with `channels` channels at ``height x width``.
+
+    Modes: ``center_crop`` crops the centred square (or the centred box of the target's aspect)
+    then resizes, as the VQ-VAE-2 paper does for ImageNet and FFHQ; ``pad`` centres a smaller
+    image on a zero canvas (ValueError for a larger one); ``resize`` rescales, bilinear;
+    ``same`` takes only images of the target size (ValueError for others).
+    """
+    array = convert_channels(array, channels)
+    h, w = array.shape[:2]
+    if (h, w) == (height, width):
+        return array
+    if mode == "same":
+        raise ValueError(
+            f"images have different sizes (this one {h}x{w}, the first {height}x{width}); "
+            "set image_size to bring them to one"
+        )
+    if mode == "pad":
+        if h > height or w > width:
+            raise ValueError(
+                f"image of {h}x{w} is larger than image_size {height}; "
+                "use resize: center_crop or resize to scale it down"
+            )
+        out = np.zeros((height, width, channels), np.uint8)
+        top, left = (height - h) // 2, (width - w) // 2
+        out[top : top + h, left : left + w] = array
+        return out
+    if mode == "center_crop":
+        crop_h, crop_w = min(h, w * height // width), min(w, h * width // height)
+        top, left = (h - crop_h) // 2, (w - crop_w) // 2
+        array = array[top : top + crop_h, left : left + crop_w]
+    return _resize(array, height, width)
+
+
+def convert_channels(array: np.ndarray, channels: int) -> np.ndarray:
+    if array.shape[2] == channels:
+        return array
+    if channels == 3:
+        return np.repeat(array, 3, axis=2)
+    grey = array[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return np.clip(np.rint(grey), 0, 255).astype(np.uint8)[..., None]
+
+
+def _resize(array: np.ndarray, height: int, width: int) -> np.ndarray:
+    from PIL import Image
+
+    pil = Image.fromarray(np.ascontiguousarray(array[..., 0] if array.shape[2] == 1 else array))
+    out = np.asarray(pil.resize((width, height), Image.BILINEAR), np.uint8)
+    return out[..., None] if out.ndim == 2 else out
