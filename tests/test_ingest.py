@@ -167,3 +167,92 @@ def test_parquet_source_round_trip(tmp_path):
 def test_missing_source_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         _ingest(tmp_path, source={"kind": "mnist", "path": str(tmp_path / "nope")})
+
+
+def _awkward_folder(root: Path) -> Path:
+    """Every kind of file a real folder holds: sizes and modes that differ (grey, RGBA, 16-bit
+    PNG, palette), a truncated JPEG, a text file named .jpg, and a file that is no image."""
+    rng = np.random.default_rng(1)
+    (root / "a").mkdir(parents=True)
+    (root / "b" / "nested").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(root / "a" / "rgb.jpg")
+    Image.fromarray(rng.integers(0, 255, (30, 30), dtype=np.uint8)).save(root / "a" / "grey.png")
+    rgba = rng.integers(0, 255, (50, 20, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(root / "b" / "rgba.png")
+    deep = np.full((24, 24), 65535, np.uint16)
+    Image.fromarray(deep).save(root / "b" / "nested" / "deep.png")  # 16-bit grey, all white
+    Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).convert("P").save(
+        root / "b" / "palette.png"
+    )
+    full = (root / "a" / "rgb.jpg").read_bytes()
+    (root / "a" / "truncated.jpg").write_bytes(full[: len(full) // 3])
+    (root / "b" / "text.jpg").write_text("not an image")
+    (root / "b" / "notes.txt").write_text("a file that is no image is ignored")
+    return root
+
+
+def test_image_folder_mixed_sizes_modes_and_broken_files(tmp_path, ray_local):
+    root = _awkward_folder(tmp_path / "images")
+    metrics, artifact = _ingest(
+        tmp_path,
+        source={"kind": "image_folder", "path": str(root)},
+        image_size=32,
+        resize="center_crop",
+        val_fraction=0.0,
+    )
+    assert metrics["images"] == 5 and metrics["channels"] == 3  # colour among them: RGB
+    assert metrics["corrupt"]["count"] == 2 and metrics["ignored_files"] == 1
+    assert sorted(e.split(":")[0] for e in metrics["corrupt"]["examples"]) == [
+        "a/truncated.jpg",
+        "b/text.jpg",
+    ]
+    table = read_image_table(artifact)
+    assert table.images.shape == (5, 32, 32, 3)
+    deep = table.images[np.argmax(table.images.reshape(5, -1).min(1))]
+    assert deep.min() == 255  # 16-bit white stays white, not clipped to another level
+    # strict: the first unreadable file stops the stage, naming it, before anything is stored
+    with pytest.raises(ValueError, match=r"(truncated|text)\.jpg: unreadable image"):
+        _ingest(
+            tmp_path / "strict",
+            source={"kind": "image_folder", "path": str(root)},
+            image_size=32,
+            resize="center_crop",
+            strict=True,
+        )
+    assert not (tmp_path / "strict" / "store" / "ingest").exists() or not any(
+        (tmp_path / "strict" / "store" / "ingest").iterdir()
+    )
+
+
+def test_image_folder_splits_by_path_hash_and_center_crops(tmp_path, ray_local):
+    root = tmp_path / "images"
+    for label in ("x", "y"):
+        (root / label).mkdir(parents=True)
+        for i in range(40):
+            wide = np.zeros((20, 40), np.uint8)
+            wide[:, 10:30] = 200  # the centred square is bright, the sides black
+            Image.fromarray(wide).save(root / label / f"{i}.png")
+    source = {"kind": "image_folder", "path": str(root)}
+    metrics, a = _ingest(tmp_path / "a", source=source, image_size=10, resize="center_crop")
+    _, b = _ingest(tmp_path / "b", source=source, image_size=10, resize="center_crop")
+    ta, tb = read_image_table(a), read_image_table(b)
+    assert metrics["splits"]["val"] == int((ta.splits == "val").sum()) > 0
+    assert dict(zip(ta.ids, ta.splits, strict=True)) == dict(zip(tb.ids, tb.splits, strict=True))
+    assert ta.images.min() == 200 and ta.meta.channels == 1  # only the centre, grey
+    # one more file leaves every other image's id and split as they were
+    Image.fromarray(np.zeros((20, 40), np.uint8)).save(root / "x" / "new.png")
+    _, c = _ingest(tmp_path / "c", source=source, image_size=10, resize="center_crop")
+    tc = read_image_table(c)
+    before = dict(zip(ta.ids, ta.splits, strict=True))
+    after = dict(zip(tc.ids, tc.splits, strict=True))
+    assert len(after) == 81 and all(after[i] == s for i, s in before.items())
+
+
+def test_image_folder_empty_folder_is_one_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        _ingest(tmp_path, source={"kind": "image_folder", "path": str(tmp_path / "empty")})
+    (tmp_path / "empty" / "cats").mkdir()
+    (tmp_path / "empty" / "cats" / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=r"no \.png, \.jpg or \.jpeg images"):
+        _ingest(tmp_path, source={"kind": "image_folder", "path": str(tmp_path / "empty")})
