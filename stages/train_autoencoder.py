@@ -300,14 +300,12 @@ def _train_batches(artifact, table: list, train: AutoencoderTrainConfig, session
     )
     meta = image_table_meta(artifact)
     data = image_stream.dataset(artifact.store.fs, order, "train", meta)
-    yield from data.iter_torch_batches(
-        batch_size=train.batch_size,
-        drop_last=True,
-        local_shuffle_buffer_size=train.shuffle_buffer,
-        local_shuffle_seed=train.seed * 1000 + session.rank + 7919 * start_step,
-        prefetch_batches=2,
-        device="cpu",
-    )
+    blocks = data.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
+    seed = train.seed * 1000 + session.rank + 7919 * start_step
+    for batch in image_stream.shuffled_batches(
+        blocks, train.batch_size, train.shuffle_buffer, seed
+    ):
+        yield {k: torch.from_numpy(v) for k, v in batch.items()}
     raise RuntimeError("the training stream ended before the last step")  # plan covers steps
 
 

@@ -117,3 +117,17 @@ def test_ray_data_stream_yields_each_planned_row_once(tmp_path, ray_local):
     expected = {int(i): img for i, img in zip(table.ids, table.images, strict=True)}
     assert all((expected[i] == img).all() for i, img in seen.items())
     assert read_image_table(artifact).images.shape == (3000, 16, 16, 3)
+
+
+def test_shuffled_batches_draw_each_row_once_from_a_bounded_buffer():
+    blocks = [
+        {"id": np.arange(i, i + 100), "x": np.arange(i, i + 100) * 2} for i in range(0, 1000, 100)
+    ]
+    batches = list(image_stream.shuffled_batches(iter(blocks), 32, 200, seed=1))
+    ids = np.concatenate([b["id"] for b in batches])
+    assert len(batches) == 1000 // 32 and len(set(ids.tolist())) == len(ids)  # no repeats
+    assert all((b["x"] == 2 * b["id"]).all() for b in batches)  # columns stay aligned
+    assert ids[:32].max() < 200  # the first batch comes from the first 200 rows
+    assert not (np.diff(ids) > 0).all()  # shuffled
+    again = list(image_stream.shuffled_batches(iter(blocks), 32, 200, seed=1))
+    assert all((a["id"] == b["id"]).all() for a, b in zip(batches, again, strict=True))
