@@ -15,6 +15,16 @@ from pathlib import Path
 BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
 
 
+def ensure_ray() -> None:
+    """Ray for a stage's Ray Data work: the pipeline's instance (stages run in Ray tasks), or,
+    when a stage is called directly outside a run, a private local instance (never a cluster
+    that happens to run on this machine)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", include_dashboard=False, logging_level="ERROR")
+
+
 def alive_nodes() -> list[dict[str, float]]:
     """The total resources of every alive node."""
     import ray

@@ -304,6 +304,9 @@ def _ingest_folder(config: Config, out: Path) -> _Tally:
     as they come."""
     import ray.data
 
+    from pipeline import cluster
+
+    cluster.ensure_ray()
     fs, root = folder.filesystem(config.source.path)
     rows, classes, ignored = folder.list_images(fs, root, config.seed, config.val_fraction)
     rows = rows[: config.limit] if config.limit is not None else rows

@@ -1,5 +1,6 @@
 """Fixtures shared by several test files. The builders they share are in helpers.py."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,12 +15,22 @@ def shared_mnist() -> Path:
     return SHARED_MNIST
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _no_ray_left_behind():
+    """Shuts down the Ray instance a direct call of a stage started in this process (one that
+    streams through Ray Data), so the next module starts from none."""
+    yield
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """A Ray instance of this process for tests that call Ray Data directly (a new one, never a
     `ray start` cluster of another test), shut down after the module."""
     import ray
 
+    ray.shutdown()  # one that an earlier test's direct call of a stage started
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield
     ray.shutdown()

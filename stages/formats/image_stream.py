@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline import cluster
 from pipeline.store import CorruptArtifactError
 from stages.formats.images import (
     META_KEY,
@@ -105,6 +106,21 @@ def plan(
     return out
 
 
+def read_group(filesystem, group: Group, split: str, columns: list[str] | None = None) -> pa.Table:
+    """The rows of `split` in one row group, its pages checked against their checksums; a
+    damaged file raises `CorruptArtifactError` naming it."""
+    try:
+        with filesystem.open_input_file(group.path) as f:
+            parquet = pq.ParquetFile(f, page_checksum_verification=True)
+            part = parquet.read_row_group(group.index, columns=columns)
+    except (OSError, pa.ArrowException) as e:
+        raise CorruptArtifactError(
+            f"{group.path}: row group {group.index} unreadable ({e}); the file is damaged: "
+            "delete its artifact and rerun to recompute it"
+        ) from e
+    return part.filter(pc.equal(part["split"], split))
+
+
 def rows_per_epoch(table: list[Group], world: int) -> int:
     """Rows each worker reads per epoch, about (the groups do not divide evenly)."""
     return sum(g.rows for g in table) // world
@@ -121,6 +137,7 @@ def dataset(filesystem, table: list[Group], split: str, meta: ImageTableMeta, re
     """
     import ray.data
 
+    cluster.ensure_ray()
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # the planned order, on every run
     context.enable_progress_bars = False
@@ -139,14 +156,11 @@ def _read_groups(batch: pa.Table, filesystem, split: str, meta: ImageTableMeta) 
     """Ray Data batch function of `dataset`: reads the listed row groups."""
     from ray.data.extensions import ArrowTensorArray
 
-    parts = []
-    for path, index in zip(batch["path"].to_pylist(), batch["index"].to_pylist(), strict=True):
-        with filesystem.open_input_file(path) as f:
-            part = pq.ParquetFile(f, page_checksum_verification=True).read_row_group(
-                index, columns=["id", "label", "split", "image"]
-            )
-        parts.append(part.filter(pc.equal(part["split"], split)))
-    rows = pa.concat_tables(parts)
+    columns = ["id", "label", "split", "image"]
+    rows = pa.concat_tables(
+        read_group(filesystem, Group(path, index, 0), split, columns)
+        for path, index in zip(batch["path"].to_pylist(), batch["index"].to_pylist(), strict=True)
+    )
     return pa.table(
         {
             "image": ArrowTensorArray.from_numpy(decode_pixels(rows["image"], meta)),
@@ -154,6 +168,26 @@ def _read_groups(batch: pa.Table, filesystem, split: str, meta: ImageTableMeta) 
             "id": rows["id"],
         }
     )
+
+
+def tables(artifact, split: str, seed: int | None = None):
+    """The rows of `split` as one `ImageTable` per row group, read in this process: once in
+    file order, or (with `seed`) epoch after epoch, each in its own seeded order, without end.
+    For stages that stream a table without Ray Data (statistics, a small classifier)."""
+    meta = image_table_meta(artifact)
+    table = groups(artifact, split)
+    epoch = 0
+    while table:
+        order = (
+            range(len(table))
+            if seed is None
+            else np.random.default_rng([seed, epoch]).permutation(len(table))
+        )
+        for i in order:
+            yield table_from_arrow(read_group(artifact.store.fs, table[i], split), meta)
+        if seed is None:
+            return
+        epoch += 1
 
 
 def read_rows(artifact, split: str, limit: int) -> ImageTable:
@@ -164,9 +198,7 @@ def read_rows(artifact, split: str, limit: int) -> ImageTable:
     for group in groups(artifact, split):
         if rows >= limit:
             break
-        with artifact.store.fs.open_input_file(group.path) as f:
-            part = pq.ParquetFile(f, page_checksum_verification=True).read_row_group(group.index)
-        part = part.filter(pc.equal(part["split"], split)).slice(0, limit - rows)
+        part = read_group(artifact.store.fs, group, split).slice(0, limit - rows)
         tables.append(part.replace_schema_metadata({META_KEY: meta.to_json()}))
         rows += part.num_rows
     if not tables:
