@@ -1,6 +1,7 @@
 """Runs every benchmark (`make bench`); each writes its figures to bench/results/<name>.json."""
 
 from bench import (
+    data_scale,
     encode_throughput,
     mnist_vqvae2,
     prior_sampling,
@@ -15,6 +16,7 @@ def main() -> None:
     encode_throughput.main()
     prior_sampling.main()
     prior_training.main()
+    data_scale.main()
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ models the bottom codes given the top codes (`models.prior`). Both read the same
 so prior experiments never re-encode.
 
 Data: the shards are read with Ray Data (``read_parquet`` -> ``map_batches`` to fixed-shape
-int32 arrays, materialized once in the object store) and passed to Ray Train's
+uint16 arrays, the shards' own type; materialized once in the object store when they take at
+most a quarter of it, else streamed from the Parquet files every epoch) and passed to Ray
+Train's
 ``TorchTrainer``; each worker reads its shard of the
 ``train`` split through ``session.dataset("train")`` with a local shuffle buffer, one epoch
 after another until ``train.steps``. The ``val`` split (whole, not sharded) gives the val bits
@@ -114,11 +116,13 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
     meta = codes.meta
     prior_config = prior_config_for(meta, config)
     levels = [config.level, *prior_config.context_grids]
-    # read and convert once; every epoch then streams blocks from the object store (code shards
-    # are small: ~100 bytes per image in Parquet, a few hundred as int32 arrays)
-    datasets = {
-        split: codes.to_ray_grids(split, levels).materialize() for split in ("train", "val")
-    }
+    # read and convert once where they fit; every epoch then streams blocks from the object
+    # store (code shards are small: ~100 bytes per image in Parquet, 2 per code as arrays)
+    keep = _fits_object_store(codes, levels)
+    datasets = {}
+    for split in ("train", "val"):
+        grids = codes.to_ray_grids(split, levels)
+        datasets[split] = grids.materialize() if keep else grids
     n_params = sum(p.numel() for p in CodePrior(prior_config).parameters())
     log.info(
         "train_prior: level %s (%dx%d codes%s), %.2fM parameters, %d steps of %d grids, %s",
@@ -325,6 +329,19 @@ def _checkpoint(model, optimizer, step, start_step, history, val, unpack, bf16, 
     state = {"step": step, "optimizer": optimizer.state_dict()}
     loop.save_checkpoint(session, model, state, history, metrics)
     return metrics
+
+
+def _fits_object_store(codes, levels: list[str]) -> bool:
+    """Whether the code arrays of `levels` take at most a quarter of the object store."""
+    import ray
+
+    rows = codes.artifact.metrics.get("images", 0)  # encode's count of rows in the shards
+    size = rows * sum(math.prod(codes.meta.grid_shapes[level]) for level in levels) * 2
+    store = ray.available_resources().get("object_store_memory", 0)
+    if size > store / 4:
+        log.info("train_prior: %.0f MB of codes stream from the shards each epoch", size / 1e6)
+        return False
+    return True
 
 
 def _collect(dataset, limit: int) -> list[dict]:

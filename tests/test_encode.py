@@ -236,3 +236,22 @@ def test_shard_whose_columns_miss_its_metadata_is_refused(tmp_path, change):
     assert str(info.value).endswith(
         f"codes-00000.parquet: column codes_top is {expected}, expected list<item: uint16>"
     )
+
+
+def test_prior_training_rows_keep_the_shards_uint16():
+    """The rows train_prior reads (`to_ray_grids`) hold codes as uint16, as stored."""
+    import pyarrow as pa
+
+    from stages.formats.codes import _grid_rows
+
+    batch = pa.table(
+        {
+            "label": pa.array([1, None, 2], pa.int16()),
+            "split": ["train", "val", "train"],
+            "codes_top": pa.array([[1, 2], [3, 4], [65535, 0]], pa.list_(pa.uint16())),
+        }
+    )
+    rows = _grid_rows(batch, "train", {"top": 2})
+    top = rows["top"].combine_chunks().to_numpy()
+    assert top.dtype == np.uint16 and top.tolist() == [[1, 2], [65535, 0]]
+    assert rows["label"].to_pylist() == [1, 2]

@@ -187,7 +187,7 @@ class CodeDataset:
 
     def to_ray_grids(self, split: str, levels: list[str]):
         """A Ray Dataset of one split's rows for training: ``label`` (-1 for none) and one flat
-        ``(h w)`` int32 tensor per level in `levels`."""
+        ``(h w)`` uint16 tensor per level in `levels` (the shards' own type)."""
         sizes = {level: math.prod(self.meta.grid_shapes[level]) for level in levels}
         return self.to_ray_dataset(columns=["label", "split", *map(column, levels)]).map_batches(
             _grid_rows,
@@ -253,7 +253,7 @@ def _grid_rows(batch: pa.Table, split: str, sizes: dict[str, int]) -> pa.Table:
     for level, size in sizes.items():
         flat = batch[column(level)].combine_chunks().flatten().to_numpy()
         out[level] = ArrowTensorArray.from_numpy(
-            flat.astype(np.int32).reshape(batch.num_rows, size)
+            flat.astype(np.uint16, copy=False).reshape(batch.num_rows, size)
         )
     return pa.table(out)
 

@@ -1,0 +1,439 @@
+"""Ingest, train and encode of N and 4N JPEGs at 256 px: peak memory and rate against bare PIL.
+
+On a generated image folder of N (default 12,000) and 4N distinct JPEGs (quality 90, 10 class
+folders, some 320x256 and 256x320 that ingest crops), each size in one go:
+
+- ``pil``: the in-run reference, a bare ``multiprocessing.Pool(os.cpu_count())`` loop over the
+  same files: open, RGB, centre crop to a square, bilinear resize to 256x256, ``np.asarray``;
+- ``ingest``, ``train`` (36 steps of 8), ``encode`` (the val split, 5%: a 2-core host encodes
+  256px images at tens per second): the three stages through the real CLI (``twostage run
+  --json -q``), one process per stage (the earlier steps cached), each with its own peak memory:
+  the PSS of the whole process tree (the CLI, Ray's GCS, raylet and workers) sampled every
+  0.2 s from /proc (less often where a sample costs more than 10% of a core), so Ray's shared
+  object store counts once; plus the largest single process;
+- at N only: a plain ``pyarrow.parquet.read_table`` of the image table (past 2 GiB of pixels).
+
+Acceptance: peak memory at 4N is at most 1.25x that at N for every stage (memory does not grow
+with the data), and ingest reaches 0.8x the bare PIL rate on the same cores.
+
+    python -m bench.data_scale [--n 12000] [--factor 4] [--out DIR] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image, ImageDraw
+
+from bench.common import machine, write
+
+RESIZE = "center_crop"  # ingest's crop option, as the bare PIL loop does it
+SIDE = 256
+CLASSES = 10
+# (width, height) of the generated images, by index: mostly square, some to be cropped
+SHAPES = ((256, 256), (256, 256), (256, 256), (320, 256), (256, 320))
+ENCODE_BATCH = 64  # the default 512 at 256 px holds GBs of activations: not what is measured
+# encode streams the val split only (5% of the images): a 2-core host encodes 256px images at
+# tens per second, so all 60,000 would take hours; its memory is measured on a stream all the
+# same (the val files of the table), and the train split's stream is what training measures
+VAL_FRACTION = 0.05
+SAMPLE_S = 0.2  # seconds between memory samples, at least
+# PSS costs the kernel a page-table walk per process (~1 ms a Ray worker, ~9 ms a process with
+# torch loaded): the sampler waits longer when needed to stay under this share of one core,
+# so that it does not slow the stages it measures on a small machine
+SAMPLER_CPU_SHARE = 0.1
+MAX_MEMORY_RATIO = 1.25
+MIN_INGEST_VS_PIL = 0.8
+
+
+# ----- the image folder -----------------------------------------------------------------------
+
+
+def _image_path(root: Path, i: int) -> Path:
+    return root / f"class_{i % CLASSES:02d}" / f"{i}.jpg"
+
+
+def _make_image(task: tuple[str, int]) -> None:
+    """Writes image `i`: a smooth random colour field, a few ellipses and pixel noise."""
+    root, i = task
+    rng = np.random.default_rng(i)
+    width, height = SHAPES[i % len(SHAPES)]
+    grid = rng.integers(0, 256, (rng.integers(2, 9), rng.integers(2, 9), 3), dtype=np.uint8)
+    image = Image.fromarray(grid).resize((width, height), Image.BICUBIC)
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.integers(1, 4)):
+        x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
+        rx, ry = (int(r) for r in rng.integers(10, 80, size=2))
+        draw.ellipse((x - rx, y - ry, x + rx, y + ry), fill=tuple(rng.integers(0, 256, 3).tolist()))
+    noise = rng.integers(-10, 11, (height, width, 3), dtype=np.int16)
+    pixels = np.clip(np.asarray(image, np.int16) + noise, 0, 255).astype(np.uint8)
+    path = _image_path(Path(root), i)
+    # written under another name first: an interrupted run leaves no truncated JPEG behind
+    tmp = path.with_suffix(".tmp")
+    Image.fromarray(pixels).save(tmp, format="JPEG", quality=90)
+    os.replace(tmp, path)
+
+
+def _count_images(root: Path) -> int:
+    return sum(1 for _ in root.glob("*/*.jpg")) if root.is_dir() else 0
+
+
+def make_folder(root: Path, count: int) -> None:
+    """Generates images 0..count-1 under `root` in parallel; files already there are kept."""
+    if _count_images(root) == count:
+        print(f"reusing {root} ({count} images)", flush=True)
+        return
+    for c in range(CLASSES):
+        (root / f"class_{c:02d}").mkdir(parents=True, exist_ok=True)
+    todo = [(str(root), i) for i in range(count) if not _image_path(root, i).is_file()]
+    print(f"generating {len(todo)} of {count} JPEGs in {root}", flush=True)
+    start, step = time.perf_counter(), max(1, len(todo) // 10)
+    with multiprocessing.Pool(os.cpu_count()) as pool:
+        for done, _ in enumerate(pool.imap_unordered(_make_image, todo, chunksize=64), 1):
+            if done % step == 0 or done == len(todo):
+                print(f"  {done}/{len(todo)} ({time.perf_counter() - start:.0f}s)", flush=True)
+
+
+def link_folder(source: Path, root: Path, count: int) -> None:
+    """Makes `root` hold the first `count` images of `source` as hard links."""
+    if _count_images(root) == count:
+        print(f"reusing {root} ({count} images)", flush=True)
+        return
+    shutil.rmtree(root, ignore_errors=True)
+    for c in range(CLASSES):
+        (root / f"class_{c:02d}").mkdir(parents=True)
+    for i in range(count):
+        os.link(_image_path(source, i), _image_path(root, i))
+    print(f"linked the first {count} images of {source} into {root}", flush=True)
+
+
+# ----- the bare PIL reference -----------------------------------------------------------------
+
+
+def _pil_load(path: str) -> int:
+    """Decodes, centre-crops and resizes one image as ingest does; returns one byte of it."""
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        w, h = image.size
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+        image = image.resize((SIDE, SIDE), Image.BILINEAR)
+        return int(np.asarray(image)[SIDE // 2, SIDE // 2, 0])
+
+
+def pil_rate(root: Path) -> dict:
+    """Images/s of the bare PIL loop over every image of `root` on all cores."""
+    files = sorted(str(p) for p in root.glob("*/*.jpg"))
+    print(f"bare PIL: {len(files)} images on {os.cpu_count()} processes", flush=True)
+    with multiprocessing.Pool(os.cpu_count()) as pool:
+        start = time.perf_counter()
+        checksum = sum(pool.imap_unordered(_pil_load, files, chunksize=64))
+        seconds = time.perf_counter() - start
+    print(f"  {len(files) / seconds:.0f} images/s ({seconds:.1f}s)", flush=True)
+    return {
+        "images": len(files),
+        "seconds": round(seconds, 2),
+        "images_per_s": round(len(files) / seconds, 1),
+        "checksum": checksum,
+    }
+
+
+# ----- memory of a process tree ---------------------------------------------------------------
+
+
+def _children() -> dict[int, list[int]]:
+    """Parent pid -> child pids of every process now running."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+        except OSError:  # gone since the listing
+            continue
+        # the command name may hold spaces and parentheses: the fields start after the last ')'
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def _tree(root: int) -> list[int]:
+    children, pids = _children(), [root]
+    for pid in pids:  # grows while it is walked: breadth first
+        pids.extend(children.get(pid, []))
+    return pids
+
+
+def _memory_kb(pid: int) -> int:
+    """PSS of one process in KiB (VmRSS where smaps_rollup cannot be read); 0 if it is gone."""
+    for path, field in ((f"/proc/{pid}/smaps_rollup", "Pss:"), (f"/proc/{pid}/status", "VmRSS:")):
+        try:
+            for line in open(path):
+                if line.startswith(field):
+                    return int(line.split()[1])
+        except OSError:
+            continue
+    return 0
+
+
+def run_sampled(command: list[str], stdout: Path, env: dict) -> dict:
+    """Runs `command` (stdout to a file) and samples its tree's memory; returns the peaks."""
+    peak_tree = peak_process = peak_pids = samples = 0
+    cpu = time.process_time()
+    with open(stdout, "w") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(command, stdout=out, env=env)
+        while proc.poll() is None:
+            took, used = time.perf_counter(), time.process_time()
+            sizes = [_memory_kb(pid) for pid in _tree(proc.pid)]
+            peak_tree = max(peak_tree, sum(sizes))
+            peak_process = max(peak_process, max(sizes))
+            peak_pids = max(peak_pids, len(sizes))
+            samples += 1
+            # the sample's CPU time (the kernel's page walks are this process's system time)
+            took, used = time.perf_counter() - took, time.process_time() - used
+            time.sleep(max(0.0, max(SAMPLE_S, used / SAMPLER_CPU_SHARE) - took))
+        wall = time.perf_counter() - start
+    return {
+        "returncode": proc.returncode,
+        "wall_s": round(wall, 2),
+        "peak_tree_mib": round(peak_tree / 1024, 1),
+        "peak_process_mib": round(peak_process / 1024, 1),
+        "peak_processes": peak_pids,
+        "samples": samples,
+        "sample_every_s": round(wall / max(samples, 1), 2),
+        "sampler_cpu_s": round(time.process_time() - cpu, 2),
+    }
+
+
+# ----- the pipeline ---------------------------------------------------------------------------
+
+
+def pipeline_steps(folder: Path) -> dict:
+    return {
+        "data": {
+            "stage": "ingest",
+            "source": {"kind": "image_folder", "path": str(folder)},
+            "image_size": SIDE,
+            "resize": RESIZE,
+            "channels": 3,
+            "val_fraction": VAL_FRACTION,
+        },
+        "vqvae": {
+            "stage": "train_autoencoder",
+            "inputs": {"images": "data"},
+            "model": {
+                "family": "vqvae2",
+                "image_size": SIDE,
+                "in_channels": 3,
+                "channels": 64,
+                "res_blocks": 1,
+                "res_channels": 32,
+                "embed_dim": 64,
+                "codebook_size": 512,
+                "bottom_stride": 4,
+            },
+            "train": {
+                "steps": 36,
+                "batch_size": 8,
+                "checkpoint_every": 36,
+                "log_every": 12,
+                "workers": 0,
+                "val_images": 64,
+            },
+        },
+        "codes": {
+            "stage": "encode",
+            "inputs": {"autoencoder": "vqvae", "images": "data"},
+            "batch_size": ENCODE_BATCH,
+            "splits": ["val"],
+        },
+    }
+
+
+def stage_figures(store, step: dict, sampled: dict) -> dict:
+    """One stage's figures from its --json summary entry, its artifact and its memory peaks."""
+    artifact = store.open(step["stage"], step["key"])
+    metrics, seconds = artifact.metrics, step["seconds"]
+    images = metrics.get("images")
+    if step["stage"] == "ingest":
+        rate = images / seconds
+    elif step["stage"] == "train_autoencoder":
+        train = artifact.config["train"]
+        rate = metrics.get("train_images_per_s") or train["steps"] * train["batch_size"] / seconds
+    else:
+        rate = metrics["images_per_s"]
+    return {
+        "key": step["key"],
+        "stage_s": round(seconds, 2),
+        **sampled,
+        "images": images,
+        "images_per_s": round(rate, 1),
+        "bytes_written": sum(f["size"] for f in artifact.files.values()),
+    }
+
+
+def run_pipeline(out: Path, n: int, folder: Path) -> dict:
+    """Runs ingest, train and encode on `folder`, one CLI process each; returns their figures."""
+    from pipeline.store import Store
+
+    store_dir = out / f"store_{n}"
+    shutil.rmtree(store_dir, ignore_errors=True)  # every stage must run, not come from a cache
+    twostage = str(Path(sys.executable).parent / "twostage")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own
+    steps = pipeline_steps(folder)
+    figures = {}
+    for count, name in enumerate(steps, 1):
+        config = out / f"data_scale_{n}_{count}.yaml"
+        spec = {
+            "name": "data_scale",
+            "store": str(store_dir),
+            "runs_dir": str(out / "runs"),
+            "ray": {"address": None},
+            "steps": dict(list(steps.items())[:count]),
+        }
+        config.write_text(yaml.safe_dump(spec, sort_keys=False))
+        print(f"twostage run: step {name!r} on {n} images", flush=True)
+        summary_path = out / f"summary_{n}_{count}.json"
+        sampled = run_sampled([twostage, "run", str(config), "--json", "-q"], summary_path, env)
+        if sampled["returncode"] != 0:
+            raise RuntimeError(f"twostage run {config} failed: see its output above")
+        summary = json.loads(summary_path.read_text())
+        step = next(s for s in summary["stages"] if s["name"] == name)
+        if step["status"] != "ran":
+            raise RuntimeError(f"step {name!r} was {step['status']}, not ran: no figures")
+        figures[step["stage"]] = stage_figures(Store(str(store_dir)), step, sampled)
+        f = figures[step["stage"]]
+        print(
+            f"  {f['stage_s']:.1f}s, {f['images_per_s']:.0f} images/s, "
+            f"peak {f['peak_tree_mib']:.0f} MiB (tree)",
+            flush=True,
+        )
+    ingest = Store(str(store_dir)).open("ingest", figures["ingest"]["key"])
+    images = ingest.metrics["images"]
+    pixel_bytes = images * SIDE * SIDE * 3
+    figures["image_table"] = {
+        "images": images,
+        "pixel_bytes": pixel_bytes,
+        "over_2gib": pixel_bytes > 2**31,
+    }
+    return figures
+
+
+def read_check(out: Path, n: int, key: str) -> dict:
+    """Reads the image table with plain pyarrow: row count and the first image's size."""
+    import pyarrow.parquet as pq
+
+    from pipeline.store import Store
+
+    artifact = Store(str(out / f"store_{n}")).open("ingest", key)
+    paths = [artifact.fs_path(f) for f in sorted(artifact.files) if f.endswith(".parquet")]
+    print(f"pyarrow read_table of {len(paths)} Parquet files", flush=True)
+    start = time.perf_counter()
+    try:
+        table = pq.read_table(paths, columns=["id", "split", "image"])
+        rows, first = table.num_rows, len(table.column("image")[0].as_py())
+        ok, error = rows == artifact.metrics["images"] and first == SIDE * SIDE * 3, None
+        del table
+    except Exception as e:  # the failure is the figure
+        rows, first, ok, error = None, None, False, f"{type(e).__name__}: {e}"
+    seconds = time.perf_counter() - start
+    print(f"  ok={ok} rows={rows} ({seconds:.1f}s){' ' + error if error else ''}", flush=True)
+    return {
+        "ok": ok,
+        "seconds": round(seconds, 2),
+        "rows": rows,
+        "first_image_bytes": first,
+        "error": error,
+    }
+
+
+# ----- main -----------------------------------------------------------------------------------
+
+
+def _print_table(figures: dict, sizes: list[int]) -> None:
+    # stage s: the step alone; wall s: its whole CLI process, Ray's start and stop included
+    print(f"\n{'images':<8}{'stage':<20}{'peak MiB':>10}{'stage s':>9}{'wall s':>9}", end="")
+    print(f"{'img/s':>9}{'written MB':>12}")
+    for n in sizes:
+        run = figures["sizes"][str(n)]
+        print(f"{n:<8}{'bare PIL':<20}{'':>10}{run['pil']['seconds']:>9.1f}{'':>9}", end="")
+        print(f"{run['pil']['images_per_s']:>9.0f}")
+        for stage in ("ingest", "train_autoencoder", "encode"):
+            f = run[stage]
+            print(
+                f"{'':<8}{stage:<20}{f['peak_tree_mib']:>10.0f}{f['stage_s']:>9.1f}"
+                f"{f['wall_s']:>9.1f}{f['images_per_s']:>9.1f}{f['bytes_written'] / 1e6:>12.1f}"
+            )
+    print()
+    for name, value in figures["ratios"].items():
+        print(f"{name:<40}{value}")
+    print(json.dumps(figures["accept"], indent=2))
+
+
+def main() -> dict:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=12000, help="images of the smaller run")
+    parser.add_argument("--factor", type=int, default=4, help="the larger run has n * factor")
+    parser.add_argument("--out", help="data and stores here, kept (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep the default temp dir")
+    args, _ = parser.parse_known_args()
+    out = Path(args.out or tempfile.mkdtemp(prefix="data_scale-", dir="/tmp")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = [args.n, args.n * args.factor]
+    figures = {"machine": machine(), "n": args.n, "factor": args.factor, "resize": RESIZE}
+    try:
+        # one folder of the larger size; the smaller is hard links to its first images
+        make_folder(out / f"images_{sizes[1]}", sizes[1])
+        link_folder(out / f"images_{sizes[1]}", out / f"images_{sizes[0]}", sizes[0])
+        figures["sizes"] = {}
+        for n in sizes:
+            folder = out / f"images_{n}"
+            run = {"pil": pil_rate(folder), **run_pipeline(out, n, folder)}
+            if n == sizes[0]:
+                run["read_table"] = read_check(out, n, run["ingest"]["key"])
+            figures["sizes"][str(n)] = run
+    finally:
+        if args.out is None and not args.keep:
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            print(f"kept {out}", flush=True)
+    small, large = (figures["sizes"][str(n)] for n in sizes)
+    ratios = {}
+    for n, run in zip(sizes, (small, large), strict=True):
+        ratios[f"ingest_vs_pil_{n}"] = round(
+            run["ingest"]["images_per_s"] / run["pil"]["images_per_s"], 3
+        )
+    for stage in ("ingest", "train_autoencoder", "encode"):
+        ratios[f"memory_{stage}_{sizes[1]}_vs_{sizes[0]}"] = round(
+            large[stage]["peak_tree_mib"] / small[stage]["peak_tree_mib"], 3
+        )
+    figures["ratios"] = ratios
+    figures["accept"] = {
+        f"memory_ratio_le_{MAX_MEMORY_RATIO}": all(
+            v <= MAX_MEMORY_RATIO for k, v in ratios.items() if k.startswith("memory_")
+        ),
+        f"ingest_ge_{MIN_INGEST_VS_PIL}_of_pil": all(
+            v >= MIN_INGEST_VS_PIL for k, v in ratios.items() if k.startswith("ingest_vs_pil")
+        ),
+        "read_table_ok": small["read_table"]["ok"],
+    }
+    _print_table(figures, sizes)
+    write("data_scale", figures)
+    return figures
+
+
+if __name__ == "__main__":
+    main()
