@@ -20,6 +20,7 @@ Rates leave out the first log window (warm-up); repeats alternate, medians quote
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -131,7 +132,7 @@ def _in_memory_rate(images_ref: dict, steps: int, workers: int, scratch: str) ->
             _in_memory_loop,
             {"images": images_ref, "steps": steps},
             workers=workers,
-            cpus_per_worker=None,
+            cpus_per_worker=os.cpu_count(),  # what the stage's worker gets on one node
             device="cpu",
             scratch=scratch,
             final=Path(final),

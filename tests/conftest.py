@@ -1,11 +1,12 @@
 """Fixtures shared by several test files. The builders they share are in helpers.py."""
 
+import socket
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import SHARED_MNIST, TWO_STAGE_PIPELINE, run_json, write_yaml
+from tests.helpers import CREDENTIALS, SHARED_MNIST, TWO_STAGE_PIPELINE, run_json, write_yaml
 
 
 @pytest.fixture
@@ -52,3 +53,35 @@ def two_stage_run(tmp_path_factory) -> tuple[Path, dict]:
     summary = run_json(config, cwd=root, timeout=600)
     assert summary["status"] == "ok", summary
     return root, summary
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """An S3-compatible server (moto) on loopback with the bucket ``twostage``."""
+    moto_server = pytest.importorskip("moto.server")
+    boto3 = pytest.importorskip("boto3")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    client = boto3.client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{port}",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
+    client.create_bucket(Bucket="twostage")
+    yield {
+        "port": port,
+        "client": client,
+        "uri": f"s3://twostage/runs-test?endpoint_override=127.0.0.1:{port}&scheme=http",
+    }
+    server.stop()
+
+
+@pytest.fixture
+def aws_env(monkeypatch):
+    for k, v in CREDENTIALS.items():
+        monkeypatch.setenv(k, v)

@@ -1,54 +1,14 @@
 """The artifact store on S3: an S3-compatible server (moto) on loopback, started by the test."""
 
 import json
-import socket
 
 import pytest
 
 from pipeline.store import CorruptArtifactError, Store
 from stages.formats.images import read_image_table
-from tests.helpers import REPO, cli_env, run_json, twostage
+from tests.helpers import CREDENTIALS, REPO, cli_env, run_json, twostage
 
 pytestmark = pytest.mark.slow
-
-CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_REGION": "us-east-1",
-}
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    moto_server = pytest.importorskip("moto.server")
-    boto3 = pytest.importorskip("boto3")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    )
-    client.create_bucket(Bucket="twostage")
-    yield {
-        "port": port,
-        "client": client,
-        "uri": f"s3://twostage/runs-test?endpoint_override=127.0.0.1:{port}&scheme=http",
-    }
-    server.stop()
-
-
-@pytest.fixture
-def aws_env(monkeypatch):
-    for k, v in CREDENTIALS.items():
-        monkeypatch.setenv(k, v)
 
 
 def test_pipeline_on_s3_store_writes_reads_and_caches(s3_server, aws_env, tmp_path):

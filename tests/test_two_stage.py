@@ -153,7 +153,7 @@ def test_prior_of_another_autoencoder_is_refused(two_stage):
     inputs: {{codes: codes}}
     level: top
     model: {TINY_PRIOR}
-    train: {{steps: 20, batch_size: 16, log_every: 5, checkpoint_every: 10, workers: 1}}
+    train: {{steps: 20, batch_size: 16, log_every: 5, checkpoint_every: 10, workers: 0}}
   prior_bottom:
     stage: train_prior
     inputs: {{codes: codes}}
