@@ -190,6 +190,8 @@ def shape_image(array: np.ndarray, height: int, width: int, channels: int, mode:
         crop_h, crop_w = min(h, w * height // width), min(w, h * width // height)
         top, left = (h - crop_h) // 2, (w - crop_w) // 2
         array = array[top : top + crop_h, left : left + crop_w]
+        if (crop_h, crop_w) == (height, width):
+            return np.ascontiguousarray(array)
     return _resize(array, height, width)
 
 
