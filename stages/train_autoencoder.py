@@ -8,7 +8,8 @@ families see [0, 1], optionally binarized (``train.binarize``) for Bernoulli lik
 Data streams (`stages.formats.image_stream`): each worker reads its share of the train split's
 row groups through Ray Data, in a seeded order that changes every epoch, and draws batches
 through a local shuffle buffer of ``train.shuffle_buffer`` images; in-process training streams
-the same way. No process holds the table: memory grows with the batch, not the dataset. The
+the same plan, reading its row groups in its own process (no Ray Data pipeline to start for a
+loop that holds the CPUs anyway). No process holds the table: memory grows with the batch, not the dataset. The
 val figures use the first ``train.val_images`` images of the val split (fixed, bounded).
 
 The training loop (`train_loop`) is written out once and runs either in this process
@@ -299,8 +300,11 @@ def _train_batches(artifact, table: list, train: AutoencoderTrainConfig, session
         skip_rows=train.batch_size * start_step,
     )
     meta = image_table_meta(artifact)
-    data = image_stream.dataset(artifact.store.fs, order, "train", meta)
-    blocks = data.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
+    if session.world_size > 1 or not isinstance(session, harness.LocalSession):
+        data = image_stream.dataset(artifact.store.fs, order, "train", meta)
+        blocks = data.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
+    else:  # in process: the same plan read here, without a Ray Data pipeline to start
+        blocks = image_stream.local_blocks(artifact.store.fs, order, "train", meta)
     seed = train.seed * 1000 + session.rank + 7919 * start_step
     for batch in image_stream.shuffled_batches(
         blocks, train.batch_size, train.shuffle_buffer, seed

@@ -84,8 +84,10 @@ def test_plan_covers_every_row_group_once_per_epoch_and_resumes_in_place():
     # a resume after 1,234 rows starts at the group that holds row 1,234 of the same sequence
     resumed = image_stream.plan(groups, seed=3, rank=0, world=1, rows=500, skip_rows=1234)
     assert resumed[0] == one[12] and resumed[:5] == one[12:17]
-    with pytest.raises(ValueError, match="fewer than the 20 workers"):
-        image_stream.plan(groups, seed=0, rank=0, world=20, rows=1)
+    # more workers than groups: each worker reads a part of every group, all rows once
+    parts = [image_stream.plan(groups, seed=0, rank=r, world=20, rows=50) for r in range(20)]
+    assert all(len(p) == 10 and {g.rows for g in p} == {5} for p in parts)  # one epoch each
+    assert len({(g.path, g.index, g.part) for p in parts for g in p}) == 200  # each part once
 
 
 def test_groups_and_read_rows_of_a_committed_table(tmp_path):
@@ -114,9 +116,20 @@ def test_ray_data_stream_yields_each_planned_row_once(tmp_path, ray_local):
         ids += batch["id"].tolist()
         seen.update(zip(batch["id"].tolist(), batch["image"], strict=True))
     assert sorted(ids) == sorted(table.ids[table.splits == "train"].tolist())  # once each
+    local = image_stream.local_blocks(artifact.store.fs, order, "train", table.meta)
+    assert np.concatenate([b["id"] for b in local]).tolist() == ids  # the same rows, in order
     expected = {int(i): img for i, img in zip(table.ids, table.images, strict=True)}
     assert all((expected[i] == img).all() for i, img in seen.items())
     assert read_image_table(artifact).images.shape == (3000, 16, 16, 3)
+    # a part of a group: its slice of the group's rows of the split
+    whole = image_stream.read_group(artifact.store.fs, train[0], "train")
+    halves = [
+        image_stream.read_group(
+            artifact.store.fs, image_stream.Group(g.path, g.index, 0, p, 2), "train"
+        )
+        for g, p in ((train[0], 0), (train[0], 1))
+    ]
+    assert halves[0]["id"].to_pylist() + halves[1]["id"].to_pylist() == whole["id"].to_pylist()
 
 
 def test_shuffled_batches_draw_each_row_once_from_a_bounded_buffer():

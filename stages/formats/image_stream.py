@@ -42,11 +42,14 @@ from stages.formats.images import (
 @dataclass(frozen=True)
 class Group:
     """One row group of a table file: its path in the store's filesystem, its index and the
-    number of its rows in the split it was listed for."""
+    number of its rows in the split it was listed for; or part ``part`` of ``parts``
+    contiguous parts of those rows (`plan` cuts groups so when workers outnumber them)."""
 
     path: str
     index: int
     rows: int
+    part: int = 0
+    parts: int = 1
 
 
 def groups(artifact, split: str) -> list[Group]:
@@ -87,11 +90,14 @@ def plan(
 ) -> list[Group]:
     """The row groups worker `rank` of `world` reads, in order, to yield `rows` rows after the
     first `skip_rows` rows of its sequence (epoch after epoch, each in its own seeded order)."""
-    if len(table) < world:
-        raise ValueError(
-            f"the split has {len(table)} row group(s), fewer than the {world} workers; "
-            "lower train.workers or ingest more images"
-        )
+    if not table:
+        raise ValueError("the split has no rows")
+    if len(table) < world:  # a small table: every worker gets a part of each group
+        table = [
+            Group(g.path, g.index, g.rows * (p + 1) // world - g.rows * p // world, p, world)
+            for g in table
+            for p in range(world)
+        ]
     out, seen, epoch = [], 0, 0
     while seen < skip_rows + rows:
         order = np.random.default_rng([seed, epoch]).permutation(len(table))
@@ -118,7 +124,12 @@ def read_group(filesystem, group: Group, split: str, columns: list[str] | None =
             f"{group.path}: row group {group.index} unreadable ({e}); the file is damaged: "
             "delete its artifact and rerun to recompute it"
         ) from e
-    return part.filter(pc.equal(part["split"], split))
+    part = part.filter(pc.equal(part["split"], split))
+    if group.parts > 1:
+        n = part.num_rows
+        start = n * group.part // group.parts
+        part = part.slice(start, n * (group.part + 1) // group.parts - start)
+    return part
 
 
 def rows_per_epoch(table: list[Group], world: int) -> int:
@@ -141,7 +152,7 @@ def dataset(filesystem, table: list[Group], split: str, meta: ImageTableMeta, re
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # the planned order, on every run
     context.enable_progress_bars = False
-    items = [{"path": g.path, "index": g.index} for g in table]
+    items = [{"path": g.path, "index": g.index, "part": g.part, "parts": g.parts} for g in table]
     return ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 200))).map_batches(
         _read_groups,
         fn_kwargs={"filesystem": filesystem, "split": split, "meta": meta},
@@ -152,14 +163,27 @@ def dataset(filesystem, table: list[Group], split: str, meta: ImageTableMeta, re
     )
 
 
+def local_blocks(filesystem, table: list[Group], split: str, meta: ImageTableMeta):
+    """What `dataset` yields, read in this process one row group after another (numpy
+    ``image``, ``label``, ``id``): for a loop in the stage's own process."""
+    for group in table:
+        rows = read_group(filesystem, group, split, ["id", "label", "split", "image"])
+        yield {
+            "image": decode_pixels(rows["image"], meta),
+            "label": pc.fill_null(rows["label"], -1).cast(pa.int64()).to_numpy(),
+            "id": rows["id"].to_numpy(),
+        }
+
+
 def _read_groups(batch: pa.Table, filesystem, split: str, meta: ImageTableMeta) -> pa.Table:
     """Ray Data batch function of `dataset`: reads the listed row groups."""
     from ray.data.extensions import ArrowTensorArray
 
     columns = ["id", "label", "split", "image"]
+    groups = zip(*(batch[k].to_pylist() for k in ("path", "index", "part", "parts")), strict=True)
     rows = pa.concat_tables(
-        read_group(filesystem, Group(path, index, 0), split, columns)
-        for path, index in zip(batch["path"].to_pylist(), batch["index"].to_pylist(), strict=True)
+        read_group(filesystem, Group(path, index, 0, part, parts), split, columns)
+        for path, index, part, parts in groups
     )
     return pa.table(
         {
@@ -228,14 +252,14 @@ def shuffled_batches(blocks, batch_size: int, capacity: int, seed: int):
     block, offset = None, 0
     while True:
         while held < capacity:  # refill the free slots from the stream
-            if block is None or offset >= len(block["id"]):
+            if block is None or offset >= len(next(iter(block.values()))):
                 block, offset = next(incoming, None), 0
                 if block is None:
                     break
                 continue
             if buffer is None:
                 buffer = {k: np.empty((capacity, *v.shape[1:]), v.dtype) for k, v in block.items()}
-            take = min(capacity - held, len(block["id"]) - offset)
+            take = min(capacity - held, len(next(iter(block.values()))) - offset)
             for k, v in block.items():
                 buffer[k][held : held + take] = v[offset : offset + take]
             held, offset = held + take, offset + take
