@@ -230,7 +230,12 @@ def read_parquet_dataset(paths: list[str], filesystem, columns: list[str] | None
 
     ray.data.DataContext.get_current().use_datasource_v2 = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-read estimates otherwise
-    return ray.data.read_parquet(paths, filesystem=filesystem, columns=columns, num_cpus=0)
+    # at most two files read at once: with no CPU reserved, Ray Data would otherwise read every
+    # file at the same time, and memory would grow with the dataset (a 256 MB file is ~0.6 GB
+    # in a read task; 40 of them ran a 2-core host out of memory)
+    return ray.data.read_parquet(
+        paths, filesystem=filesystem, columns=columns, num_cpus=0, concurrency=2
+    )
 
 
 def image_table_meta(artifact) -> ImageTableMeta:
