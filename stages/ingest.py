@@ -29,7 +29,6 @@ Sequence data (Moving MNIST) has its own stage, `stages.ingest_sequences`.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -423,8 +422,7 @@ def _resplit(ids: np.ndarray, splits: np.ndarray, config: Config) -> np.ndarray:
     """train/val again by a seeded hash of each id; test stays test."""
     out = np.where(splits == "test", "test", "train").astype(object)
     for i, image_id in enumerate(ids.tolist()):
-        digest = hashlib.blake2b(f"{config.seed}\0{image_id}".encode(), digest_size=8).digest()
-        if out[i] == "train" and int.from_bytes(digest, "little") / 2**64 < config.val_fraction:
+        if out[i] == "train" and folder.unit(config.seed, str(image_id)) < config.val_fraction:
             out[i] = "val"
     return out
 

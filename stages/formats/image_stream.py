@@ -132,11 +132,6 @@ def read_group(filesystem, group: Group, split: str, columns: list[str] | None =
     return part
 
 
-def rows_per_epoch(table: list[Group], world: int) -> int:
-    """Rows each worker reads per epoch, about (the groups do not divide evenly)."""
-    return sum(g.rows for g in table) // world
-
-
 def dataset(filesystem, table: list[Group], split: str, meta: ImageTableMeta, readers: int = 2):
     """A Ray Dataset of the rows of `split` in the groups `table`, in that order: ``image``
     (uint8 ``h w c`` tensors), ``label`` (-1 for none) and ``id``.

@@ -68,7 +68,7 @@ def list_images(
                     "relpath": relpath,
                     "id": _hash(relpath.encode()) >> 1,  # 63 bits: a non-negative int64
                     "label": label,
-                    "split": "val" if _unit(seed, relpath) < val_fraction else "train",
+                    "split": "val" if unit(seed, relpath) < val_fraction else "train",
                 }
             )
     rows.sort(key=lambda r: r["id"])
@@ -79,8 +79,8 @@ def _hash(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
-def _unit(seed: int, relpath: str) -> float:
-    """A number in [0, 1) fixed by the seed and the path."""
+def unit(seed: int, relpath: str) -> float:
+    """A number in [0, 1) fixed by the seed and a path (or any name): the split draw."""
     return _hash(f"{seed}\0{relpath}".encode()) / 2**64
 
 
