@@ -7,9 +7,9 @@ Sources (``source.kind``):
 - ``mnist``: a directory of standard IDX files (``train-images-idx3-ubyte[.gz]``, ...), raw or
   gzipped; the ``t10k`` files, when present, become the ``test`` split;
 - ``image_folder``: ``<path>/<class name>/**/*.png|jpg|jpeg`` (classes sorted by name), a local
-  folder or a pyarrow URI (``s3://bucket/prefix``); read by a Ray Data job
-  (`stages.sources.image_folder`): parallel decode and resize tasks spread over the cluster,
-  written as they come, so no process holds the folder;
+  folder or a pyarrow URI (``s3://bucket/prefix``); read by Ray tasks spread over the cluster
+  (`stages.sources.image_folder.decode_part`) that decode, resize and encode parts of the folder
+  as finished Parquet files, stored in order as they come, so no process holds the folder;
 - ``parquet``: an existing image table (a file or a directory of Parquet files written by this
   stage, e.g. copied out of another store), streamed a row group at a time;
 - ``dsprites``: ``source.count`` procedural dSprites images (`stages.sources.dsprites`, 64x64)
@@ -196,9 +196,13 @@ class _Tally:
 
     def write(self, table: ImageTable) -> None:
         self.writer.write(table)
+        self.count(table.splits, table.labels)
+
+    def count(self, splits: np.ndarray, labels: np.ndarray) -> None:
+        """Counts rows stored (by `write`, or as whole files by the writer's `add_file`)."""
         for split in self.splits:
-            self.splits[split] += int(np.sum(table.splits == split))
-        labelled = table.labels[table.labels >= 0]
+            self.splits[split] += int(np.sum(splits == split))
+        labelled = labels[labels >= 0]
         self.classes += np.bincount(labelled, minlength=len(self.classes))[: len(self.classes)]
         now = time.perf_counter()
         if now - self.last_log > 10:
@@ -299,9 +303,9 @@ def _ingest_in_memory(config: Config, out: Path) -> _Tally:
 
 
 def _ingest_folder(config: Config, out: Path) -> _Tally:
-    """An image folder through a Ray Data job: decode and resize tasks, rows written in id order
-    as they come."""
-    import ray.data
+    """An image folder through Ray tasks that decode parts of it into Parquet files; the files
+    are stored in the order of the parts (the same folder gives the same files)."""
+    import ray
 
     from pipeline import cluster
 
@@ -326,43 +330,50 @@ def _ingest_folder(config: Config, out: Path) -> _Tally:
         log.warning("ingest: ignored %d file(s) that are not .png, .jpg or .jpeg", ignored)
     log.info("ingest: %d images in %d classes from %s", len(rows), len(classes), root)
 
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True  # the same folder gives the same files
-    context.enable_progress_bars = False  # progress is logged
-    per_block = 512  # images per Ray Data task: fewer tasks, less scheduling per image
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // per_block)))
-    ds = ds.map_batches(
-        folder.decode_batch,
-        fn_kwargs={
-            "fs": fs,
-            "height": height,
-            "width": width,
-            "channels": channels,
-            "mode": config.resize if config.image_size else "same",
-        },
-        batch_size=64,
-        batch_format="numpy",
-        num_cpus=1,
-        concurrency=config.readers,
-    )
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        bad = batch["problem"] != ""
-        if bad.any():
-            fatal = batch["fatal"] & bad
-            if fatal.any() or config.strict:
-                raise ValueError(batch["problem"][np.argmax(fatal if fatal.any() else bad)])
-            tally.problems.extend(batch["problem"][bad].tolist())
-        good = ~bad
-        tally.write(
-            ImageTable(
-                meta,
-                batch["id"][good],
-                batch["label"][good],
-                batch["split"][good],
-                batch["image"][good],
-            )
-        )
+    parallel = config.readers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    # parts of a file each, or smaller, so that every reader gets about eight
+    size = min(tally.writer.capacity, max(64, -(-len(rows) // (8 * parallel))))
+    parts = [rows[i : i + size] for i in range(0, len(rows), size)]
+    mode = config.resize if config.image_size else "same"
+    task = ray.remote(num_cpus=1)(folder.decode_part)
+    min_file_rows = max(1, size // 4)  # smaller splits of a part are gathered by the writer
+    for part in _in_order(
+        lambda i: task.remote(parts[i], fs, meta, mode, min_file_rows), len(parts), parallel
+    ):
+        for message, fatal in part["problems"]:
+            if fatal or config.strict:
+                raise ValueError(message)
+            tally.problems.append(message)
+        for split, count, data in part["files"]:
+            tally.writer.add_file(split, data, count)
+        for table in part["tables"]:
+            tally.writer.write(table)
+        tally.count(part["splits"], part["labels"])
     return tally
+
+
+def _in_order(submit, count: int, parallel: int):
+    """The results of ``submit(0) ... submit(count - 1)`` (each returns a Ray object ref), in
+    that order: at most `parallel` running at once, and at most ``2 x parallel`` finished ahead
+    of the one awaited (memory is bounded whatever `count`). Unfinished work is cancelled when
+    the caller stops early."""
+    import ray
+
+    running: dict = {}  # ref -> index
+    finished: dict[int, object] = {}  # index -> ref
+    submitted = 0
+    try:
+        for index in range(count):
+            while index not in finished:
+                while len(running) < parallel and submitted < min(count, index + 2 * parallel):
+                    running[submit(submitted)] = submitted
+                    submitted += 1
+                done, _ = ray.wait(list(running), num_returns=1)
+                finished[running.pop(done[0])] = done[0]
+            yield ray.get(finished.pop(index))
+    finally:
+        for ref in running:
+            ray.cancel(ref)
 
 
 def _ingest_parquet(config: Config, out: Path) -> _Tally:
@@ -410,7 +421,7 @@ def _ingest_parquet(config: Config, out: Path) -> _Tally:
                         _to_uniform(list(data.images), config, (height, width, meta.channels)),
                     )
                     if config.limit is not None:
-                        data = _head(data, config.limit - rows)
+                        data = data.take(slice(0, config.limit - rows))
                     tally.write(data)
                     rows += len(data)
         except (OSError, KeyError, TypeError, pa.ArrowException) as e:
@@ -425,17 +436,6 @@ def _resplit(ids: np.ndarray, splits: np.ndarray, config: Config) -> np.ndarray:
         if out[i] == "train" and folder.unit(config.seed, str(image_id)) < config.val_fraction:
             out[i] = "val"
     return out
-
-
-def _head(table: ImageTable, n: int) -> ImageTable:
-    return ImageTable(
-        table.meta,
-        table.ids[:n],
-        table.labels[:n],
-        table.splits[:n],
-        table.images[:n],
-        table.factors[:n],
-    )
 
 
 # ----- the in-memory sources ---------------------------------------------------------------

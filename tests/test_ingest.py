@@ -248,6 +248,42 @@ def test_image_folder_splits_by_path_hash_and_center_crops(tmp_path, ray_local):
     assert len(after) == 81 and all(after[i] == s for i, s in before.items())
 
 
+def test_image_folder_in_parts_gives_the_same_files_every_run(tmp_path, ray_local):
+    """Decode tasks return finished Parquet files (one per part, in part order); the val rows
+    of every part are gathered into one file; the pixels are the source's, uncompressed."""
+    root = tmp_path / "images"
+    rng = np.random.default_rng(1)
+    pixels = {}
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(150):
+            image = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)  # noise: no compression
+            Image.fromarray(image).save(root / label / f"{i}.png")
+            pixels[f"{label}/{i}.png"] = image
+    source = {"kind": "image_folder", "path": str(root)}
+    runs = [_ingest(tmp_path / r, source=source, readers=2, val_fraction=0.1) for r in "xy"]
+    (metrics, a), (_, b) = runs
+    files = sorted(a.files)
+    assert [n for n in files if "train" in n] == [f"images-train-{i:05d}.parquet" for i in range(5)]
+    assert [n for n in files if "val" in n] == ["images-val-00000.parquet"]
+    assert {n: e["sha256"] for n, e in a.files.items()} == {
+        n: e["sha256"] for n, e in b.files.items()
+    }
+    parquet = pq.ParquetFile(a.local_path("images-train-00000.parquet"))
+    assert parquet.metadata.row_group(0).column(3).compression == "UNCOMPRESSED"
+    table = read_image_table(a)
+    assert metrics["images"] == len(table) == 300 and len(set(table.ids.tolist())) == 300
+    assert metrics["splits"] == {
+        s: int((table.splits == s).sum()) for s in ("train", "val", "test")
+    }
+    from stages.sources.image_folder import _hash
+
+    by_id = {_hash(rel.encode()) >> 1: image for rel, image in pixels.items()}
+    assert all(
+        np.array_equal(by_id[i], image) for i, image in zip(table.ids, table.images, strict=True)
+    )
+
+
 def test_image_folder_empty_folder_is_one_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no class sub-folders"):

@@ -226,12 +226,9 @@ def read_rows(artifact, split: str, limit: int) -> ImageTable:
 
 
 def _empty(meta: ImageTableMeta) -> pa.Table:
-    from stages.formats.images import ARROW_SCHEMA
+    from stages.formats.images import table_schema
 
-    schema = ARROW_SCHEMA
-    for name in meta.factor_names:
-        schema = schema.append(pa.field(f"factor_{name}", pa.int16(), False))
-    return schema.empty_table()
+    return table_schema(meta).empty_table()
 
 
 def shuffled_batches(blocks, batch_size: int, capacity: int, seed: int):

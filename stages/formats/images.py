@@ -88,14 +88,17 @@ class ImageTable:
             self.factors = np.zeros((len(self.ids), 0), np.int64)
 
     def split(self, name: str) -> ImageTable:
-        mask = self.splits == name
+        return self.take(self.splits == name)
+
+    def take(self, index) -> ImageTable:
+        """The rows of `index` (a mask, indices, or a slice: a slice copies nothing)."""
         return ImageTable(
             self.meta,
-            self.ids[mask],
-            self.labels[mask],
-            self.splits[mask],
-            self.images[mask],
-            self.factors[mask],
+            self.ids[index],
+            self.labels[index],
+            self.splits[index],
+            self.images[index],
+            self.factors[index],
         )
 
     def __len__(self) -> int:
@@ -113,24 +116,39 @@ class ImageTableWriter:
     ):
         self.out, self.meta, self.file_bytes, self.prefix = Path(out), meta, file_bytes, prefix
         self.image_bytes = meta.height * meta.width * meta.channels
-        self.group_rows = max(1, min(GROUP_ROWS, GROUP_BYTES // self.image_bytes))
-        self.schema = ARROW_SCHEMA.with_metadata({META_KEY: meta.to_json()})
-        for name in meta.factor_names:
-            self.schema = self.schema.append(pa.field(f"factor_{name}", pa.int16(), False))
+        self.group_rows = group_rows(meta)
+        self.schema = table_schema(meta)
         self.rows = 0
         self.names: list[str] = []
         self._pending: dict[str, list[pa.Table]] = {}  # split -> rows not yet in a row group
         self._open: dict[str, tuple[pq.ParquetWriter, int]] = {}  # split -> (writer, rows)
         self._parts: dict[str, int] = {}
+        self._codec: str | None = None  # the pixels' codec, chosen on the first rows written
+
+    @property
+    def capacity(self) -> int:
+        """Rows per file."""
+        return max(1, self.file_bytes // self.image_bytes)
 
     def write(self, table: ImageTable) -> None:
         """Appends the rows of `table` (its images must have the writer's shape)."""
         if table.images.shape[1:] != (self.meta.height, self.meta.width, self.meta.channels):
             raise ValueError(f"images of shape {table.images.shape[1:]} in a table of {self.meta}")
         for split in sorted(set(table.splits.tolist())):
-            self._pending.setdefault(split, []).append(self._arrow(table, table.splits == split))
+            mask = table.splits == split
+            self._pending.setdefault(split, []).append(to_arrow(table, self.schema, mask))
+            self._codec = self._codec or pixel_codec(table.images[np.flatnonzero(mask)[:64]])
             self._flush(split, final=False)
         self.rows += len(table)
+
+    def add_file(self, split: str, data, rows: int) -> str:
+        """Stores `data`, a whole Parquet file of `rows` rows of `split` made by `encode_file`
+        (e.g. in a decode task), as the split's next file; returns its name."""
+        name = self._next_name(split)
+        with open(self.out / name, "wb") as f:
+            f.write(data)
+        self.rows += rows
+        return name
 
     def close(self) -> list[str]:
         for split in list(self._pending):
@@ -143,25 +161,6 @@ class ImageTableWriter:
             self._open.pop("train")[0].close()
         return sorted(self.names)
 
-    def _arrow(self, table: ImageTable, mask: np.ndarray) -> pa.Table:
-        n = int(mask.sum())
-        labels = table.labels[mask]
-        pixels = np.ascontiguousarray(table.images[mask]).reshape(-1)
-        offsets = pa.array(np.arange(n + 1, dtype=np.int64) * self.image_bytes, pa.int64())
-        columns = [
-            pa.array(table.ids[mask], pa.int64()),
-            pa.array(labels, pa.int16(), mask=labels < 0),
-            pa.array(table.splits[mask].tolist(), pa.string()),
-            pa.LargeBinaryArray.from_buffers(
-                pa.large_binary(), n, [None, offsets.buffers()[1], pa.py_buffer(pixels)]
-            ),
-        ]
-        columns += [
-            pa.array(table.factors[mask][:, j], pa.int16())
-            for j in range(len(self.meta.factor_names))
-        ]
-        return pa.Table.from_arrays(columns, schema=self.schema)
-
     def _flush(self, split: str, final: bool) -> None:
         pending = self._pending.get(split)
         if not pending:
@@ -172,35 +171,101 @@ class ImageTableWriter:
         start = 0
         while start < cut:
             writer, rows = self._open.get(split) or self._writer(split)
-            capacity = max(1, self.file_bytes // self.image_bytes)  # rows per file
-            take = min(cut - start, capacity - rows, self.group_rows)
+            take = min(cut - start, self.capacity - rows, self.group_rows)
             writer.write_table(table.slice(start, take), row_group_size=self.group_rows)
             start += take
             rows += take
             self._open[split] = (writer, rows)
-            if rows >= capacity:
+            if rows >= self.capacity:
                 self._open.pop(split)[0].close()
         self._pending[split] = [table.slice(cut)] if cut < table.num_rows else []
 
     def _writer(self, split: str) -> tuple[pq.ParquetWriter, int]:
+        name = self._next_name(split)
+        writer = parquet_writer(self.out / name, self.schema, self._codec or "snappy")
+        self._open[split] = (writer, 0)
+        return self._open[split]
+
+    def _next_name(self, split: str) -> str:
         part = self._parts.get(split, 0)
         self._parts[split] = part + 1
         name = f"{self.prefix}-{split}-{part:05d}.parquet"
         self.names.append(name)
-        # pixels: snappy (natural images barely compress, and zstd would cost the writer half a
-        # second per 256 MB; zero-heavy digits still shrink about 3x); the rest: zstd
-        codecs = {f.name: "zstd" for f in self.schema}
-        writer = pq.ParquetWriter(
-            self.out / name,
-            self.schema,
-            compression={**codecs, "image": "snappy"},
-            use_dictionary=["split", "label"],
-            # min/max of every 200 KB pixel value cost the writer a fifth of its time, unused
-            write_statistics=[f.name for f in self.schema if f.name != "image"],
-            write_page_checksum=True,  # streamed reads check pages (they skip the file sha256)
-        )
-        self._open[split] = (writer, 0)
-        return self._open[split]
+        return name
+
+
+def table_schema(meta: ImageTableMeta) -> pa.Schema:
+    """The Arrow schema of an image table with `meta` (its factor columns, and `meta` as the
+    file metadata)."""
+    schema = ARROW_SCHEMA.with_metadata({META_KEY: meta.to_json()})
+    for name in meta.factor_names:
+        schema = schema.append(pa.field(f"factor_{name}", pa.int16(), False))
+    return schema
+
+
+def group_rows(meta: ImageTableMeta) -> int:
+    """Rows per row group of a table of `meta`'s image size."""
+    return max(1, min(GROUP_ROWS, GROUP_BYTES // (meta.height * meta.width * meta.channels)))
+
+
+def to_arrow(table: ImageTable, schema: pa.Schema, mask: np.ndarray | None = None) -> pa.Table:
+    """The rows of `table` (those of `mask`) as an Arrow table of `schema`; the pixels are not
+    copied when the selected images are contiguous."""
+    mask = np.ones(len(table), bool) if mask is None else mask
+    n = int(mask.sum())
+    labels = table.labels[mask]
+    images = table.images if n == len(table) else table.images[mask]
+    pixels = np.ascontiguousarray(images).reshape(-1)
+    image_bytes = int(np.prod(table.images.shape[1:]))
+    offsets = pa.array(np.arange(n + 1, dtype=np.int64) * image_bytes, pa.int64())
+    columns = [
+        pa.array(table.ids[mask], pa.int64()),
+        pa.array(labels, pa.int16(), mask=labels < 0),
+        pa.array(table.splits[mask].tolist(), pa.string()),
+        pa.LargeBinaryArray.from_buffers(
+            pa.large_binary(), n, [None, offsets.buffers()[1], pa.py_buffer(pixels)]
+        ),
+    ]
+    columns += [
+        pa.array(table.factors[mask][:, j], pa.int16()) for j in range(len(table.meta.factor_names))
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def pixel_codec(images: np.ndarray) -> str:
+    """``snappy`` when it shrinks a sample of `images` by a tenth (digits, drawings), else
+    ``none``: photographs barely compress, and compressing them costs the writer as much time
+    as writing them."""
+    sample = np.ascontiguousarray(images.reshape(-1)[: 2**20])
+    if sample.size == 0:
+        return "snappy"
+    return "snappy" if pa.compress(sample, "snappy").size < 0.9 * sample.size else "none"
+
+
+def parquet_writer(sink, schema: pa.Schema, pixel_codec: str) -> pq.ParquetWriter:
+    """The Parquet writer of every image-table file: `pixel_codec` for the pixels, zstd for the
+    rest, no statistics on the pixels, page checksums."""
+    codecs = {f.name: "zstd" for f in schema}
+    return pq.ParquetWriter(
+        sink,
+        schema,
+        compression={**codecs, "image": pixel_codec},
+        use_dictionary=["split", "label"],
+        # min/max of every 200 KB pixel value cost the writer a fifth of its time, unused
+        write_statistics=[f.name for f in schema if f.name != "image"],
+        write_page_checksum=True,  # streamed reads check pages (they skip the file sha256)
+    )
+
+
+def encode_file(table: ImageTable) -> np.ndarray:
+    """`table` (one split, at most a file's rows) as the bytes of one image-table Parquet file,
+    as `ImageTableWriter` would write it; a numpy array, so Ray passes it without copying."""
+    schema = table_schema(table.meta)
+    sink = pa.BufferOutputStream()
+    writer = parquet_writer(sink, schema, pixel_codec(table.images))
+    writer.write_table(to_arrow(table, schema), row_group_size=group_rows(table.meta))
+    writer.close()
+    return np.frombuffer(sink.getvalue(), np.uint8)
 
 
 def write_image_table(

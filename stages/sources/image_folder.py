@@ -6,9 +6,11 @@
   the same ids and splits, whatever the order of listing, and no global permutation is held.
   Files are listed in id order, which is random with respect to class and name: the table
   written in that order needs no further shuffling to be read in random order.
-- `decode_batch` (a Ray Data batch function, light to import: numpy, PIL, pyarrow) reads,
-  decodes, converts and resizes a batch of files; an unreadable file becomes a row with a
-  ``problem`` instead of an error, so the stage decides (count it, or stop under ``strict``).
+- `decode_part` (a Ray task of the ingest stage, light to import: numpy, PIL, pyarrow) reads,
+  decodes, converts and resizes a part of the folder and encodes it as finished Parquet files,
+  so the pixels cross to the writing process once, already in their stored form. An unreadable
+  file becomes a ``problem`` instead of an error, so the stage decides (count it, or stop under
+  ``strict``).
 - `shape_image` brings one image to the table's size and channels (``center_crop``, ``pad`` or
   ``resize``); the in-memory sources use it too.
 """
@@ -20,6 +22,8 @@ import io
 
 import numpy as np
 import pyarrow.fs as pafs
+
+from stages.formats.images import ImageTable, ImageTableMeta, encode_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -108,12 +112,51 @@ def probe(fs: pafs.FileSystem, rows: list[dict], count: int = 64) -> tuple[int, 
     return size[0], size[1], channels
 
 
+def decode_part(
+    rows: list[dict], fs: pafs.FileSystem, meta: ImageTableMeta, mode: str, min_file_rows: int
+) -> dict:
+    """Decodes `rows` (from `list_images`) into `meta`'s size and channels; returns
+
+    - ``files``: ``(split, rows, Parquet file bytes)`` for each split with at least
+      `min_file_rows` rows (`encode_file`);
+    - ``tables``: the rows of the smaller splits, as `ImageTable`s, for the writer to gather
+      into files of a useful size (the val split is a few percent of each part);
+    - ``splits``, ``labels``: of every row decoded, for the counts;
+    - ``problems``: ``(message, fatal)`` for each file left out (fatal: the stage must stop
+      whatever ``strict`` says).
+    """
+    rows = sorted(rows, key=lambda r: r["split"])  # stable: each split one run, in id order
+    batch = {k: [r[k] for r in rows] for k in ("path", "relpath", "id", "label", "split")}
+    out = decode_batch(batch, fs, meta.height, meta.width, meta.channels, mode)
+    table = ImageTable(meta, out["id"], out["label"], out["split"], out["image"])
+    bad = out["problem"] != ""
+    problems = [(p, bool(f)) for p, f in zip(out["problem"][bad], out["fatal"][bad], strict=True)]
+    if bad.any():
+        table = table.take(~bad)  # a copy, only for parts with unreadable files
+    files, tables = [], []
+    names, starts = np.unique(table.splits, return_index=True)
+    ends = [*starts[1:], len(table)]
+    for split, start, end in zip(names.tolist(), starts, ends, strict=True):
+        part = table.take(slice(start, end))  # a view: the split's rows are one run
+        if len(part) >= min_file_rows:
+            files.append((split, len(part), encode_file(part)))
+        else:
+            tables.append(part)
+    return {
+        "files": files,
+        "tables": tables,
+        "splits": table.splits,
+        "labels": table.labels,
+        "problems": problems,
+    }
+
+
 def decode_batch(
     batch: dict, fs: pafs.FileSystem, height: int, width: int, channels: int, mode: str
 ) -> dict:
-    """Ray Data batch function: files -> ``id, label, split, image (n h w c uint8), problem``
-    (``problem``: empty, or why the file is missing from the table; ``fatal`` problems stop the
-    stage whatever ``strict`` says)."""
+    """Files -> ``id, label, split, image (n h w c uint8), problem`` (``problem``: empty, or
+    why the file is missing from the table; ``fatal`` problems stop the stage whatever
+    ``strict`` says)."""
     from PIL import Image
 
     n = len(batch["path"])
