@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import tempfile
@@ -67,11 +68,70 @@ def artifact_key(stage: str, version: str, config: dict, inputs: dict[str, Any])
 
 
 def sha256_file(path: Path) -> str:
+    stat = os.stat(path)
+    known = _WRITTEN.get((str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns))
+    if known is not None:  # written by `write_new_file` in this process, unchanged since
+        return known
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# files this process wrote with `write_new_file`: (path, inode, size, mtime) -> sha256
+_WRITTEN: dict[tuple[str, int, int, int], str] = {}
+_DIRECT_BLOCK = 4096  # O_DIRECT writes whole blocks from block-aligned memory
+_bounce: mmap.mmap | None = None  # page-aligned, reused for every direct write
+
+
+def write_new_file(path: Path, data, sha256: str | None = None) -> None:
+    """Writes `data` (bytes-like) as the new file `path` and remembers its sha256 (`sha256`,
+    computed where the data was made, or here), so that `Store.commit` need not read it back.
+
+    Where the filesystem allows, the write bypasses the page cache (Linux ``O_DIRECT``): data
+    written once, much larger than memory (an image table), would otherwise evict what the host
+    is reading meanwhile (the source images), and hosts whose fresh memory is slow to touch pay
+    for every page of it: on a 2-core VM, 2.5 GB took 18.9 s through the page cache and 3.0 s
+    direct. Elsewhere (no ``O_DIRECT``, tmpfs) it is a plain write.
+    """
+    view = memoryview(data).cast("B")
+    sha256 = sha256 or hashlib.sha256(view).hexdigest()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o644)
+    except (AttributeError, OSError):
+        fd = None
+    if fd is not None:
+        try:
+            _write_direct(fd, view)
+        except OSError:  # the flag was taken but the writes are not: write it plainly
+            os.close(fd)
+            os.unlink(path)
+            fd = None
+        else:
+            os.close(fd)
+    if fd is None:
+        with open(path, "xb") as f:
+            f.write(view)
+    stat = os.stat(path)
+    _WRITTEN[(str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)] = sha256
+
+
+def _write_direct(fd: int, view: memoryview) -> None:
+    global _bounce
+    if _bounce is None:
+        _bounce = mmap.mmap(-1, 8 << 20)
+    size = len(_bounce)
+    for start in range(0, len(view), size):
+        chunk = view[start : start + size]
+        _bounce[: len(chunk)] = chunk
+        end = -(-len(chunk) // _DIRECT_BLOCK) * _DIRECT_BLOCK
+        _bounce[len(chunk) : end] = bytes(end - len(chunk))  # the last block, zero-padded
+        written = 0
+        with memoryview(_bounce) as block:
+            while written < end:
+                written += os.write(fd, block[written:end])
+    os.ftruncate(fd, len(view))  # drop the padding
 
 
 def _is_local(uri: str) -> bool:

@@ -29,6 +29,7 @@ Sequence data (Moving MNIST) has its own stage, `stages.ingest_sequences`.
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from dataclasses import dataclass, field
@@ -106,7 +107,8 @@ class Config:
         limit: Read at most this many images from each source file set (quick runs).
         strict: Stop on the first unreadable image instead of counting it.
         file_mb: Pixel megabytes per Parquet file (row groups hold at most 32 MB each).
-        readers: Decode tasks an image folder runs at once (None: one per CPU of the cluster).
+        readers: Decode tasks of an image folder in flight at once, queued or running (None:
+            twice the cluster's CPUs; each task takes one CPU and one part of the folder).
     """
 
     source: Source = field(default_factory=Source)
@@ -330,49 +332,45 @@ def _ingest_folder(config: Config, out: Path) -> _Tally:
         log.warning("ingest: ignored %d file(s) that are not .png, .jpg or .jpeg", ignored)
     log.info("ingest: %d images in %d classes from %s", len(rows), len(classes), root)
 
-    parallel = config.readers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    # parts of a file each, or smaller, so that every reader gets about eight
-    size = min(tally.writer.capacity, max(64, -(-len(rows) // (8 * parallel))))
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    window = config.readers or 2 * cpus
+    # parts of a file each, or smaller, so that every CPU gets about eight
+    size = min(tally.writer.capacity, max(64, -(-len(rows) // (8 * min(cpus, window)))))
     parts = [rows[i : i + size] for i in range(0, len(rows), size)]
     mode = config.resize if config.image_size else "same"
     task = ray.remote(num_cpus=1)(folder.decode_part)
     min_file_rows = max(1, size // 4)  # smaller splits of a part are gathered by the writer
-    for part in _in_order(
-        lambda i: task.remote(parts[i], fs, meta, mode, min_file_rows), len(parts), parallel
-    ):
+    submit = lambda i: task.remote(parts[i], fs, meta, mode, min_file_rows)  # noqa: E731
+    for part in _in_order(submit, len(parts), window):
         for message, fatal in part["problems"]:
             if fatal or config.strict:
                 raise ValueError(message)
             tally.problems.append(message)
-        for split, count, data in part["files"]:
-            tally.writer.add_file(split, data, count)
+        for split, count, data, sha256 in part["files"]:
+            tally.writer.add_file(split, data, count, sha256)
         for table in part["tables"]:
             tally.writer.write(table)
         tally.count(part["splits"], part["labels"])
     return tally
 
 
-def _in_order(submit, count: int, parallel: int):
+def _in_order(submit, count: int, window: int):
     """The results of ``submit(0) ... submit(count - 1)`` (each returns a Ray object ref), in
-    that order: at most `parallel` running at once, and at most ``2 x parallel`` finished ahead
-    of the one awaited (memory is bounded whatever `count`). Unfinished work is cancelled when
-    the caller stops early."""
+    that order, with at most `window` submitted and not yet taken: Ray runs as many of them at
+    once as there are CPUs free, and memory is bounded whatever `count`. Work not yet taken is
+    cancelled when the caller stops early."""
     import ray
 
-    running: dict = {}  # ref -> index
-    finished: dict[int, object] = {}  # index -> ref
+    pending: collections.deque = collections.deque()
     submitted = 0
     try:
-        for index in range(count):
-            while index not in finished:
-                while len(running) < parallel and submitted < min(count, index + 2 * parallel):
-                    running[submit(submitted)] = submitted
-                    submitted += 1
-                done, _ = ray.wait(list(running), num_returns=1)
-                finished[running.pop(done[0])] = done[0]
-            yield ray.get(finished.pop(index))
+        while pending or submitted < count:
+            while submitted < count and len(pending) < window:
+                pending.append(submit(submitted))
+                submitted += 1
+            yield ray.get(pending.popleft())
     finally:
-        for ref in running:
+        for ref in pending:
             ray.cancel(ref)
 
 

@@ -190,3 +190,34 @@ def test_cli_verify_and_reader_fail_on_flipped_byte(tmp_path):
     parquet.write_bytes(bytes(data[: len(data) // 2]))
     with pytest.raises(CorruptArtifactError, match=r"images-train-00000.parquet: size .* rerun to"):
         image_stream.groups(store.open("ingest", ingest.key), "train")  # what streaming reads
+
+
+def test_write_new_file_round_trips_and_commits_with_its_recorded_digest(tmp_path):
+    """Direct writes (whole blocks, the padding cut off) keep every byte; `commit` takes the
+    digest recorded at the write until the file changes, then reads it again."""
+    import hashlib
+    import os
+
+    import numpy as np
+
+    from pipeline.store import sha256_file, write_new_file
+
+    data = np.random.default_rng(0).integers(0, 256, (9 << 20) + 12345, dtype=np.uint8)
+    store = Store(str(tmp_path / "store"))
+    key = artifact_key("stage", "1", {"x": 1}, {})
+    with store.staging("stage", key) as out:
+        write_new_file(out / "a.bin", data)
+        write_new_file(out / "b.bin", b"small", sha256="0" * 64)  # a digest this test made up
+        assert (out / "a.bin").read_bytes() == data.tobytes()
+        assert sha256_file(out / "a.bin") == hashlib.sha256(data).hexdigest()
+        assert sha256_file(out / "b.bin") == "0" * 64  # recorded, not read
+        artifact, _ = store.commit("stage", key, out, {})
+    assert artifact.files["b.bin"]["sha256"] == "0" * 64
+    with pytest.raises(CorruptArtifactError, match="b.bin"):
+        artifact.read_bytes("b.bin")  # readers check the bytes, so a wrong record shows
+    with store.staging("stage", key) as out:
+        write_new_file(out / "c.bin", b"before", sha256="1" * 64)
+        with open(out / "c.bin", "ab") as f:
+            f.write(b" and after")
+        os.utime(out / "c.bin", ns=(1, 1))
+        assert sha256_file(out / "c.bin") == hashlib.sha256(b"before and after").hexdigest()

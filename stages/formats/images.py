@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.store import CorruptArtifactError
+from pipeline.store import CorruptArtifactError, write_new_file
 
 SCHEMA_VERSION = 1
 META_KEY = b"twostage.image_table"
@@ -141,12 +141,12 @@ class ImageTableWriter:
             self._flush(split, final=False)
         self.rows += len(table)
 
-    def add_file(self, split: str, data, rows: int) -> str:
+    def add_file(self, split: str, data, rows: int, sha256: str | None = None) -> str:
         """Stores `data`, a whole Parquet file of `rows` rows of `split` made by `encode_file`
-        (e.g. in a decode task), as the split's next file; returns its name."""
+        (e.g. in a decode task, which also gives its `sha256`), as the split's next file;
+        returns its name."""
         name = self._next_name(split)
-        with open(self.out / name, "wb") as f:
-            f.write(data)
+        write_new_file(self.out / name, data, sha256)
         self.rows += rows
         return name
 
@@ -257,15 +257,29 @@ def parquet_writer(sink, schema: pa.Schema, pixel_codec: str) -> pq.ParquetWrite
     )
 
 
-def encode_file(table: ImageTable) -> np.ndarray:
+def encode_file(table: ImageTable, into: np.ndarray | None = None) -> np.ndarray:
     """`table` (one split, at most a file's rows) as the bytes of one image-table Parquet file,
-    as `ImageTableWriter` would write it; a numpy array, so Ray passes it without copying."""
+    as `ImageTableWriter` would write it; a numpy array, so Ray passes it without copying.
+
+    `into` (uint8, e.g. a buffer a process reuses) receives the file when it is large enough
+    (see `file_bound`); the result is then a view of it."""
     schema = table_schema(table.meta)
-    sink = pa.BufferOutputStream()
+    if into is not None and into.size >= file_bound(table):
+        sink = pa.FixedSizeBufferWriter(pa.py_buffer(into))
+    else:
+        sink = pa.BufferOutputStream()
     writer = parquet_writer(sink, schema, pixel_codec(table.images))
     writer.write_table(to_arrow(table, schema), row_group_size=group_rows(table.meta))
     writer.close()
-    return np.frombuffer(sink.getvalue(), np.uint8)
+    if isinstance(sink, pa.BufferOutputStream):
+        return np.frombuffer(sink.getvalue(), np.uint8)
+    return into[: sink.tell()]
+
+
+def file_bound(table: ImageTable) -> int:
+    """Bytes that `encode_file` of `table` cannot exceed: the pixels, snappy's worst case
+    growth (1/6), and room for the other columns, page headers and footer."""
+    return table.images.nbytes * 7 // 6 + 256 * len(table) + (1 << 20)
 
 
 def write_image_table(

@@ -23,7 +23,7 @@ import io
 import numpy as np
 import pyarrow.fs as pafs
 
-from stages.formats.images import ImageTable, ImageTableMeta, encode_file
+from stages.formats.images import ImageTable, ImageTableMeta, encode_file, file_bound
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -117,8 +117,9 @@ def decode_part(
 ) -> dict:
     """Decodes `rows` (from `list_images`) into `meta`'s size and channels; returns
 
-    - ``files``: ``(split, rows, Parquet file bytes)`` for each split with at least
-      `min_file_rows` rows (`encode_file`);
+    - ``files``: ``(split, rows, Parquet file bytes, their sha256)`` for each split with at
+      least `min_file_rows` rows (`encode_file`; hashed here, so the store need not read the
+      file back to commit it);
     - ``tables``: the rows of the smaller splits, as `ImageTable`s, for the writer to gather
       into files of a useful size (the val split is a few percent of each part);
     - ``splits``, ``labels``: of every row decoded, for the counts;
@@ -127,7 +128,9 @@ def decode_part(
     """
     rows = sorted(rows, key=lambda r: r["split"])  # stable: each split one run, in id order
     batch = {k: [r[k] for r in rows] for k in ("path", "relpath", "id", "label", "split")}
-    out = decode_batch(batch, fs, meta.height, meta.width, meta.channels, mode)
+    shape = (len(rows), meta.height, meta.width, meta.channels)
+    pixels = _reused("pixels", int(np.prod(shape))).reshape(shape)
+    out = decode_batch(batch, fs, meta.height, meta.width, meta.channels, mode, pixels)
     table = ImageTable(meta, out["id"], out["label"], out["split"], out["image"])
     bad = out["problem"] != ""
     problems = [(p, bool(f)) for p, f in zip(out["problem"][bad], out["fatal"][bad], strict=True)]
@@ -139,9 +142,11 @@ def decode_part(
     for split, start, end in zip(names.tolist(), starts, ends, strict=True):
         part = table.take(slice(start, end))  # a view: the split's rows are one run
         if len(part) >= min_file_rows:
-            files.append((split, len(part), encode_file(part)))
+            data = encode_file(part, _reused(f"file-{split}", file_bound(part)))
+            files.append((split, len(part), data, hashlib.sha256(data).hexdigest()))
         else:
             tables.append(part)
+    # Ray copies the result (views of the reused buffers) into its object store on return
     return {
         "files": files,
         "tables": tables,
@@ -151,16 +156,36 @@ def decode_part(
     }
 
 
+# per process: the buffers of the last part decoded, reused by the next. A part's pixels are
+# hundreds of MB, and memory fresh from the OS costs a page fault per 4 KB touched (on a 2-core
+# VM: seconds per GB, slower than decoding the images).
+_buffers: dict[str, np.ndarray] = {}
+
+
+def _reused(name: str, size: int) -> np.ndarray:
+    """`size` bytes of the process's buffer `name` (its contents are left over)."""
+    if name not in _buffers or _buffers[name].size < size:
+        _buffers[name] = np.empty(size, np.uint8)
+    return _buffers[name][:size]
+
+
 def decode_batch(
-    batch: dict, fs: pafs.FileSystem, height: int, width: int, channels: int, mode: str
+    batch: dict,
+    fs: pafs.FileSystem,
+    height: int,
+    width: int,
+    channels: int,
+    mode: str,
+    images: np.ndarray | None = None,
 ) -> dict:
     """Files -> ``id, label, split, image (n h w c uint8), problem`` (``problem``: empty, or
-    why the file is missing from the table; ``fatal`` problems stop the stage whatever
-    ``strict`` says)."""
+    why the file is missing from the table; its image is zeros; ``fatal`` problems stop the
+    stage whatever ``strict`` says). `images` (n h w c), when given, receives the pixels."""
     from PIL import Image
 
     n = len(batch["path"])
-    images = np.zeros((n, height, width, channels), np.uint8)
+    if images is None:
+        images = np.zeros((n, height, width, channels), np.uint8)
     problems, fatal = [""] * n, np.zeros(n, bool)
     for i, (path, relpath) in enumerate(zip(batch["path"], batch["relpath"], strict=True)):
         try:
@@ -169,11 +194,13 @@ def decode_batch(
                 array = to_array(im)
         except Exception as e:  # PIL raises many types for broken files
             problems[i] = f"{relpath}: unreadable image ({type(e).__name__}: {e})"
+            images[i] = 0
             continue
         try:
             images[i] = shape_image(array, height, width, channels, mode)
         except ValueError as e:
             problems[i], fatal[i] = f"{relpath}: {e}", True
+            images[i] = 0
     return {
         "id": np.asarray(batch["id"], np.int64),
         "label": np.asarray(batch["label"], np.int64),
