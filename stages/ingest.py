@@ -47,6 +47,7 @@ from stages.sources.mnist import EMBEDDED_DIR, MNIST_CLASSES, read_mnist_dir
 
 VERSION = "1"
 INPUTS: dict[str, Input] = {}
+PART_BYTES = 128 * 2**20  # pixels per decode task of an image folder: its memory, and its file
 # the sequence options the source had before sequence ingest became its own stage, at the only
 # values an image source allowed: folded into the keys so stores written before stay cached
 RETIRED_OPTIONS = {
@@ -334,8 +335,13 @@ def _ingest_folder(config: Config, out: Path) -> _Tally:
 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     window = config.readers or 2 * cpus
-    # parts of a file each, or smaller, so that every CPU gets about eight
-    size = min(tally.writer.capacity, max(64, -(-len(rows) // (8 * min(cpus, window)))))
+    # parts of at most PART_BYTES of pixels (what each task holds, whatever the folder's size;
+    # smaller for small folders, so that every CPU gets about eight)
+    size = min(
+        tally.writer.capacity,
+        max(1, PART_BYTES // (height * width * channels)),
+        max(64, -(-len(rows) // (8 * min(cpus, window)))),
+    )
     parts = [rows[i : i + size] for i in range(0, len(rows), size)]
     mode = config.resize if config.image_size else "same"
     task = ray.remote(num_cpus=1)(folder.decode_part)
