@@ -259,7 +259,8 @@ def parquet_writer(sink, schema: pa.Schema, pixel_codec: str) -> pq.ParquetWrite
 
 def encode_file(table: ImageTable, into: np.ndarray | None = None) -> np.ndarray:
     """`table` (one split, at most a file's rows) as the bytes of one image-table Parquet file,
-    as `ImageTableWriter` would write it; a numpy array, so Ray passes it without copying.
+    as `ImageTableWriter` would write it; a numpy array, which Ray copies into its object store
+    once and the reading process maps without copying.
 
     `into` (uint8, e.g. a buffer a process reuses) receives the file when it is large enough
     (see `file_bound`); the result is then a view of it."""
