@@ -31,7 +31,7 @@ from stages.formats.sequences import SequenceTable, SequenceTableMeta, write_seq
 from stages.sources import moving_mnist
 from stages.sources.mnist import EMBEDDED_DIR, read_mnist_dir
 
-VERSION = "1"
+VERSION = "2"  # 2: pages carry checksums, for streamed reads
 INPUTS: dict[str, Input] = {}
 GENERATORS = {"moving_mnist": moving_mnist.Bouncing, "shifted_mnist": moving_mnist.Shifted}
 

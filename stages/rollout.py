@@ -40,7 +40,7 @@ from models.tdvae import TDVAE
 from pipeline.stage import Input
 from stages.figures.png import grid, save_png
 from stages.formats.pixels import to_frames
-from stages.formats.sequences import read_sequence_table
+from stages.formats.sequences import read_sequence_rows, sequence_blocks, sequence_groups
 from stages.metrics.tdvae import evaluate
 
 VERSION = "2"  # 2: frames scored in the form the model was trained on
@@ -99,8 +99,8 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
     artifact = inputs["model"]
     model = TDVAE.load(artifact.local_dir(*MODEL_FILES)).eval()
     binarize = artifact.config.get("train", {}).get("binarize", "none")
-    table = read_sequence_table(inputs["sequences"], splits=("train", config.split))
-    held_out = table.frames[table.splits == config.split][: config.sequences]
+    sequences = inputs["sequences"]
+    held_out = read_sequence_rows(sequences, config.split, config.sequences)
     if len(held_out) == 0:
         raise ValueError(f"{inputs['sequences'].uri}: has no {config.split!r} sequences; set split")
     frames = held_out.shape[1]
@@ -118,12 +118,13 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
     cpu = torch.device("cpu")
     seen_as = "threshold" if binarize == "threshold" else "none"  # deterministic forms only
     x = to_frames(torch.from_numpy(held_out), cpu, seen_as)
-    train_frames = torch.from_numpy(table.frames[table.splits == "train"])
-    mean_frame = torch.zeros(x.shape[2:])
-    for start in range(0, len(train_frames), 512):
-        chunk = to_frames(train_frames[start : start + 512], cpu, seen_as)
-        mean_frame += chunk.sum((0, 1))
-    mean_frame /= train_frames.shape[0] * train_frames.shape[1]
+    mean_frame, count = torch.zeros(x.shape[2:]), 0  # over every train frame, a group at a time
+    for block in sequence_blocks(sequences, sequence_groups(sequences, "train"), "train"):
+        for start in range(0, len(block["frames"]), 512):
+            chunk = to_frames(torch.from_numpy(block["frames"][start : start + 512]), cpu, seen_as)
+            mean_frame += chunk.sum((0, 1))
+            count += chunk.shape[0] * chunk.shape[1]
+    mean_frame /= max(count, 1)
 
     deltas = list(range(1, max_delta + 1))
     k = config.context

@@ -13,7 +13,11 @@ runs ``train.steps`` TD-VAE steps with a fresh optimizer and learning-rate sched
 count both phases. Pre-training gives the TD-VAE phase a decoder that already draws digits
 (figures in docs/results.md).
 
-Each TD-VAE step draws a batch of sequences; the model draws one (t1, Δ) pair per sequence
+Data streams: each worker reads its share of the train split a row group at a time, epoch after
+epoch in a seeded order, and draws batches from a local shuffle buffer of
+``train.shuffle_buffer`` sequences (`stages.formats.image_stream`; the resume guarantee of
+docs/pipeline.md, "Streaming reads"); pre-training takes one random frame of each drawn
+sequence. Each TD-VAE step draws a batch of sequences; the model draws one (t1, Δ) pair per sequence
 (`models.tdvae`). Logged: every loss term, the learning rate, sequences/s. At each checkpoint the
 val sequences are scored with a fixed draw of pairs and latent samples: ``val_loss`` is the
 negative TD-VAE objective in nats per predicted frame.
@@ -34,13 +38,19 @@ import torch
 from models.tdvae import TDVAE, FrameVAE, TDVAEConfig
 from pipeline.config import from_dict, to_dict
 from pipeline.stage import Input
+from stages.formats import image_stream
 from stages.formats.pixels import to_frames, to_unit
-from stages.formats.sequences import read_sequence_table, sequence_table_meta
+from stages.formats.sequences import (
+    read_sequence_rows,
+    sequence_blocks,
+    sequence_groups,
+    sequence_table_meta,
+)
 from stages.metrics.tdvae import PRETRAIN_TERMS, evaluate, evaluate_frames
 from stages.training import harness, loop
 from stages.training.harness import train_into, where
 
-VERSION = "1"
+VERSION = "2"  # 2: streamed epochs of a shuffled order (1 drew sequences with replacement)
 INPUTS = {"sequences": Input(kinds=("ingest_sequences",))}
 DEFAULT_NUM_CPUS = 0  # the Ray Train workers reserve the CPUs
 TERMS = ("loss", "recon", "kl", "belief_t2", "transition", "info_weight")
@@ -82,13 +92,16 @@ class SequenceTrainConfig(loop.TrainConfig):
     sequences, Adam, fp32) and the TD-VAE's own.
 
     Args:
-        val_sequences: At most this many val sequences are evaluated.
+        val_sequences: At most this many val sequences are evaluated (the first in file order).
+        shuffle_buffer: Sequences in each worker's local shuffle buffer (memory: this many
+            sequences, e.g. 20 MB for 1,024 sequences of 20 32x32 frames).
         binarize: ``none`` keeps grey levels in [0, 1]; ``threshold`` maps pixels above 0.5
             to 1; ``dynamic`` draws every frame's pixels afresh for every batch (val
             sequences: one fixed draw).
     """
 
     val_sequences: int = 10_000
+    shuffle_buffer: int = 2048
     binarize: Literal["none", "threshold", "dynamic"] = "none"
 
 
@@ -159,14 +172,17 @@ def train_loop(config: Config, sequences_ref: dict, session) -> dict:
     train, pre = config.train, config.pretrain
     torch.set_num_threads(max(1, session.cpus))
     artifact = Store(sequences_ref["store"]).open(sequences_ref["stage"], sequences_ref["key"])
-    table = read_sequence_table(artifact, splits=("train", "val"))
-    train_frames = torch.from_numpy(table.frames[table.splits == "train"])
-    val_frames = torch.from_numpy(table.frames[table.splits == "val"][: train.val_sequences])
-    if len(train_frames) == 0:
+    train_groups = sequence_groups(artifact, "train")
+    if not train_groups:
         raise ValueError("the sequence table has no train split")
-    train_frames = train_frames[session.rank :: session.world_size]
+    val_frames = read_sequence_rows(
+        artifact, "val", train.val_sequences if session.rank == 0 else 0
+    )
     val = to_frames(
-        val_frames, torch.device("cpu"), train.binarize, torch.Generator().manual_seed(1)
+        torch.from_numpy(val_frames),
+        torch.device("cpu"),
+        train.binarize,
+        torch.Generator().manual_seed(1),
     )
 
     device = session.device
@@ -191,24 +207,42 @@ def train_loop(config: Config, sequences_ref: dict, session) -> dict:
         phase = _Phase("tdvae", model, TERMS, train.lr, train.grad_clip, state)
 
     total = pre.steps + train.steps
+    streams = {  # each phase's batches of sequences, from its first step still to train
+        "pretrain": lambda: _batches(
+            artifact, train_groups, train, session, pre.batch_size, pre.steps, start_step, 0
+        ),
+        "tdvae": lambda: _batches(
+            artifact,
+            train_groups,
+            train,
+            session,
+            train.batch_size,
+            train.steps,
+            max(0, start_step - pre.steps),
+            1,
+        ),
+    }
+    batches = streams[phase.name]()
     window = loop.Window("frames_per_s" if phase.name == "pretrain" else "sequences_per_s")
     final_metrics: dict = {}
     for step in range(start_step, total):
         if step == pre.steps and phase.name == "pretrain":  # the TD-VAE starts afresh
             phase = _Phase("tdvae", model, TERMS, train.lr, train.grad_clip, None)
             window = loop.Window("sequences_per_s")
-        if phase.name == "pretrain":
+            batches = streams["tdvae"]()
+        sequences = next(batches)
+        if phase.name == "pretrain":  # one frame of each sequence
             lr = pre.lr
-            index = torch.randint(len(train_frames), (pre.batch_size,), generator=generator)
-            frame = torch.randint(train_frames.shape[1], (pre.batch_size,), generator=generator)
-            x = to_unit(train_frames[index, frame], device, train.binarize, generator)
+            frame = torch.randint(sequences.shape[1], (len(sequences),), generator=generator)
+            x = to_unit(
+                sequences[torch.arange(len(sequences)), frame], device, train.binarize, generator
+            )
             frame_vae.train()
             out = frame_vae(x)
             rows = pre.batch_size
         else:
             lr = loop.cosine_lr(step - pre.steps, train)
-            index = torch.randint(len(train_frames), (train.batch_size,), generator=generator)
-            x = to_frames(train_frames[index], device, train.binarize, generator)
+            x = to_frames(sequences, device, train.binarize, generator)
             model.train()
             out = wrapped(x, generator=generator)
             rows = train.batch_size
@@ -258,6 +292,28 @@ def train_loop(config: Config, sequences_ref: dict, session) -> dict:
                 )
             final_metrics = metrics
     return loop.resumed_finished(session, start_step, total, resume_dir) or final_metrics
+
+
+def _batches(artifact, table, train, session, batch_size: int, steps: int, start: int, phase: int):
+    """This worker's batches of `batch_size` sequences (uint8 ``b t h w c``) for steps
+    `start`..`steps` of one phase, read a row group at a time through the shuffle buffer
+    (`stages.formats.image_stream`); each phase walks its own seeded order of epochs."""
+    seed = train.seed + 104_729 * phase
+    order = image_stream.plan(
+        table,
+        seed=seed,
+        rank=session.rank,
+        world=session.world_size,
+        rows=batch_size * (steps - start + 1),
+        skip_rows=batch_size * start,
+    )
+    blocks = sequence_blocks(artifact, order, "train")
+    shuffle_seed = seed * 1000 + session.rank + 7919 * start
+    for batch in image_stream.shuffled_batches(
+        blocks, batch_size, train.shuffle_buffer, shuffle_seed
+    ):
+        yield torch.from_numpy(batch["frames"])
+    raise RuntimeError("the training stream ended before the last step")  # plan covers steps
 
 
 def _reset_decoder_input(model: TDVAE) -> None:

@@ -4,6 +4,7 @@ and the report's prediction table."""
 
 import hashlib
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ from models.tdvae import TDVAE
 from pipeline.config import ConfigError, from_dict
 from pipeline.store import Store
 from stages import ingest_sequences, rollout, train_sequence
+from stages.formats.sequences import read_sequence_rows as sequence_rows
+from stages.formats.sequences import sequence_groups
 from stages.training.harness import LocalSession
 from tests.helpers import run_json, write_yaml
 
@@ -153,9 +156,40 @@ def test_frame_pretraining_trains_the_frame_path_and_resumes_in_either_phase(tra
     assert [r["step"] for r in history] == [2, 4, 6, 8]
     assert {"pretrain_recon", "pretrain_kl", "frames_per_s"} <= set(history[0])
     assert {"recon", "belief_t2", "sequences_per_s"} <= set(history[2])
+    resumed = json.loads((split / "checkpoint_00000008/final_metrics.json").read_text())
+    assert resumed["resumed_from_step"] == 4 and np.isfinite(resumed["val_loss"])
+
+    # each phase walks its own order from its first step: killed at the boundary only, the run
+    # ends as if never killed (mid-phase, up to a shuffle buffer of sequences differ)
+    boundary = tmp_path / "boundary"
+    for stop_at in (4, None):
+        try:
+            train_sequence.train_loop(config, ref, _StoppingSession(boundary, stop_at))
+        except _Interrupted:
+            pass
     a = safetensors.torch.load((whole.last_checkpoint / "model.safetensors").read_bytes())
-    b = safetensors.torch.load((split / "checkpoint_00000008/model.safetensors").read_bytes())
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # as if never killed
+    b = safetensors.torch.load((boundary / "checkpoint_00000008/model.safetensors").read_bytes())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_training_streams_each_train_sequence_once_per_epoch(trained, world):
+    store, data, _ = trained
+    buffer = 16
+    train = from_dict(train_sequence.SequenceTrainConfig, {"shuffle_buffer": buffer}, "train")
+    train_rows = {r.tobytes() for r in sequence_rows(data, "train", 10**6)}
+    val_rows = {r.tobytes() for r in sequence_rows(data, "val", 10**6)}
+    share = len(train_rows) // world
+    first, later = [], []
+    for rank in range(world):
+        session = SimpleNamespace(rank=rank, world_size=world)
+        groups = sequence_groups(data, "train")
+        batches = train_sequence._batches(data, groups, train, session, 4, 3 * share // 4, 0, 1)
+        drawn = [r.numpy().tobytes() for _ in range(3 * share // 4) for r in next(batches)]
+        first += drawn[: share - buffer]  # all of them from the first epoch
+        later += drawn
+    assert len(first) == len(set(first))  # no repeats within an epoch, none across workers
+    assert set(later) == train_rows and not set(later) & val_rows  # three epochs: every one
 
 
 def test_pretraining_resets_only_the_decoder_input_layer(trained, tmp_path):

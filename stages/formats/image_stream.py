@@ -14,7 +14,9 @@ the rows its worker trained on before (``skip_rows``), starting at the row group
 first row not trained on yet: at most one row group plus one shuffle buffer of images around
 the interruption is trained on twice or skipped; every other image keeps its place.
 
-This module is light to import in Ray Data's workers (no torch).
+`groups`, `plan`, `read_group` and `shuffled_batches` serve any Parquet table with a ``split``
+column; `stages.formats.sequences` streams sequence tables with them. This module is light to
+import in Ray Data's workers (no torch).
 """
 
 from __future__ import annotations
@@ -52,14 +54,18 @@ class Group:
     parts: int = 1
 
 
-def groups(artifact, split: str) -> list[Group]:
+def groups(artifact, split: str, files: list[str] | None = None) -> list[Group]:
     """The row groups of `artifact` that hold rows of `split`, in file order.
 
     Reads Parquet footers only, except for row groups whose statistics do not show a single
     split (tables written before the per-split files), where the ``split`` column is read.
+
+    Args:
+        files: The table's files (default: the image table's, `table_files`); any Parquet
+            table with a ``split`` column streams the same way (sequence tables do).
     """
     out = []
-    for name in table_files(artifact):
+    for name in table_files(artifact) if files is None else files:
         path = artifact.fs_path(name)
         try:
             with artifact.store.fs.open_input_file(path) as f:

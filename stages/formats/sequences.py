@@ -14,6 +14,10 @@ The file metadata key ``twostage.sequence_table`` holds `SequenceTableMeta` as J
 height, width, channels, generator name and parameters, the digit pool, schema version), so
 plain ``pyarrow.parquet.read_table`` can read and reshape the frames without this project
 installed. In memory, frames are uint8 ``n t h w c``.
+
+Stages stream the table a row group (about `ROW_GROUP_BYTES`) at a time with the row-group
+tools of `stages.formats.image_stream` (`sequence_groups`, `sequence_blocks`, `read_sequence_rows`);
+`read_sequence_table` reads a whole table, for small tables and tests.
 """
 
 from __future__ import annotations
@@ -142,6 +146,7 @@ def write_sequence_table(out: Path, table: SequenceTable, rows_per_file: int = 1
             compression="zstd",
             use_dictionary=["split", "label"],
             row_group_size=rows_per_group,
+            write_page_checksum=True,  # streamed reads check pages (they skip the file sha256)
         )
         names.append(name)
     return names
@@ -193,6 +198,41 @@ def read_sequence_table(artifact, splits: tuple[str, ...] | None = None) -> Sequ
             for column in ("ids", "splits", "seeds", "labels", "frames")
         ),
     )
+
+
+def sequence_groups(artifact, split: str) -> list:
+    """The row groups of the table that hold rows of `split` (`image_stream.Group`s), in file
+    order; Parquet footers only."""
+    from stages.formats import image_stream
+
+    return image_stream.groups(artifact, split, _parts(artifact))
+
+
+def sequence_blocks(artifact, order: list, split: str):
+    """The rows of `split` in the row groups `order`, one dict of numpy arrays per group
+    (``frames`` uint8 ``n t h w c``, ``id``), read in this process with page checksums checked."""
+    from stages.formats import image_stream
+
+    meta = sequence_table_meta(artifact)
+    for group in order:
+        rows = image_stream.read_group(artifact.store.fs, group, split, ["id", "split", "frames"])
+        yield {"frames": decode_frames(rows["frames"], meta), "id": rows["id"].to_numpy()}
+
+
+def read_sequence_rows(artifact, split: str, limit: int) -> np.ndarray:
+    """The frames of the first `limit` sequences of `split` in file order (uint8 ``n t h w c``;
+    a fixed, bounded subset: val sequences), read a row group at a time."""
+    meta = sequence_table_meta(artifact)
+    out = np.empty((0, *meta.frame_shape), np.uint8)
+    if limit <= 0:
+        return out
+    pieces, rows = [], 0
+    for block in sequence_blocks(artifact, sequence_groups(artifact, split), split):
+        pieces.append(block["frames"][: limit - rows])
+        rows += len(pieces[-1])
+        if rows >= limit:
+            break
+    return np.concatenate(pieces) if pieces else out
 
 
 def sequences_from_arrow(table: pa.Table, meta: SequenceTableMeta) -> SequenceTable:
