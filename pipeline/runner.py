@@ -29,11 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from pipeline import cluster
 from pipeline.config import to_dict
 from pipeline.report import write_report
 from pipeline.spec import Pipeline, Step, input_keys
 from pipeline.store import Store
+from pipeline.tracking import ENV as tracking_env
+from pipeline.tracking import Tracker
 
 __version__ = "0.1.0"
 HEARTBEAT_SECONDS = 30.0
@@ -124,11 +128,14 @@ def run_pipeline(pipeline: Pipeline, verbosity: int = 0) -> RunResult:
             _say(f"{name} ({step.stage}) cached {step.key[:12]}")
         else:
             todo.append(name)
+    tracking = str(run_dir / "tensorboard") if pipeline.tracking == "tensorboard" else None
     if todo:
-        results.update(_run_on_ray(pipeline, store, todo, results))
+        results.update(_run_on_ray(pipeline, store, todo, results, tracking))
     ordered = [results[name] for name in pipeline.steps]
     result = RunResult(run_id, run_dir, ordered, time.time() - start)
-    _write_run_dir(pipeline, store, result)
+    metrics = _write_run_dir(pipeline, store, result)
+    if tracking:
+        _track_run(pipeline, result, metrics, tracking)
     return result
 
 
@@ -151,7 +158,9 @@ class RayStartError(RuntimeError):
     """Ray could not be started or reached (the message names the address)."""
 
 
-def _run_on_ray(pipeline: Pipeline, store: Store, todo: list[str], done: dict) -> dict:
+def _run_on_ray(
+    pipeline: Pipeline, store: Store, todo: list[str], done: dict, tracking: str | None
+) -> dict:
     import ray
 
     started_here = False
@@ -182,17 +191,24 @@ def _run_on_ray(pipeline: Pipeline, store: Store, todo: list[str], done: dict) -
     try:
         # only an instance started here never grows (no node joins it)
         fixed = started_here and not joins
-        return _schedule(ray, pipeline, store, todo, done, fixed=fixed)
+        return _schedule(ray, pipeline, store, todo, done, fixed, tracking)
     finally:
         if started_here:
             ray.shutdown()
 
 
 def _schedule(
-    ray, pipeline: Pipeline, store: Store, todo: list[str], done: dict, fixed: bool
+    ray,
+    pipeline: Pipeline,
+    store: Store,
+    todo: list[str],
+    done: dict,
+    fixed: bool,
+    tracking: str | None,
 ) -> dict:
     """Submits each step once its inputs are committed; `fixed`: the Ray instance was started
-    here, so no node will join it (a step asking for more than it has fails at once)."""
+    here, so no node will join it (a step asking for more than it has fails at once);
+    `tracking`: the run's TensorBoard directory (each step logs into ``<it>/<step>``)."""
     execute = ray.remote(_execute_step)
     node_types = [] if fixed else cluster.node_types()
     waiting: dict[str, float] = {}  # step -> when it started waiting for a node that holds it
@@ -246,6 +262,7 @@ def _schedule(
                 store.spec,
                 step.key,
                 cwd,
+                f"{tracking}/{name}" if tracking else None,
             )
             inflight[ref] = (name, time.time())
             _say(f"{name} ({step.stage}) started {step.key[:12]}")
@@ -390,9 +407,17 @@ def error_line(e: BaseException) -> str:
 
 
 def _execute_step(
-    name: str, stage: str, config: dict, inputs: dict, store_uri: str, key: str, cwd: str
+    name: str,
+    stage: str,
+    config: dict,
+    inputs: dict,
+    store_uri: str,
+    key: str,
+    cwd: str,
+    tracking: str | None = None,
 ) -> dict:
-    """Runs one step inside a Ray worker: open inputs, run the stage, commit its output."""
+    """Runs one step inside a Ray worker: open inputs, run the stage, commit its output.
+    `tracking`: the step's TensorBoard directory (`pipeline.tracking`), or None."""
     from pipeline.config import from_dict
     from pipeline.stage import load
 
@@ -402,6 +427,9 @@ def _execute_step(
         os.chdir(cwd)  # relative data paths mean the same as on the driver (same machine)
     node = _node_id()
     start = time.time()
+    os.environ.pop(tracking_env, None)  # a worker process runs many steps
+    if tracking:
+        os.environ[tracking_env] = tracking
     try:
         store = Store(store_uri)
         if store.get(stage, key) is not None:  # another run committed it meanwhile
@@ -446,6 +474,8 @@ def _execute_step(
             "seconds": time.time() - start,
             "node": node,
         }
+    finally:
+        os.environ.pop(tracking_env, None)
 
 
 def _node_id() -> str | None:
@@ -468,7 +498,21 @@ def _versions(module=None) -> dict:
     return versions
 
 
-def _write_run_dir(pipeline: Pipeline, store: Store, result: RunResult) -> None:
+def _track_run(pipeline: Pipeline, result: RunResult, metrics: dict, logdir: str) -> None:
+    """The run's results in TensorBoard: every step's final figures, the file and the keys."""
+    tracker = Tracker(f"{logdir}/_run")
+    for name, values in metrics.items():  # final figures: a flat dict, or under "final"
+        tracker.scalars(name, values.get("final", values) if isinstance(values, dict) else {})
+    keys = "\n".join(f"| {s.name} | {s.stage} | {s.status} | {s.key} |" for s in result.steps)
+    tracker.text("artifacts", f"| step | stage | status | key |\n|---|---|---|---|\n{keys}")
+    config = yaml.safe_dump(pipeline.raw, sort_keys=False)
+    tracker.text("pipeline", "\n".join("    " + line for line in config.splitlines()))
+    tracker.close()
+
+
+def _write_run_dir(pipeline: Pipeline, store: Store, result: RunResult) -> dict:
+    """Writes ``run.json``, ``metrics.json``, the pictures and ``report.html``; returns the
+    metrics of every step with an artifact."""
     run_dir = result.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics, histories, images, copied = {}, {}, {}, set()
@@ -518,3 +562,4 @@ def _write_run_dir(pipeline: Pipeline, store: Store, result: RunResult) -> None:
     (run_dir / "run.json").write_text(json.dumps(record, indent=2, default=str))
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     write_report(run_dir / "report.html", record, metrics, histories, images)
+    return metrics

@@ -5,29 +5,36 @@ A pipeline file is YAML::
     name: smoke
     store: artifacts                 # local path or URI (s3://bucket/prefix)
     ray: {address: null}             # null: start Ray locally (or join RAY_ADDRESS); "auto": join
+    tracking: none                   # tensorboard: curves in runs/<run_id>/tensorboard
     steps:
       data:  {stage: ingest, source: {kind: embedded}, image_size: 32}
       stats: {stage: image_stats, inputs: {images: data}, resources: {num_cpus: 1}}
 
-Every step names its ``stage`` type; ``inputs`` wires the stage's input slots to other steps;
-``resources`` and ``max_retries`` say how the runner places it; every other key is the stage's
-own config (its ``Config`` dataclass). `load_pipeline` checks all of it before any work starts
-and raises `ConfigError` naming the first bad key.
+Every step names its ``stage`` type; ``inputs`` wires the stage's input slots to other steps,
+or to artifacts already committed to the store, named as ``twostage ls`` prints them
+(``codes: encode/3f2a9c41``: stage type / a unique key prefix); ``resources`` and
+``max_retries`` say how the runner places it; every other key is the stage's own config (its
+``Config`` dataclass). `load_pipeline` checks all of it before any work starts and raises
+`ConfigError` naming the first bad key. A stored input is checked like a step's: it exists,
+is of a stage type the slot takes, its files verify, and the stage's own checks
+(``check_upstream``) see it as a step with the config and inputs its manifest records; the
+reading step's key depends on its key exactly as on a step's, so a pipeline that names a
+stored artifact shares keys (and cached results) with one that recomputes it.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from pipeline.config import ConfigError, from_dict, key_dict
 from pipeline.stage import load as load_stage
-from pipeline.store import artifact_key, check_in_process
+from pipeline.store import Artifact, Store, StoreError, artifact_key, check_in_process
 
 STEP_KEYS = ("stage", "inputs", "resources", "max_retries")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
@@ -99,6 +106,7 @@ class _Top:
     store: str = "artifacts"
     runs_dir: str = "runs"
     ray: RayOptions = field(default_factory=RayOptions)
+    tracking: Literal["none", "tensorboard"] = "none"
 
 
 @dataclass(frozen=True)
@@ -113,12 +121,23 @@ class Step:
     resources: Resources
     max_retries: int
     key: str = ""
+    artifact: Artifact | None = None  # a stored input seen as a step: its committed artifact
 
-    def deps(self) -> list[str]:
+    def refs(self) -> list[str]:
+        """Every input: step names and stored references (``stage/key``)."""
         names = []
         for ref in self.inputs.values():
             names.extend(ref if isinstance(ref, list) else [ref])
         return names
+
+    def deps(self) -> list[str]:
+        """The steps of the pipeline this step waits for (stored inputs are there already)."""
+        return [r for r in self.refs() if not is_stored(r)]
+
+
+def is_stored(ref: str) -> bool:
+    """Whether an input names a stored artifact (``stage/key``) rather than a step."""
+    return "/" in ref
 
 
 @dataclass(frozen=True)
@@ -131,6 +150,7 @@ class Pipeline:
     ray: RayOptions
     steps: dict[str, Step]
     raw: dict
+    tracking: str = "none"
 
 
 def load_pipeline(
@@ -195,15 +215,122 @@ def parse_pipeline(raw: dict) -> Pipeline:
         raise ConfigError("steps: must be a non-empty mapping of step name -> step")
     steps = {name: _parse_step(name, body) for name, body in top.steps.items()}
     order = _topological_order(steps)
+    stored = _StoredSteps(top.store)
+    steps = {name: _resolve_stored(step, stored) for name, step in steps.items()}
+    keyed: dict[str, Step] = _Graph(stored)
     for name in order:
-        _check_wiring(steps[name], steps)
-        _check_upstream(steps[name], steps)
-        _check_store(steps[name], top.store)
-    keyed = {}
+        _check_wiring(steps[name], keyed)
+        keyed[name] = _with_key(steps[name], keyed)
     for name in order:
-        step = steps[name]
-        keyed[name] = _with_key(step, keyed)
-    return Pipeline(top.name, top.store, top.runs_dir, top.ray, keyed, raw)
+        _check_upstream(keyed[name], keyed)
+        _check_store(keyed[name], top.store)
+    return Pipeline(top.name, top.store, top.runs_dir, top.ray, dict(keyed), raw, top.tracking)
+
+
+class _StoredSteps:
+    """Committed artifacts of the pipeline's store seen as steps (`Step.artifact` set), opened on
+    first use: the stored inputs a pipeline names and, for the stages' checks, their own inputs."""
+
+    def __init__(self, store: str):
+        self.uri = store
+        self._store: Store | None = None
+        self._steps: dict[str, Step] = {}
+        self._found: dict[str, str] = {}  # reference as written -> full stage/key
+
+    def find(self, ref: str) -> str:
+        """The full ``stage/key`` of a stored reference (stage and unique key prefix)."""
+        if ref in self._found:
+            return self._found[ref]
+        stage, prefix = ref.split("/", 1)
+        if not stage or not prefix or "/" in prefix:
+            raise ConfigError(
+                f"{ref}: expected a step name or a stored artifact as STAGE/KEY (twostage ls)"
+            )
+        try:
+            artifact = self._opened().find(ref)
+        except StoreError as e:
+            raise ConfigError(f"{ref}: {e}") from None
+        name = f"{artifact.stage}/{artifact.key}"
+        if name not in self._steps:
+            self._steps[name] = self._as_step(artifact, verify=True)
+        self._found[ref] = name
+        return name
+
+    def get(self, name: str) -> Step:
+        if name not in self._steps:  # an input of a stored artifact (checks read its config)
+            stage, key = name.split("/", 1)
+            try:
+                artifact = self._opened().get(stage, key)
+            except StoreError as e:
+                raise ConfigError(f"{name}: {e}") from None
+            if artifact is None:
+                raise ConfigError(f"{name}: not in {self.uri} (an input of a stored artifact)")
+            self._steps[name] = self._as_step(artifact, verify=False)
+        return self._steps[name]
+
+    def _opened(self) -> Store:
+        if self._store is None:
+            self._store = Store(self.uri)
+            if not self._store.exists():
+                raise ConfigError(
+                    f"store: {self.uri} does not exist (stored inputs name its artifacts)"
+                )
+        return self._store
+
+    def _as_step(self, artifact: Artifact, verify: bool) -> Step:
+        name = f"{artifact.stage}/{artifact.key}"
+        if verify:
+            problems = artifact.verify()
+            if problems:
+                raise ConfigError(
+                    f"{name[: len(artifact.stage) + 13]}: does not verify: {problems[0]}"
+                )
+        try:
+            module = load_stage(artifact.stage)
+            config = from_dict(module.Config, artifact.config, name)
+        except (ImportError, ConfigError) as e:
+            raise ConfigError(f"{name}: its recorded config cannot be read here ({e})") from None
+        stages = artifact.manifest.get("input_stages", {})
+        inputs = {}
+        for slot, keys in artifact.manifest.get("inputs", {}).items():
+            kinds = stages.get(slot)
+            if isinstance(keys, list):
+                kinds = kinds if isinstance(kinds, list) else [kinds] * len(keys)
+                inputs[slot] = [f"{k}/{key}" for k, key in zip(kinds, keys, strict=True)]
+            else:
+                inputs[slot] = f"{kinds}/{keys}"
+        return Step(
+            name, artifact.stage, module, config, inputs, Resources(), 0, artifact.key, artifact
+        )
+
+
+class _Graph(dict):
+    """The keyed steps of a pipeline, which also answers ``stage/key`` names with stored
+    artifacts seen as steps, so the stages' checks walk stored inputs as they walk steps."""
+
+    def __init__(self, stored: _StoredSteps):
+        super().__init__()
+        self.stored = stored
+
+    def __missing__(self, name: str) -> Step:
+        if is_stored(name):
+            return self.stored.get(name)
+        raise KeyError(name)
+
+
+def _resolve_stored(step: Step, stored: _StoredSteps) -> Step:
+    """`step` with each stored input named by its full ``stage/key``."""
+    inputs = {}
+    for slot, ref in step.inputs.items():
+        where = f"steps.{step.name}.inputs.{slot}"
+        try:
+            if isinstance(ref, list):
+                inputs[slot] = [stored.find(r) if is_stored(r) else r for r in ref]
+            else:
+                inputs[slot] = stored.find(ref) if is_stored(ref) else ref
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    return replace(step, inputs=inputs)
 
 
 def _parse_step(name: Any, body: Any) -> Step:
@@ -231,7 +358,9 @@ def _parse_step(name: Any, body: Any) -> Step:
             isinstance(ref, list) and all(isinstance(r, str) for r in ref)
         )
         if not ok:
-            raise ConfigError(f"{where}.inputs.{slot}: expected a step name or a list of them")
+            raise ConfigError(
+                f"{where}.inputs.{slot}: expected a step name, a stored STAGE/KEY or a list of them"
+            )
     resources = from_dict(Resources, body.get("resources"), f"{where}.resources")
     max_retries = body.get("max_retries", 3)
     if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
@@ -256,8 +385,13 @@ def _check_wiring(step: Step, steps: dict[str, Step]) -> None:
         for name in ref if isinstance(ref, list) else [ref]:
             other = steps[name]
             if spec.kinds and other.stage not in spec.kinds:
+                what = (
+                    f"stored artifact {name[: len(other.stage) + 13]}"
+                    if is_stored(name)
+                    else f"step {name!r}"
+                )
                 raise ConfigError(
-                    f"{where}.{slot}: step {name!r} is a {other.stage} stage, "
+                    f"{where}.{slot}: {what} is of stage {other.stage}, "
                     f"expected {' or '.join(spec.kinds)}"
                 )
     for slot, spec in slots.items():
@@ -293,7 +427,7 @@ def _topological_order(steps: dict[str, Step]) -> list[str]:
     for step in steps.values():
         for slot, ref in step.inputs.items():
             for name in ref if isinstance(ref, list) else [ref]:
-                if name not in steps:
+                if name not in steps and not is_stored(name):
                     raise ConfigError(
                         f"steps.{step.name}.inputs.{slot}: refers to unknown step {name!r}"
                     )
@@ -327,16 +461,7 @@ def _with_key(step: Step, keyed: dict[str, Step]) -> Step:
         if summary is not None:
             config = {**config, "_source_fingerprint": summary}
     key = artifact_key(step.stage, step.module.VERSION, config, input_keys)
-    return Step(
-        step.name,
-        step.stage,
-        step.module,
-        step.config,
-        step.inputs,
-        step.resources,
-        step.max_retries,
-        key,
-    )
+    return replace(step, key=key)
 
 
 def _merged(base: dict, over: dict) -> dict:
@@ -351,10 +476,14 @@ def _merged(base: dict, over: dict) -> dict:
 
 def input_keys(step: Step, pipeline: Pipeline) -> dict[str, Any]:
     """Input slot -> (stage type, key) or a list of them, for the runner to pass to workers."""
-    wired = {}
-    for slot, ref in step.inputs.items():
-        if isinstance(ref, list):
-            wired[slot] = [(pipeline.steps[r].stage, pipeline.steps[r].key) for r in ref]
-        else:
-            wired[slot] = (pipeline.steps[ref].stage, pipeline.steps[ref].key)
-    return wired
+
+    def pair(ref: str) -> tuple[str, str]:
+        if is_stored(ref):
+            stage, key = ref.split("/", 1)
+            return stage, key
+        return pipeline.steps[ref].stage, pipeline.steps[ref].key
+
+    return {
+        slot: [pair(r) for r in ref] if isinstance(ref, list) else pair(ref)
+        for slot, ref in step.inputs.items()
+    }

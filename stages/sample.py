@@ -34,6 +34,7 @@ from models.families import vqvae2_config
 from models.io import MODEL_FILES
 from models.prior import check_precision
 from models.vqvae2 import VQVAE2
+from pipeline.spec import is_stored
 from pipeline.stage import Input
 from stages.figures.png import grid, save_png
 from stages.formats.codes import CodeShardMeta, ShardWriter, codes_table
@@ -97,6 +98,38 @@ class Config:
             raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
         if self.guidance < 0:
             raise ValueError(f"guidance: must be >= 0, got {self.guidance}")
+
+
+def check_upstream(config: Config, step, steps: dict) -> None:
+    """Before anything runs: every prior was trained on codes of this autoencoder, and the priors
+    cover its levels once (the checks `load_priors` makes on the artifacts)."""
+    autoencoder = _key_of(step.inputs["autoencoder"], steps)
+    levels = []
+    for name in step.inputs["priors"]:
+        prior = steps[name]
+        if prior.artifact is not None:  # stored: its metrics name the shards' autoencoder
+            trained_on = prior.artifact.metrics.get("autoencoder_key")
+        else:
+            trained_on = _key_of(steps[prior.inputs["codes"]].inputs["autoencoder"], steps)
+        if trained_on != autoencoder:
+            raise ValueError(
+                f"inputs.priors: {name} was trained on codes of autoencoder "
+                f"{str(trained_on)[:12]}, but inputs.autoencoder is {autoencoder[:12]}; train "
+                "the prior on the codes of this autoencoder"
+            )
+        levels.append(prior.config.level)
+    model = steps[step.inputs["autoencoder"]].config.model
+    names = getattr(model, "level_names", None)
+    if names is not None and sorted(levels) != sorted(names):
+        raise ValueError(
+            f"inputs.priors: the priors' levels are {', '.join(levels)}; the autoencoder has "
+            f"{', '.join(names)}: give one prior per level"
+        )
+
+
+def _key_of(name: str, steps: dict) -> str:
+    """The artifact key of an input: a step's, or a stored ``stage/key``'s own."""
+    return name.split("/", 1)[1] if is_stored(name) else steps[name].key
 
 
 def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:

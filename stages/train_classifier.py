@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from models.classifier import Classifier, ClassifierConfig
+from pipeline import tracking
 from pipeline.stage import Input
 from stages.formats import image_stream
 from stages.formats.images import image_table_meta
@@ -127,6 +128,10 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
         "class_names": names,
     }
     (out / "metrics.json").write_text(json.dumps({"final": metrics, "history": history}, indent=2))
+    tracker = tracking.for_this_step()  # a short loop without checkpoints: its curve at the end
+    if tracker is not None:
+        tracker.rows(history, {"step": config.steps, "val_accuracy": accuracy})
+        tracker.close()
     return metrics
 
 

@@ -39,7 +39,7 @@ import torch
 from models.prior import CodePrior, PriorArchitecture, PriorConfig
 from pipeline.config import from_dict, to_dict
 from pipeline.stage import Input
-from stages.formats.codes import open_codes
+from stages.formats.codes import CodeShardError, open_codes
 from stages.training import harness, loop
 from stages.training.harness import train_into, use_bf16, where
 
@@ -158,8 +158,15 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
 
 def check_upstream(config: Config, step, steps: dict) -> None:
     """Before anything runs: the level exists in the autoencoder the shards will come from, and
-    ``model.patch`` divides its grid (the same checks `prior_config_for` makes on the shards)."""
+    ``model.patch`` divides its grid (the same checks `prior_config_for` makes on the shards;
+    on the shards themselves when they are stored already)."""
     encode = steps[step.inputs["codes"]]
+    if encode.artifact is not None:
+        try:
+            prior_config_for(open_codes(encode.artifact, verify=False).meta, config)
+        except CodeShardError as e:
+            raise ValueError(f"inputs.codes: {e}") from None
+        return
     autoencoder = steps[encode.inputs["autoencoder"]].config.model
     if hasattr(autoencoder, "grid_shapes"):  # other families are refused by the encode stage
         _check_level(config, autoencoder.grid_shapes())

@@ -201,7 +201,7 @@ steps:
 # the whole tiny pipeline: stage 1, a prior per level (Ray Train on the top, in process with
 # 2x2 patches on the bottom), a classifier, samples, evaluation and the report
 TWO_STAGE_PIPELINE = (
-    "name: two_stage\n"
+    "name: two_stage\ntracking: tensorboard\n"
     + TWO_STAGE_BASE
     + f"""
   prior_top:

@@ -82,6 +82,34 @@ def test_pipeline_trains_priors_samples_evaluates_and_reports(two_stage):
     assert "<td>2x2</td>" in report  # the bottom prior's patch
 
 
+def test_tensorboard_holds_every_training_curve_and_the_run(two_stage):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, store, steps, summary = two_stage
+    logs = Path(summary["run_dir"]) / "tensorboard"
+
+    def scalars(name: str) -> dict[str, list]:
+        events = EventAccumulator(str(logs / name))
+        events.Reload()
+        return {tag: events.Scalars(tag) for tag in events.Tags()["scalars"]}
+
+    # in process (vqvae, prior_bottom), on Ray Train (prior_top), without checkpoints (classifier)
+    for name, curve, val, logged in (
+        ("vqvae", "train/loss", "checkpoint/val_mse", [10, 20, 30]),
+        ("prior_top", "train/nll", "checkpoint/val_bits_per_code", [5, 10, 15, 20]),
+        ("prior_bottom", "train/nll", "checkpoint/val_bits_per_code", [5, 10, 15, 20]),
+        ("classifier", "train/ce", "checkpoint/val_accuracy", [20]),
+    ):
+        found = scalars(name)
+        assert [e.step for e in found[curve]] == logged, name
+        assert all(np.isfinite(e.value) for e in found[curve]) and found[val], name
+    run = scalars("_run")
+    prior = store.open("train_prior", steps["prior_top"]["key"])
+    assert run["prior_top/val_bits_per_code"][0].value == pytest.approx(
+        prior.metrics["val_bits_per_code"]
+    )
+
+
 def _priors(store, steps):
     autoencoder = store.open("train_autoencoder", steps["vqvae"]["key"])
     artifacts = [store.open("train_prior", steps[n]["key"]) for n in ("prior_top", "prior_bottom")]
@@ -172,34 +200,35 @@ def test_prior_of_another_autoencoder_is_refused(two_stage):
     assert not glob.glob(str(root / "artifacts/sample/*/codes-*.parquet"))[1:]  # only the good one
 
 
-def test_sweep_reuses_cached_shards_and_compares_priors(two_stage):
+def test_sweep_on_stored_shards_trains_only_priors_and_compares_them(two_stage):
     root, store, steps, _ = two_stage
+    codes = f"encode/{steps['codes']['key'][:8]}"  # as twostage ls prints it
+    vqvae = f"train_autoencoder/{steps['vqvae']['key'][:8]}"
     config = write_yaml(
         root / "sweep.yaml",
-        "name: sweep\n"
-        + TWO_STAGE_BASE
-        + f"""
-  prior_a:
+        f"""name: sweep
+steps:
+  prior_top:  # the first pipeline's prior_top, word for word, on its stored shards
     stage: train_prior
-    inputs: {{codes: codes}}
+    inputs: {{codes: {codes}}}
     level: top
     model: {TINY_PRIOR}
-    train: {{steps: 10, batch_size: 16, log_every: 5, checkpoint_every: 10, workers: 0}}
+    train: {{steps: 20, batch_size: 16, log_every: 5, checkpoint_every: 10, workers: 1}}
   prior_b:
     stage: train_prior
-    inputs: {{codes: codes}}
+    inputs: {{codes: {codes}}}
     level: top
     model: {{hidden_size: 48, layers: 1, heads: 2, kv_heads: 1, class_conditional: false}}
     train: {{steps: 10, batch_size: 16, log_every: 5, checkpoint_every: 10, workers: 0}}
   prior_c:
     stage: train_prior
-    inputs: {{codes: codes}}
+    inputs: {{codes: {codes}}}
     level: bottom
     model: {{hidden_size: 32, layers: 1, heads: 2, class_conditional: false}}
     train: {{steps: 10, batch_size: 16, log_every: 5, checkpoint_every: 10, workers: 0}}
   unconditional:
     stage: sample
-    inputs: {{autoencoder: vqvae, priors: [prior_b, prior_c]}}
+    inputs: {{autoencoder: {vqvae}, priors: [prior_b, prior_c]}}
     num_samples: 3
     precision: bf16
 """,
@@ -207,25 +236,48 @@ def test_sweep_reuses_cached_shards_and_compares_priors(two_stage):
     summary = run_json(config, cwd=root, timeout=600)
     status = {s["name"]: s["status"] for s in summary["stages"]}
     assert status == {
-        "data": "cached",
-        "vqvae": "cached",
-        "codes": "cached",
-        "prior_a": "ran",
+        "prior_top": "cached",
         "prior_b": "ran",
         "prior_c": "ran",
         "unconditional": "ran",
     }
+    keys = {s["name"]: s["key"] for s in summary["stages"]}
+    assert keys["prior_top"] == steps["prior_top"]["key"]  # a stored input keys as its step did
     report = (Path(summary["run_dir"]) / "report.html").read_text()
-    assert "prior_a" in report and "prior_b" in report and "<h2>Priors</h2>" in report
+    assert "prior_b" in report and "prior_c" in report and "<h2>Priors</h2>" in report
     assert "<td>2 (kv 1)</td>" in report  # prior_b: grouped-query attention
     # unconditional priors sample num_samples images, here with bf16 products and KV cache
-    key = next(s["key"] for s in summary["stages"] if s["name"] == "unconditional")
-    samples = store.open("sample", key)
+    samples = store.open("sample", keys["unconditional"])
     assert samples.metrics["images"] == 3 and samples.metrics["precision"] == "bf16"
     assert samples.metrics["conditional"] is False
+    assert samples.manifest["inputs"]["autoencoder"] == steps["vqvae"]["key"]
     table = pq.read_table(samples.local_path("codes-00000.parquet"))
     assert table["label"].to_pylist() == [-1, -1, -1] or table["label"].null_count == 3
     assert "samples.png" in samples.files
+    assert not (Path(summary["run_dir"]) / "tensorboard").exists()  # not asked for: none
+    again = run_json(config, cwd=root, timeout=600)
+    assert {s["status"] for s in again["stages"]} == {"cached"}
+
+    # bad references: one line, exit 2, before any work
+    before = sorted(p.name for p in (root / "artifacts/train_prior").iterdir())
+    text = config.read_text()
+    for wrong, message in (
+        ((codes, "encode/0000ffff"), "no artifact with key '0000ffff'"),
+        (
+            (codes, f"train_prior/{steps['prior_top']['key'][:8]}"),
+            "is of stage train_prior, expected encode",
+        ),
+        (
+            ("level: bottom", "level: middle"),
+            "the code shards have levels bottom, top, not 'middle'",
+        ),
+        ((vqvae, codes), "is of stage encode, expected train_autoencoder"),
+    ):
+        bad = write_yaml(root / "bad.yaml", text.replace(*wrong, 1))
+        proc = twostage("run", bad, cwd=root)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+    assert sorted(p.name for p in (root / "artifacts/train_prior").iterdir()) == before
 
 
 def test_killed_prior_run_resumes_from_its_last_checkpoint(two_stage):

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from models.io import MODEL_FILES
-from pipeline import cluster
+from pipeline import cluster, tracking
 from pipeline.store import check_in_process, sync_directory, sync_tree
 from stages.training.loop import CheckpointError
 
@@ -66,10 +66,14 @@ def launch(
     check_in_process(workers, "this store's scratch", scratch)
     if workers == 0:
         session = LocalSession(Path(scratch), pick_device(device), cpus_per_worker, datasets)
+        session.tracker = tracking.for_this_step()
         try:
             metrics = loop(loop_config, session)
         except CheckpointError as e:
             raise CheckpointError(f"{e}{_start_over(scratch)}") from None
+        finally:
+            if session.tracker is not None:
+                session.tracker.close()
         return session.last_checkpoint, metrics
     return _launch_ray_train(
         loop,
@@ -154,7 +158,12 @@ def _launch_ray_train(
     storage_path, storage_fs = _ray_storage(scratch)
     trainer = TorchTrainer(
         _ray_train_worker,
-        train_loop_config={"loop": loop, "loop_config": loop_config, "cpus": cpus},
+        train_loop_config={
+            "loop": loop,
+            "loop_config": loop_config,
+            "cpus": cpus,
+            "tracking": os.environ.get(tracking.ENV),  # rank 0 logs there
+        },
         scaling_config=ScalingConfig(
             num_workers=workers,
             use_gpu=use_gpu,
@@ -186,9 +195,13 @@ def _launch_ray_train(
 def _ray_train_worker(config: dict) -> None:
     """Ray Train's ``train_loop_per_worker``: run the stage's loop with a Ray session."""
     session = RaySession(config["cpus"])
+    if config["tracking"] and session.rank == 0:
+        session.tracker = tracking.Tracker(config["tracking"])
     try:
         config["loop"](config["loop_config"], session)
     finally:
+        if session.tracker is not None:
+            session.tracker.close()
         for download in session.downloads:  # checkpoints copied here to resume from
             shutil.rmtree(download, ignore_errors=True)
 
@@ -230,6 +243,7 @@ class LocalSession:
     """Rank 0 of 1; checkpoints are directories ``<scratch>/checkpoint_<step>``."""
 
     rank, world_size = 0, 1
+    tracker = None  # a `pipeline.tracking.Tracker` when the run tracks its curves
 
     def __init__(
         self, scratch: Path, device: torch.device, cpus: int | None, datasets: dict | None = None
@@ -281,6 +295,8 @@ class LocalSession:
 
 class RaySession:
     """A Ray Train worker: DDP across workers, checkpoints through ``ray.train.report``."""
+
+    tracker = None  # rank 0's `pipeline.tracking.Tracker` when the run tracks its curves
 
     def __init__(self, cpus: int):
         import ray.train

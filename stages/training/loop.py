@@ -225,7 +225,8 @@ def save_checkpoint(session, model, state: dict, history: list, metrics: dict) -
 
     The checkpoint holds the model's own files (``model.save``), ``state.pt`` (`state`: step,
     optimizer, RNG), ``history.json`` and ``final_metrics.json`` (`metrics`; the run's result
-    when this is the last checkpoint).
+    when this is the last checkpoint). A session with a ``tracker`` (`pipeline.tracking`) gets
+    the history rows since the last checkpoint and `metrics` there too.
     """
     checkpoint_dir = None
     if session.rank == 0:
@@ -234,6 +235,9 @@ def save_checkpoint(session, model, state: dict, history: list, metrics: dict) -
         torch.save(state, checkpoint_dir / "state.pt")
         (checkpoint_dir / "history.json").write_text(json.dumps(history))
         (checkpoint_dir / "final_metrics.json").write_text(json.dumps(metrics))
+        tracker = getattr(session, "tracker", None)  # `pipeline.tracking`, when the run has it
+        if tracker is not None:
+            tracker.rows(history, metrics)
     session.report(metrics, checkpoint_dir)
     if checkpoint_dir is not None:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
@@ -272,6 +276,8 @@ def resume(session, model) -> tuple[Path | None, dict | None, list]:
         for checkpoint, _ in failed:
             session.set_aside(checkpoint)
         _same_on_every_rank(session, int(state["step"]))
+        if getattr(session, "tracker", None) is not None:  # its rows are in the log already
+            session.tracker.last_step = int(state["step"])
         return directory, state, history
     if failed:
         older = f"; nor can the {len(failed) - 1} older one(s)" if len(failed) > 1 else ""
