@@ -1,7 +1,8 @@
 """The ``twostage`` command line.
 
     twostage run CONFIG [--set a.b=v ...] [--store URI] [--json] [-q | -v]
-    twostage ls [STAGE] [--store URI]
+    twostage ls [STAGE] [--metrics] [--input STAGE/KEY] [--json] [--store URI]
+    twostage compare KEY... [--json] [--store URI]
     twostage show KEY [--store URI]
     twostage verify KEY... | --all [--store URI]
     twostage stages [STAGE]
@@ -72,7 +73,23 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("stage", nargs="?", help="only this stage type")
     ls.add_argument("--store", help=store_help)
     ls.add_argument("--json", action="store_true")
+    ls.add_argument(
+        "--metrics",
+        action="store_true",
+        help="one table: the options that differ and the final figures, best first",
+    )
+    ls.add_argument(
+        "--input", metavar="STAGE/KEY", help="only artifacts made from this input (key prefix ok)"
+    )
     ls.set_defaults(func=_cmd_ls)
+
+    compare = sub.add_parser(
+        "compare", help="compare artifacts: the options that differ and the final figures"
+    )
+    compare.add_argument("keys", nargs="+", help="keys or unique key prefixes")
+    compare.add_argument("--store", help=store_help)
+    compare.add_argument("--json", action="store_true")
+    compare.set_defaults(func=_cmd_compare)
 
     show = sub.add_parser("show", help="print an artifact's manifest")
     show.add_argument("key", help="key or unique key prefix (stage/key also accepted)")
@@ -179,13 +196,19 @@ def _human(n: float) -> str:
 
 def _cmd_ls(args) -> int:
     unreadable: list[str] = []
-    artifacts = _existing_store(args).list(args.stage, problems=unreadable)
+    store = _existing_store(args)
+    artifacts = store.list(args.stage, problems=unreadable)
     if unreadable:
         print(
             f"twostage: left out {len(unreadable)} artifact(s) with an unreadable manifest "
             "(twostage verify --all names them)",
             file=sys.stderr,
         )
+    if args.input:
+        source = store.find(args.input)
+        artifacts = [a for a in artifacts if _made_from(a, source.key)]
+    if args.metrics:
+        return _print_comparison(artifacts, args.json)
     if args.json:
         rows = [
             {
@@ -224,6 +247,36 @@ def _pairs(stages, keys) -> list[tuple[str | None, str]]:
 
 def _ref(stage: str | None, key: str) -> str:
     return f"{stage}/{key[:12]}" if stage else key[:12]
+
+
+def _made_from(artifact, key: str) -> bool:
+    for ref in artifact.manifest.get("inputs", {}).values():
+        if key in (ref if isinstance(ref, list) else [ref]):
+            return True
+    return False
+
+
+def _cmd_compare(args) -> int:
+    store = _existing_store(args)
+    return _print_comparison([store.find(k) for k in args.keys], args.json)
+
+
+def _print_comparison(artifacts: list, as_json: bool) -> int:
+    from pipeline import compare
+
+    records = compare.rows(artifacts)
+    if as_json:
+        ranked, score = compare.rank(records)
+        print(
+            json.dumps(
+                {"score": score, "differing": compare.differing(records), "rows": ranked},
+                indent=2,
+                default=str,
+            )
+        )
+    else:
+        print(compare.table(records))
+    return 0
 
 
 def _cmd_show(args) -> int:

@@ -54,6 +54,7 @@ INPUTS = {
     "codes": Input(kinds=("encode",), required=False),
     "priors": Input(kinds=("train_prior",), many=True, required=False),
 }
+SCORE = ("frechet_distance", "min")  # `twostage ls --metrics` ranks by it
 log = logging.getLogger(__name__)
 
 

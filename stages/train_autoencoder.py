@@ -56,6 +56,7 @@ from stages.training.harness import train_into, use_bf16, where
 VERSION = "2"  # 2: streamed epochs of a shuffled order (1 drew batches with replacement)
 INPUTS = {"images": Input(kinds=("ingest",))}
 DEFAULT_NUM_CPUS = 0  # the Ray task only coordinates; Ray Train workers reserve the CPUs
+SCORE = ("val_mse", "min")  # `twostage ls --metrics` ranks by it
 
 log = logging.getLogger(__name__)
 

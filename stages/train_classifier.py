@@ -37,6 +37,7 @@ VERSION = "2"  # 2: streamed epochs (1 drew batches with replacement from the wh
 HELD_OUT = 10_000  # val (or test) images the accuracy is measured on
 SHUFFLE_BUFFER = 4096
 INPUTS = {"images": Input(kinds=("ingest",))}
+SCORE = ("val_accuracy", "max")  # `twostage ls --metrics` ranks by it
 
 log = logging.getLogger(__name__)
 

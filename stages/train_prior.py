@@ -46,6 +46,9 @@ from stages.training.harness import train_into, use_bf16, where
 VERSION = "1"
 INPUTS = {"codes": Input(kinds=("encode",))}
 DEFAULT_NUM_CPUS = 0  # the Ray task only coordinates; Ray Train workers reserve the CPUs
+# `twostage ls --metrics` ranks priors by SCORE and shows the COMPARE figures beside it
+SCORE = ("val_bits_per_code", "min")
+COMPARE = ("val_nll", "train_bits_per_code", "tokens_per_s", "parameters", "step")
 
 log = logging.getLogger(__name__)
 

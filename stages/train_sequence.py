@@ -54,6 +54,7 @@ VERSION = "2"  # 2: streamed epochs of a shuffled order (1 drew sequences with r
 INPUTS = {"sequences": Input(kinds=("ingest_sequences",))}
 DEFAULT_NUM_CPUS = 0  # the Ray Train workers reserve the CPUs
 TERMS = ("loss", "recon", "kl", "belief_t2", "transition", "info_weight")
+SCORE = ("val_loss", "min")  # `twostage ls --metrics` ranks by it
 
 log = logging.getLogger(__name__)
 

@@ -255,6 +255,22 @@ steps:
     assert table["label"].to_pylist() == [-1, -1, -1] or table["label"].null_count == 3
     assert "samples.png" in samples.files
     assert not (Path(summary["run_dir"]) / "tensorboard").exists()  # not asked for: none
+
+    # every prior on those shards, best first, with the options that differ between them
+    table = twostage("ls", "train_prior", "--metrics", "--input", codes, cwd=root, check=0)
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:2] == ["ARTIFACT", "level"] and "val_bits_per_code" in lines[0]
+    assert "model.hidden_size" in lines[0] and lines[-1] == "(best first by val_bits_per_code)"
+    ranked = json.loads(
+        twostage("ls", "train_prior", "--metrics", "--input", codes, "--json", cwd=root).stdout
+    )["rows"]
+    assert {r["key"] for r in ranked} == {keys[n] for n in ("prior_top", "prior_b", "prior_c")} | {
+        steps["prior_bottom"]["key"]
+    }
+    bits = [r["metrics"]["val_bits_per_code"] for r in ranked]
+    assert bits == sorted(bits) and len(lines) == 2 + len(ranked)
+    pair = twostage("compare", keys["prior_b"][:8], keys["prior_c"][:8], cwd=root, check=0)
+    assert pair.stdout.splitlines()[0].split()[:3] == ["ARTIFACT", "level", "model.hidden_size"]
     again = run_json(config, cwd=root, timeout=600)
     assert {s["status"] for s in again["stages"]} == {"cached"}
 
