@@ -1,6 +1,7 @@
 """The ``twostage`` command line.
 
     twostage run CONFIG [--set a.b=v ...] [--store URI] [--json] [-q | -v]
+    twostage tune SWEEP [--set a.b=v ...] [--store URI] [--json] [-q | -v]
     twostage ls [STAGE] [--metrics] [--input STAGE/KEY] [--json] [--store URI]
     twostage compare KEY... [--json] [--store URI]
     twostage show KEY [--store URI]
@@ -67,6 +68,18 @@ def _parser() -> argparse.ArgumentParser:
     loud.add_argument("-q", "--quiet", action="store_true", help="print each step's outcome only")
     loud.add_argument("-v", "--verbose", action="store_true", help="print debug lines too")
     run.set_defaults(func=_cmd_run)
+
+    tune = sub.add_parser(
+        "tune", help="run a sweep file on Ray Tune (a rerun resumes it); commit the best trials"
+    )
+    tune.add_argument("config", help="sweep YAML file")
+    tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    tune.add_argument("--store", help="artifact store path or URI (overrides the file's store)")
+    tune.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
+    loud = tune.add_mutually_exclusive_group()
+    loud.add_argument("-q", "--quiet", action="store_true")
+    loud.add_argument("-v", "--verbose", action="store_true")
+    tune.set_defaults(func=_cmd_tune)
 
     store_help = f"artifact store path or URI (default: $TWOSTAGE_STORE or {DEFAULT_STORE})"
     ls = sub.add_parser("ls", help="list committed artifacts")
@@ -151,6 +164,40 @@ def _cmd_run(args) -> int:
         print(f"twostage: {e}", file=sys.stderr)
         return 1
     return 0 if result.ok else 1
+
+
+def _cmd_tune(args) -> int:
+    from pipeline.runner import RayStartError
+    from pipeline.tune import load_sweep, run_sweep
+
+    sweep = load_sweep(args.config, args.overrides, args.store)
+    verbosity = -1 if args.quiet else 1 if args.verbose else 0
+    try:
+        if args.json:
+            with _stdout_to_stderr() as stdout:
+                result = run_sweep(sweep, verbosity)
+                stdout.write(json.dumps(result.summary(), indent=2, default=str) + "\n")
+        else:
+            result = run_sweep(sweep, verbosity)
+            _print_sweep(result, sweep.metric)
+    except RayStartError as e:
+        print(f"twostage: {e}", file=sys.stderr)
+        return 1
+    return 0 if result.ok else 1
+
+
+def _print_sweep(result, metric: str) -> None:
+    steps = sum(t["steps"] for t in result.trials)
+    print(
+        f"sweep {result.run_id}: {len(result.trials)} trials, {steps} steps, "
+        f"{result.seconds:.1f}s; best first by {metric}"
+    )
+    for t in result.trials:
+        values = " ".join(f"{k}={v}" for k, v in t["values"].items())
+        score = "-" if t["metric"] is None else f"{t['metric']:.4f}"
+        mark = f"  committed {t['key'][:12]}" if t.get("committed") else ""
+        print(f"  {t['trial']}  {t['status']:<8} {t['steps']:>6} steps  {score:>8}  {values}{mark}")
+    print(f"run directory: {result.run_dir}")
 
 
 def _print_run(result) -> None:

@@ -285,6 +285,20 @@ def line_chart(
     log_y: bool = False,
 ) -> bytes:
     """A PNG line chart of (x, y) points with min / max labels on both axes."""
+    return lines_chart([points], title, size, log_y)
+
+
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+
+
+def lines_chart(
+    series: list[list[tuple[float, float]]],
+    title: str,
+    size: tuple[int, int] = (380, 230),
+    log_y: bool = False,
+) -> bytes:
+    """A PNG chart of one line per series of (x, y) points (colours in `COLORS` order, then
+    grey), with min / max labels on both axes."""
     from PIL import Image, ImageDraw
 
     width, height = size
@@ -293,11 +307,12 @@ def line_chart(
     draw = ImageDraw.Draw(image)
     draw.text((left, 6), title, fill="black")
     if log_y:
-        points = [(x, math.log10(y)) for x, y in points if y > 0]
-    if not points:
+        series = [[(x, math.log10(y)) for x, y in points if y > 0] for points in series]
+    every = [p for points in series for p in points]
+    if not every:
         draw.text((left, height // 2), "no data", fill="gray")
         return _png_bytes(image)
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    xs, ys = [p[0] for p in every], [p[1] for p in every]
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
     y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
     plot_w, plot_h = width - left - right, height - top - bottom
@@ -311,12 +326,67 @@ def line_chart(
     draw.text((4, top + plot_h - 8), label(y0), fill="black")
     draw.text((left, top + plot_h + 6), f"{x0:g}", fill="black")
     draw.text((left + plot_w - 40, top + plot_h + 6), f"{x1:g}", fill="black")
-    if len(points) == 1:
-        x, y = to_px(*points[0])
-        draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill="#1f77b4")
-    else:
-        draw.line([to_px(x, y) for x, y in points], fill="#1f77b4", width=2)
+    for index, points in reversed(list(enumerate(series))):  # the first series drawn on top
+        color = COLORS[index] if index < len(COLORS) else "#bbbbbb"
+        if len(points) == 1:
+            x, y = to_px(*points[0])
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
+        elif points:
+            draw.line([to_px(x, y) for x, y in points], fill=color, width=2)
     return _png_bytes(image)
+
+
+def write_sweep_report(path: Path, record: dict) -> None:
+    """A sweep's page (`pipeline.tune`): the trials ranked, the metric at every checkpoint of
+    every trial in one chart (the best first, in the table's colours), their train curves."""
+    metric, trials = record["metric"], record["trials"]
+    names = sorted({k for t in trials for k in t["values"]})
+    head = (
+        "<tr><th></th><th>trial</th><th>status</th><th>steps</th>"
+        + "".join(f"<th>{_e(n)}</th>" for n in names)
+        + f"<th>{_e(metric)}</th><th>artifact</th></tr>"
+    )
+    rows = []
+    for rank, t in enumerate(trials):
+        swatch = COLORS[rank] if rank < len(COLORS) else "#bbbbbb"
+        cells = [
+            f"<td style='background:{swatch}'></td>",
+            f"<td>{_e(t['trial'])}</td>",
+            f"<td>{_e(t['status'] + (' (committed)' if t.get('committed') else ''))}</td>",
+            f"<td>{t['steps']}</td>",
+            *(f"<td>{_e(_fmt(t['values'].get(n)))}</td>" for n in names),
+            f"<td>{_e(_fmt(t['metric']))}</td>",
+            f"<td><code>{_e(str(t['key'])[:12])}</code></td>",
+        ]
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    series = [
+        [(c["step"], c[metric]) for c in t["checkpoints"] if _finite(c.get(metric))] for t in trials
+    ]
+    curves = []
+    for t in trials[: len(COLORS)]:
+        keys = _curve_keys(t["curve"])[:1]
+        for key in keys:
+            points = [(r["step"], r[key]) for r in t["curve"] if _finite(r.get(key))]
+            curves.append(line_chart(points, f"{t['trial']}: {key}"))
+    parts = [
+        f"<h1>sweep {_e(record['sweep'])} &middot; run {_e(record['run_id'])}</h1>",
+        f"<p>{len(trials)} trials, {record['steps_trained']} steps trained in all, "
+        f"{record['seconds']:.1f} s &middot; ranked by {_e(metric)} ({_e(record['mode'])}) "
+        f"&middot; store <code>{_e(record['store'])}</code> &middot; host {_e(record['host'])}</p>",
+        f"<table>{head}{''.join(rows)}</table>",
+        f"<h2>{_e(metric)} at each checkpoint</h2>",
+        f"<img src='{_png_uri(lines_chart(series, metric, size=(640, 320)))}'>",
+    ]
+    if curves:
+        parts.append("<h2>Training curves</h2><div class='curves'>")
+        parts += [f"<img src='{_png_uri(png)}'>" for png in curves]
+        parts.append("</div>")
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>sweep {_e(record['sweep'])}</title><style>{_CSS}</style>"
+        f"</head><body>{''.join(parts)}</body></html>"
+    )
+    path.write_text(page, encoding="utf-8")
 
 
 def _png_bytes(image) -> bytes:

@@ -14,6 +14,7 @@ artifacts next to them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -163,38 +164,50 @@ def _run_on_ray(
 ) -> dict:
     import ray
 
-    started_here = False
-    joins = pipeline.ray.address or os.environ.get("RAY_ADDRESS")
-    if not ray.is_initialized():
-        # the dashboard serves the state API, which Ray Train uses to clean up after a dead
-        # controller (without it Ray Train warns every second)
-        kwargs: dict[str, Any] = {
-            "include_dashboard": True,
-            "logging_level": logging.INFO if _verbosity > 0 else logging.WARNING,
-            "log_to_driver": _verbosity >= 0,
-            "runtime_env": {"env_vars": {**_RAY_ENV, "TWOSTAGE_VERBOSITY": str(_verbosity)}},
-        }
-        if pipeline.ray.address:
-            kwargs["address"] = pipeline.ray.address
-        elif not joins:
-            # a new instance of our own: plain ray.init() would join a `ray start` cluster it
-            # finds on this machine instead
-            kwargs["address"] = "local"
-            if pipeline.ray.num_cpus:
-                kwargs["num_cpus"] = pipeline.ray.num_cpus
-        try:
-            ray.init(**kwargs)
-        except (ConnectionError, ValueError) as e:  # no cluster at the address, bad options
-            where = kwargs.get("address") or os.environ.get("RAY_ADDRESS") or "a local instance"
-            raise RayStartError(f"ray: cannot start or reach {where}: {e}") from None
-        started_here = True
-    try:
-        # only an instance started here never grows (no node joins it)
-        fixed = started_here and not joins
+    with ray_instance(pipeline.ray) as fixed:
         return _schedule(ray, pipeline, store, todo, done, fixed, tracking)
+
+
+@contextlib.contextmanager
+def ray_instance(options):
+    """Ray for a run (`pipeline.spec.RayOptions`): the instance this process is connected to,
+    the one at ``options.address`` or ``$RAY_ADDRESS``, or a new local one that is shut down
+    afterwards. Yields whether no node will join it (a local instance started here).
+
+    Raises:
+        RayStartError: no cluster at the address, or bad options.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield False
+        return
+    joins = options.address or os.environ.get("RAY_ADDRESS")
+    # the dashboard serves the state API, which Ray Train uses to clean up after a dead
+    # controller (without it Ray Train warns every second)
+    kwargs: dict[str, Any] = {
+        "include_dashboard": True,
+        "logging_level": logging.INFO if _verbosity > 0 else logging.WARNING,
+        "log_to_driver": _verbosity >= 0,
+        "runtime_env": {"env_vars": {**_RAY_ENV, "TWOSTAGE_VERBOSITY": str(_verbosity)}},
+    }
+    if options.address:
+        kwargs["address"] = options.address
+    elif not joins:
+        # a new instance of our own: plain ray.init() would join a `ray start` cluster it
+        # finds on this machine instead
+        kwargs["address"] = "local"
+        if options.num_cpus:
+            kwargs["num_cpus"] = options.num_cpus
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, ValueError) as e:  # no cluster at the address, bad options
+        where = kwargs.get("address") or os.environ.get("RAY_ADDRESS") or "a local instance"
+        raise RayStartError(f"ray: cannot start or reach {where}: {e}") from None
+    try:
+        yield not joins
     finally:
-        if started_here:
-            ray.shutdown()
+        ray.shutdown()
 
 
 def _schedule(

@@ -208,14 +208,15 @@ def apply_override(raw: dict, item: str) -> None:
     node[parts[-1]] = value
 
 
-def parse_pipeline(raw: dict) -> Pipeline:
-    """Validates a raw pipeline mapping (see `load_pipeline`)."""
+def parse_pipeline(raw: dict, verify_stored: bool = True) -> Pipeline:
+    """Validates a raw pipeline mapping (see `load_pipeline`); `verify_stored`: check every
+    file of the stored inputs (off where this process's caller has just done so)."""
     top = from_dict(_Top, raw, "")
     if not isinstance(top.steps, dict) or not top.steps:
         raise ConfigError("steps: must be a non-empty mapping of step name -> step")
     steps = {name: _parse_step(name, body) for name, body in top.steps.items()}
     order = _topological_order(steps)
-    stored = _StoredSteps(top.store)
+    stored = _StoredSteps(top.store, verify_stored)
     steps = {name: _resolve_stored(step, stored) for name, step in steps.items()}
     keyed: dict[str, Step] = _Graph(stored)
     for name in order:
@@ -231,8 +232,8 @@ class _StoredSteps:
     """Committed artifacts of the pipeline's store seen as steps (`Step.artifact` set), opened on
     first use: the stored inputs a pipeline names and, for the stages' checks, their own inputs."""
 
-    def __init__(self, store: str):
-        self.uri = store
+    def __init__(self, store: str, verify: bool = True):
+        self.uri, self.verify = store, verify
         self._store: Store | None = None
         self._steps: dict[str, Step] = {}
         self._found: dict[str, str] = {}  # reference as written -> full stage/key
@@ -252,7 +253,7 @@ class _StoredSteps:
             raise ConfigError(f"{ref}: {e}") from None
         name = f"{artifact.stage}/{artifact.key}"
         if name not in self._steps:
-            self._steps[name] = self._as_step(artifact, verify=True)
+            self._steps[name] = self._as_step(artifact, verify=self.verify)
         self._found[ref] = name
         return name
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 ENV = "TWOSTAGE_TRACKING_DIR"
 KINDS = ("none", "tensorboard")
+reporter = None  # set in a Tune trial's process (`pipeline.tune`): it gets what a tracker gets
 
 
 class Tracker:
@@ -41,7 +42,10 @@ class Tracker:
 
     def rows(self, history: list[dict], metrics: dict | None = None) -> None:
         """Writes the history rows past `last_step` (``train/<key>``) and the figures of the
-        checkpoint at ``metrics["step"]`` (``checkpoint/<key>``), then flushes."""
+        checkpoint at ``metrics["step"]`` (``checkpoint/<key>``) unless that step is written
+        already, then flushes."""
+        if metrics and int(metrics.get("step", 0)) <= self.last_step:
+            return
         out = self._out()
         for row in history:
             step = int(row.get("step", 0))
@@ -76,7 +80,10 @@ class Tracker:
 
 
 def for_this_step() -> Tracker | None:
-    """The tracker the runner set up for the step running in this process, if any."""
+    """The tracker the runner set up for the step running in this process, if any (in a Tune
+    trial, the trial's reporter)."""
+    if reporter is not None:
+        return reporter
     logdir = os.environ.get(ENV)
     return Tracker(logdir) if logdir else None
 

@@ -320,3 +320,108 @@ def test_killed_prior_run_resumes_from_its_last_checkpoint(two_stage):
     assert 20 <= resumed_from < 100 and resumed_from % 20 == 0
     history = json.loads(artifact.read_bytes("metrics.json"))["history"]
     assert [r["step"] for r in history] == list(range(20, 101, 20))  # no step logged twice
+
+
+def test_tune_sweep_stops_trials_early_resumes_after_a_kill_and_commits_the_best(two_stage):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import cli_env
+
+    root, store, steps, _ = two_stage
+    codes = f"encode/{steps['codes']['key'][:8]}"
+    sweep = write_yaml(
+        root / "tune.yaml",
+        f"""name: tiny_tune
+sweep:
+  step:
+    stage: train_prior
+    inputs: {{codes: {codes}}}
+    level: top
+    model: {TINY_PRIOR}
+    train: {{steps: 60, batch_size: 64, log_every: 10, checkpoint_every: 20, cpus_per_worker: 1}}
+  space:  # best first, worst last: ASHA stops the last at 40 steps (rungs start empty after
+    train.lr: {{grid: [3.0e-3, 1.0e-4, 1.0e-5]}}  # a restore, so after the second's)
+  scheduler: {{kind: asha, grace_steps: 40, reduction_factor: 2}}
+  max_concurrent_trials: 1
+  top_k: 1
+""",
+    )
+    scratch = root / "artifacts/_scratch/train_prior"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "tune", str(sweep)],
+        cwd=root,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+    def newest(key_dir: Path) -> int:
+        found = [int(p.name.split("_")[1]) for p in key_dir.glob("checkpoint_*")]
+        return max(found, default=0)
+
+    def recorded_done() -> bool:  # Tune's saved state knows a trial finished
+        states = root.glob("runs/tune/*/experiment_state-*.json")
+        return any("TERMINATED" in p.read_text(errors="replace") for p in states)
+
+    deadline = time.time() + 300  # killed once one trial is done and the next is mid-way
+    while time.time() < deadline:
+        trained = [newest(d) for d in scratch.glob("*")] if scratch.exists() else []
+        if 60 in trained and any(0 < s < 60 for s in trained) and recorded_done():
+            break
+        assert proc.poll() is None, "the sweep ended before it could be killed mid-way"
+        time.sleep(0.05)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("no finished trial and no trial mid-way within 300 s")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(2)
+    mid_way = {d.name: newest(d) for d in scratch.glob("*") if 0 < newest(d) < 60}
+
+    summary = run_json_tune(sweep, root)
+    trials = {t["key"]: t for t in summary["trials"]}
+    assert len(trials) == 3 and {t["status"] for t in trials.values()} <= {"finished", "stopped"}
+    assert any(t["status"] == "stopped" and t["steps"] == 40 for t in trials.values())  # ASHA
+    for key, step in mid_way.items():  # went on from its checkpoint, did not start over
+        assert trials[key]["figures"]["resumed_from_step"] >= step > 0
+    for t in trials.values():  # no trial reported a step twice or went back
+        reported = [c["step"] for c in t["checkpoints"]]
+        assert reported == sorted(set(reported)), (t["trial"], reported)
+    best = summary["trials"][0]
+    assert best["status"] == "finished" and best["values"] == {"train.lr": 3.0e-3}
+    assert summary["committed"] == [
+        {
+            "trial": best["trial"],
+            "status": "ran",
+            "key": best["key"],
+            "uri": store.uri_of("train_prior", best["key"]),
+            "error": None,
+        }
+    ]
+    # the winner is the plain step it stands for: a pipeline naming it finds it cached
+    plain = write_yaml(
+        root / "winner.yaml",
+        f"""name: winner
+steps:
+  prior:
+    stage: train_prior
+    inputs: {{codes: {codes}}}
+    level: top
+    model: {TINY_PRIOR}
+    train: {{steps: 60, batch_size: 64, log_every: 10, checkpoint_every: 20, cpus_per_worker: 1,
+             workers: 0, lr: 3.0e-3}}
+""",
+    )
+    assert steps_by_name(run_json(plain, cwd=root))["prior"]["status"] == "cached"
+    report = (Path(summary["run_dir"]) / "report.html").read_text()
+    assert report.count("<tr>") == 4 and "data:image/png;base64," in report
+
+
+def run_json_tune(sweep: Path, root: Path) -> dict:
+    proc = twostage("tune", sweep, "--json", cwd=root, timeout=600, check=0)
+    return json.loads(proc.stdout)

@@ -214,6 +214,7 @@ def resumed_finished(session, start_step: int, steps: int, resume_dir: Path | No
     metrics = json.loads((resume_dir / "final_metrics.json").read_text())
     if session.rank == 0:
         session.report({**metrics, "step": start_step}, resume_dir)
+    _track(session, [], {**metrics, "step": start_step})  # a tracker that missed it gets it
     return metrics
 
 
@@ -235,12 +236,17 @@ def save_checkpoint(session, model, state: dict, history: list, metrics: dict) -
         torch.save(state, checkpoint_dir / "state.pt")
         (checkpoint_dir / "history.json").write_text(json.dumps(history))
         (checkpoint_dir / "final_metrics.json").write_text(json.dumps(metrics))
-        tracker = getattr(session, "tracker", None)  # `pipeline.tracking`, when the run has it
-        if tracker is not None:
-            tracker.rows(history, metrics)
     session.report(metrics, checkpoint_dir)
     if checkpoint_dir is not None:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    _track(session, history, metrics)  # after the checkpoint is kept: a tracker may stop us
+
+
+def _track(session, history: list, metrics: dict) -> None:
+    """Hands rank 0's rows and figures to the session's tracker (`pipeline.tracking`), if any."""
+    tracker = getattr(session, "tracker", None)
+    if tracker is not None and session.rank == 0:
+        tracker.rows(history, metrics)
 
 
 class CheckpointError(RuntimeError):
