@@ -6,6 +6,7 @@ from bench import (
     mnist_vqvae2,
     prior_sampling,
     prior_training,
+    prior_tune,
     vqvae2_throughput,
 )
 
@@ -16,6 +17,7 @@ def main() -> None:
     encode_throughput.main()
     prior_sampling.main()
     prior_training.main()
+    prior_tune.main()
     data_scale.main()
 
 

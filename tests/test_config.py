@@ -1,5 +1,6 @@
 """Pipeline validation: every mistake is one line naming the key, exit status 2, before any work."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -326,8 +327,32 @@ def test_every_shipped_config_validates():
     configs = sorted(Path(REPO / "configs").glob("*.yaml"))
     assert configs
     for path in configs:
+        if "sweep" in yaml.safe_load(path.read_text()):
+            continue  # a sweep file: below
         pipeline = parse_pipeline(_on_demo_steps(path))
         assert pipeline.steps, path
+
+
+def test_prior_tune_searches_depth_width_and_lr_with_asha_on_the_demo_shards():
+    import itertools
+
+    from pipeline.tune import SPACE_KINDS
+
+    demo = load_pipeline(DEMO)
+    raw = yaml.safe_load((REPO / "configs/prior_tune.yaml").read_text())
+    sweep = raw["sweep"]
+    assert sweep["step"]["inputs"] == {"codes": f"encode/{demo.steps['codes'].key[:12]}"}
+    assert {"model.layers", "model.hidden_size", "train.lr"} <= set(sweep["space"])
+    assert sweep["scheduler"]["kind"] == "asha"
+    grids = {k: v["grid"] for k, v in sweep["space"].items()}
+    assert all(next(iter(v)) in SPACE_KINDS for v in sweep["space"].values())
+    for point in itertools.product(*grids.values()):  # every trial is a valid step of the demo
+        body = json.loads(json.dumps(sweep["step"]))
+        for dotted, value in zip(grids, point, strict=True):
+            section, option = dotted.split(".")
+            body.setdefault(section, {})[option] = value
+        body["inputs"] = {"codes": "codes"}
+        parse_pipeline({**demo.raw, "steps": {**demo.raw["steps"], "trial": body}})
 
 
 def test_prior_sweep_trains_priors_on_the_demo_shards_by_key():
