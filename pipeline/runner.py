@@ -84,6 +84,11 @@ class RunResult:
     def ok(self) -> bool:
         return all(s.status != "failed" for s in self.steps)
 
+    @property
+    def refs(self) -> dict[str, str]:
+        """Step name -> its artifact as ``stage/key`` (what stored inputs and ``show`` take)."""
+        return {s.name: f"{s.stage}/{s.key}" for s in self.steps}
+
     def summary(self) -> dict:
         return {
             "run_id": self.run_id,

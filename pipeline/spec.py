@@ -166,9 +166,20 @@ def load_pipeline(
     Raises:
         ConfigError: one message naming the problem.
     """
+    raw = read_yaml(path, "pipeline file", "name and steps")
+    for item in overrides:
+        apply_override(raw, item)
+    if store is not None:
+        raw["store"] = store
+    return parse_pipeline(raw)
+
+
+def read_yaml(path: str | Path, what: str, holds: str) -> dict:
+    """The mapping in a YAML file; `ConfigError` naming the file when it is missing, unreadable,
+    not YAML or not a mapping (of `holds`)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: no such pipeline file")
+        raise ConfigError(f"{path}: no such {what}")
     try:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
     except (OSError, UnicodeDecodeError) as e:
@@ -176,12 +187,8 @@ def load_pipeline(
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})".replace("\n", " ")) from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping with name and steps")
-    for item in overrides:
-        apply_override(raw, item)
-    if store is not None:
-        raw["store"] = store
-    return parse_pipeline(raw)
+        raise ConfigError(f"{path}: expected a mapping with {holds}")
+    return raw
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -198,12 +205,17 @@ def apply_override(raw: dict, item: str) -> None:
         value = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError:
         value = text
+    set_option(raw, dotted.strip(), value, f"--set {dotted}")
+
+
+def set_option(raw: dict, dotted: str, value: Any, where: str) -> None:
+    """Sets the dotted option ``a.b.c`` of a raw mapping in place (mappings made as needed)."""
+    parts = dotted.split(".")
     node = raw
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            where = ".".join(parts[: i + 1])
-            raise ConfigError(f"--set {dotted}: {where} is not a mapping")
+            raise ConfigError(f"{where}: {'.'.join(parts[: i + 1])} is not a mapping")
         node = child
     node[parts[-1]] = value
 

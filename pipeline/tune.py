@@ -52,11 +52,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from pipeline import tracking
 from pipeline.config import ConfigError, from_dict, to_dict
-from pipeline.spec import RayOptions, Step, _Loader, apply_override, is_stored, parse_pipeline
+from pipeline.spec import (
+    RayOptions,
+    Step,
+    apply_override,
+    is_stored,
+    parse_pipeline,
+    read_yaml,
+    set_option,
+)
 from pipeline.store import Store
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform")
@@ -146,14 +152,8 @@ class Sweep:
 
 def load_sweep(path: str | Path, overrides: list[str] = (), store: str | None = None) -> Sweep:
     """Reads, overrides and validates a sweep file; `ConfigError` names the first problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such sweep file")
-    try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot be read as YAML ({e})".replace("\n", " ")) from None
-    if not isinstance(raw, dict) or "sweep" not in raw:
+    raw = read_yaml(path, "sweep file", "name and sweep (step, space)")
+    if "sweep" not in raw:
         raise ConfigError(f"{path}: expected a mapping with name and sweep (step, space)")
     for item in overrides:
         apply_override(raw, item)
@@ -242,14 +242,7 @@ def _with_values(body: dict, values: dict) -> dict:
     """The step body with each dotted option of `values` set."""
     out = json.loads(json.dumps(body))
     for dotted, value in values.items():
-        node = out
-        parts = dotted.split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"sweep.space.{dotted}: {part} is not a mapping")
-            node = child
-        node[parts[-1]] = value
+        set_option(out, dotted, value, f"sweep.space.{dotted}")
     return out
 
 

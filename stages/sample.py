@@ -144,7 +144,7 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
         precision = "bf16" if use_bf16(precision, device) else "fp32"
     check_precision(precision, device)  # fp16_weights on a GPU or a non-x86 CPU: one line
     priors, class_names = load_priors(prior_artifacts, autoencoder_artifact.key, ae_config)
-    labels = _labels(config, class_names)
+    labels = labels_for(config, class_names)
     start = time.perf_counter()
     codes = sample_codes(priors, labels, config, device, precision)
     sample_seconds = time.perf_counter() - start
@@ -198,7 +198,9 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
     }
 
 
-def _labels(config: Config, class_names: list[str]) -> torch.Tensor | None:
+def labels_for(config: Config, class_names: list[str]) -> torch.Tensor | None:
+    """The class of each image to sample (``classes`` x ``per_class``), or None when the
+    priors are unconditional."""
     if not class_names:
         return None
     classes = list(config.classes) or list(range(len(class_names)))

@@ -425,3 +425,37 @@ steps:
 def run_json_tune(sweep: Path, root: Path) -> dict:
     proc = twostage("tune", sweep, "--json", cwd=root, timeout=600, check=0)
     return json.loads(proc.stdout)
+
+
+def test_python_api_runs_a_pipeline_opens_its_codes_and_samples_from_its_priors(two_stage):
+    import yaml
+
+    import twostage
+    from pipeline.config import ConfigError
+    from tests.helpers import TWO_STAGE_PIPELINE
+
+    root, store, steps, _ = two_stage
+    pipeline = yaml.safe_load(TWO_STAGE_PIPELINE)
+    where = {"runs_dir": str(root / "runs")}
+    result = twostage.run(pipeline, where, store=store.uri)  # everything stored: no Ray at all
+    assert result.ok and {s.status for s in result.steps} == {"cached"}
+    refs = result.refs
+    assert refs["codes"] == f"encode/{steps['codes']['key']}"
+
+    codes = twostage.open_codes(refs["codes"][:16], store=store.uri)
+    assert (
+        codes.meta.level_names == ["bottom", "top"]
+        and codes.meta.autoencoder_key == (steps["vqvae"]["key"])
+    )
+    kwargs = {"store": store.uri, "per_class": 1, "classes": [3, 7], "seed": 5}
+    images, labels = twostage.sample(
+        refs["vqvae"], [refs["prior_top"], refs["prior_bottom"]], **kwargs
+    )
+    again, _ = twostage.sample(refs["vqvae"], [refs["prior_bottom"], refs["prior_top"]], **kwargs)
+    assert images.shape == (2, 32, 32, 1) and images.dtype == np.uint8 and list(labels) == [3, 7]
+    assert np.array_equal(images, again)  # one seed, one draw
+    assert not twostage.load_model(refs["prior_top"], store=store.uri).training
+    with pytest.raises(CodeShardError, match="no prior for level"):
+        twostage.sample(refs["vqvae"], [refs["prior_top"]], **kwargs)
+    with pytest.raises(ConfigError, match=r"steps.vqvae.train.steps: must be positive, got 0"):
+        twostage.run(pipeline, {**where, "steps.vqvae.train.steps": 0}, store=store.uri)
