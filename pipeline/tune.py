@@ -41,9 +41,11 @@ committed key) and ``report.html`` (the trials ranked, their curves).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
+import random
 import secrets
 import socket
 import tempfile
@@ -66,6 +68,7 @@ from pipeline.spec import (
 from pipeline.store import Store
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform")
+GRID = "grid_point"  # Tune's name for a trial's point of the grid
 
 
 @dataclass(frozen=True)
@@ -97,11 +100,14 @@ class SweepOptions:
     Args:
         step: The step to sweep, as in a pipeline file; its inputs name stored artifacts.
         space: Dotted option -> ``{grid: [...]}`` (every value), ``{choice: [...]}`` (one drawn
-            per sample), ``{uniform: [lo, hi]}`` or ``{loguniform: [lo, hi]}``.
+            per sample), ``{uniform: [lo, hi]}`` or ``{loguniform: [lo, hi]}``. Two draws of
+            one point are one step: they share its checkpoints (keep choices wider than samples).
         metric: The figure that ranks the trials (None: the stage's ``SCORE``).
         mode: ``min`` or ``max`` (None: the stage's).
         scheduler: Early stopping.
-        samples: Draws of the space (with a grid: repeats of the whole grid).
+        samples: Draws of the options that are drawn (choice, uniform, loguniform), for each
+            point of the grid.
+        seed: Seed of the order the grid's points run in.
         max_concurrent_trials: Trials at once (None: as many as the cluster's CPUs hold).
         top_k: The best trials that trained every step, committed as artifacts.
     """
@@ -112,6 +118,7 @@ class SweepOptions:
     mode: Literal["min", "max"] | None = None
     scheduler: SchedulerOptions = field(default_factory=SchedulerOptions)
     samples: int = 1
+    seed: int = 0
     max_concurrent_trials: int | None = None
     top_k: int = 1
 
@@ -185,6 +192,11 @@ def parse_sweep(raw: dict) -> Sweep:
         raise ConfigError("sweep.space: name at least one option to search")
     for name, spec in options.space.items():
         _check_space(name, spec)
+    if options.samples > 1 and all("grid" in spec for spec in options.space.values()):
+        raise ConfigError(
+            "sweep.samples: every option is a grid, so each sample would train the same steps "
+            "again; search train.seed too (e.g. train.seed: {grid: [0, 1]}) or set samples: 1"
+        )
     points = [_first(spec) for spec in options.space.values()]
     base = _trial_step(top, body, dict(zip(options.space, points, strict=True)), "sweep.step")
     if not hasattr(getattr(base.config, "train", None), "checkpoint_every"):
@@ -305,7 +317,7 @@ def experiment_name(sweep: Sweep) -> str:
     searches, so an edited sweep starts afresh and an unchanged one resumes."""
     what = {
         k: sweep.raw["sweep"].get(k)
-        for k in ("step", "space", "scheduler", "samples", "metric", "mode")
+        for k in ("step", "space", "scheduler", "samples", "seed", "metric", "mode")
     }
     what["store"] = Store(sweep.store).spec
     digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
@@ -353,7 +365,7 @@ def _fit(sweep: Sweep, store: Store, experiments: Path, verbosity: int):
             )
         tuner = tune.Tuner(
             trainable,
-            param_space={name: _domain(spec) for name, spec in options.space.items()},
+            param_space=_param_space(options),
             tune_config=tune.TuneConfig(
                 metric=sweep.metric,
                 mode=sweep.mode,
@@ -372,12 +384,32 @@ def _fit(sweep: Sweep, store: Store, experiments: Path, verbosity: int):
     return tuner.fit()
 
 
+def _param_space(options: SweepOptions) -> dict:
+    """Tune's search space: the grid's points as one grid search (``GRID``), in a seeded
+    random order, and each drawn option on its own. Early stopping judges each trial against
+    those that reported before it, so the order matters: a grid written in ascending order
+    (learning rates, widths) would start with the weakest trials and let every later one
+    through."""
+    from ray import tune
+
+    grid = {k: v["grid"] for k, v in options.space.items() if "grid" in v}
+    space = {k: _domain(v) for k, v in options.space.items() if "grid" not in v}
+    if grid:
+        points = [dict(zip(grid, p, strict=True)) for p in itertools.product(*grid.values())]
+        random.Random(options.seed).shuffle(points)
+        space[GRID] = tune.grid_search(points)
+    return space
+
+
+def _values(config: dict) -> dict:
+    """A trial's option values from its Tune config (`_param_space`)."""
+    return {**{k: v for k, v in config.items() if k != GRID}, **config.get(GRID, {})}
+
+
 def _domain(spec: dict):
     from ray import tune
 
     kind, values = next(iter(spec.items()))
-    if kind == "grid":
-        return tune.grid_search(values)
     if kind == "choice":
         return tune.choice(values)
     if kind == "uniform":
@@ -385,11 +417,12 @@ def _domain(spec: dict):
     return tune.loguniform(*values)
 
 
-def _trial(values: dict, spec: dict) -> None:
-    """One trial (Tune's function trainable): the plain step with `values`, trained in this
-    process, each checkpoint's figures reported to Tune."""
+def _trial(config: dict, spec: dict) -> None:
+    """One trial (Tune's function trainable): the plain step with the trial's values, trained
+    in this process, each checkpoint's figures reported to Tune."""
     from pipeline.stage import load
 
+    values = _values(config)
     os.chdir(spec["cwd"])  # relative data paths mean what they mean to the driver
     top = _SweepFile(spec["name"], SweepOptions(step={}, space={}), store=spec["store"])
     step = _trial_step(top, spec["body"], values, "trial", verify=False)
@@ -444,7 +477,7 @@ def _trials(sweep: Sweep, grid) -> list[dict]:
     top = _SweepFile(sweep.name, sweep.options, store=sweep.store)
     trials = []
     for index, result in enumerate(grid):
-        values = {k: v for k, v in (result.config or {}).items() if k in sweep.options.space}
+        values = {k: v for k, v in _values(result.config or {}).items() if k in sweep.options.space}
         frame = result.metrics_dataframe
         reports = [] if frame is None else frame.to_dict("records")
         last = dict(result.metrics or {})

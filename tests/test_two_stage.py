@@ -343,8 +343,9 @@ sweep:
     level: top
     model: {TINY_PRIOR}
     train: {{steps: 60, batch_size: 64, log_every: 10, checkpoint_every: 20, cpus_per_worker: 1}}
-  space:  # best first, worst last: ASHA stops the last at 40 steps (rungs start empty after
-    train.lr: {{grid: [3.0e-3, 1.0e-4, 1.0e-5]}}  # a restore, so after the second's)
+  space:  # seed 5 runs them in this order, best first, worst last: ASHA stops the last at 40
+    train.lr: {{grid: [3.0e-3, 1.0e-4, 1.0e-5]}}  # steps (after a restore: after the second's)
+  seed: 5
   scheduler: {{kind: asha, grace_steps: 40, reduction_factor: 2}}
   max_concurrent_trials: 1
   top_k: 1
