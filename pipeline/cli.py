@@ -147,39 +147,38 @@ def _existing_store(args) -> Store:
 
 
 def _cmd_run(args) -> int:
-    from pipeline.runner import RayStartError, run_pipeline
+    from pipeline.runner import run_pipeline
     from pipeline.spec import load_pipeline
 
     pipeline = load_pipeline(args.config, args.overrides, args.store)
-    verbosity = -1 if args.quiet else 1 if args.verbose else 0
-    try:
-        if args.json:
-            with _stdout_to_stderr() as stdout:
-                result = run_pipeline(pipeline, verbosity)
-                stdout.write(json.dumps(result.summary(), indent=2) + "\n")
-        else:
-            result = run_pipeline(pipeline, verbosity)
-            _print_run(result)
-    except RayStartError as e:
-        print(f"twostage: {e}", file=sys.stderr)
-        return 1
-    return 0 if result.ok else 1
+    return _run(args, lambda verbosity: run_pipeline(pipeline, verbosity), _print_run)
 
 
 def _cmd_tune(args) -> int:
-    from pipeline.runner import RayStartError
     from pipeline.tune import load_sweep, run_sweep
 
     sweep = load_sweep(args.config, args.overrides, args.store)
+    return _run(
+        args,
+        lambda verbosity: run_sweep(sweep, verbosity),
+        lambda result: _print_sweep(result, sweep.metric),
+    )
+
+
+def _run(args, work, show) -> int:
+    """Runs `work(verbosity)` (a run or a sweep) as ``-q``/``-v`` and ``--json`` ask; prints its
+    summary as JSON or through `show`. Exit status 0 when it succeeded, else 1."""
+    from pipeline.runner import RayStartError
+
     verbosity = -1 if args.quiet else 1 if args.verbose else 0
     try:
         if args.json:
             with _stdout_to_stderr() as stdout:
-                result = run_sweep(sweep, verbosity)
+                result = work(verbosity)
                 stdout.write(json.dumps(result.summary(), indent=2, default=str) + "\n")
         else:
-            result = run_sweep(sweep, verbosity)
-            _print_sweep(result, sweep.metric)
+            result = work(verbosity)
+            show(result)
     except RayStartError as e:
         print(f"twostage: {e}", file=sys.stderr)
         return 1

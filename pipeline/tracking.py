@@ -20,7 +20,6 @@ import os
 from pathlib import Path
 
 ENV = "TWOSTAGE_TRACKING_DIR"
-KINDS = ("none", "tensorboard")
 reporter = None  # set in a Tune trial's process (`pipeline.tune`): it gets what a tracker gets
 
 
