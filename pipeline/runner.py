@@ -36,7 +36,7 @@ from pipeline import cluster
 from pipeline.config import to_dict
 from pipeline.report import write_report
 from pipeline.spec import Pipeline, Step, input_keys
-from pipeline.store import Store
+from pipeline.store import Store, redact
 from pipeline.tracking import ENV as tracking_env
 from pipeline.tracking import Tracker
 
@@ -523,7 +523,8 @@ def _track_run(pipeline: Pipeline, result: RunResult, metrics: dict, logdir: str
         tracker.scalars(name, values.get("final", values) if isinstance(values, dict) else {})
     keys = "\n".join(f"| {s.name} | {s.stage} | {s.status} | {s.key} |" for s in result.steps)
     tracker.text("artifacts", f"| step | stage | status | key |\n|---|---|---|---|\n{keys}")
-    config = yaml.safe_dump(pipeline.raw, sort_keys=False)
+    shown = {**pipeline.raw, "store": redact(pipeline.store)}  # no credentials of its URI
+    config = yaml.safe_dump(shown, sort_keys=False)
     tracker.text("pipeline", "\n".join("    " + line for line in config.splitlines()))
     tracker.close()
 
@@ -565,7 +566,7 @@ def _write_run_dir(pipeline: Pipeline, store: Store, result: RunResult) -> dict:
         "store": store.uri,
         "status": "ok" if result.ok else "failed",
         "seconds": round(result.seconds, 3),
-        "config": pipeline.raw,
+        "config": {**pipeline.raw, "store": redact(pipeline.store)},  # no credentials
         "steps": {
             s.name: {
                 **s.summary(),

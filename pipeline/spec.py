@@ -41,7 +41,21 @@ _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, but ``1e-3`` is a number as in YAML 1.2 (1.1 wants ``1.0e-3``)."""
+    """PyYAML's safe loader, but ``1e-3`` is a number as in YAML 1.2 (1.1 wants ``1.0e-3``),
+    and a key given twice in one mapping (two steps of one name) is an error, not the last
+    one silently winning."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, str | int | float | bool) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", key_node.start_mark
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -97,6 +111,13 @@ class Resources:
         for name in ("num_cpus", "num_gpus", "memory_gb"):
             if (getattr(self, name) or 0) < 0:
                 raise ConfigError(f"{name}: cannot be negative, got {getattr(self, name)}")
+        for name, amount in self.custom.items():
+            if name in ("CPU", "GPU", "memory"):
+                raise ConfigError(
+                    f"custom: {name}: use num_cpus, num_gpus or memory_gb for it, not custom"
+                )
+            if not isinstance(amount, int | float) or isinstance(amount, bool) or amount < 0:
+                raise ConfigError(f"custom: {name}: expected an amount >= 0, got {amount!r}")
 
 
 @dataclass(frozen=True)
@@ -185,6 +206,9 @@ def read_yaml(path: str | Path, what: str, holds: str) -> dict:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot be read ({e})") from None
     except yaml.YAMLError as e:
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+        if mark is not None and problem:
+            raise ConfigError(f"{path}:{mark.line + 1}: not valid YAML: {problem}") from None
         raise ConfigError(f"{path}: not valid YAML ({e})".replace("\n", " ")) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with {holds}")
@@ -224,6 +248,11 @@ def parse_pipeline(raw: dict, verify_stored: bool = True) -> Pipeline:
     """Validates a raw pipeline mapping (see `load_pipeline`); `verify_stored`: check every
     file of the stored inputs (off where this process's caller has just done so)."""
     top = from_dict(_Top, raw, "")
+    if not isinstance(top.name, str) or not _NAME.match(top.name):  # it names run directories
+        raise ConfigError(
+            f"name: {top.name!r}: a pipeline name starts with a letter and uses letters, "
+            "digits, _ or -"
+        )
     if not isinstance(top.steps, dict) or not top.steps:
         raise ConfigError("steps: must be a non-empty mapping of step name -> step")
     steps = {name: _parse_step(name, body) for name, body in top.steps.items()}

@@ -26,7 +26,8 @@
 
 Built-in stages are the modules of the ``stages`` package, named by type (``ingest`` is
 ``stages/ingest.py``): the file list is the registry. A user's own stage is named by its module
-path (``mypackage.my_stage``), importable on every Ray node. The pipeline reaches stages only
+path (``mypackage.my_stage``), importable on every Ray node; ``$TWOSTAGE_PLUGIN_STAGES``
+limits which (`ALLOW_ENV`). The pipeline reaches stages only
 through `load`, by name; nothing in ``pipeline/`` imports a stage module.
 """
 
@@ -34,12 +35,19 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
 STAGES_PACKAGE = "stages"
+# Plugin stages are code: naming a module in a pipeline file runs it. Where pipeline files come
+# from people you do not trust with your shell, set this to the module prefixes allowed
+# (comma-separated, e.g. "mylab.stages,other_pkg"); empty allows the built-in stages only.
+ALLOW_ENV = "TWOSTAGE_PLUGIN_STAGES"
+_MODULE_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*\Z")
 
 
 def builtin() -> list[str]:
@@ -85,8 +93,21 @@ def load(stage: str) -> ModuleType:
     Raises:
         ImportError: with a message naming the stage.
     """
+    if not isinstance(stage, str) or not _MODULE_PATH.match(stage):
+        raise ImportError(
+            f"stage {stage!r} is neither a built-in stage type nor a module path "
+            "(like mypackage.my_stage)"
+        )
     known = builtin()
     module_name = f"{STAGES_PACKAGE}.{stage}" if stage in known else stage
+    allowed = os.environ.get(ALLOW_ENV)
+    if stage not in known and allowed is not None:
+        prefixes = [p.strip() for p in allowed.split(",") if p.strip()]
+        if not any(stage == p or stage.startswith(p + ".") for p in prefixes):
+            raise ImportError(
+                f"plugin stage {stage!r} is not allowed: ${ALLOW_ENV} allows "
+                + (", ".join(prefixes) if prefixes else "the built-in stages only")
+            )
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:

@@ -28,6 +28,7 @@ import hashlib
 import json
 import mmap
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -132,6 +133,74 @@ def _write_direct(fd: int, view: memoryview) -> None:
             while written < end:
                 written += os.write(fd, block[written:end])
     os.ftruncate(fd, len(view))  # drop the padding
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}\Z")
+
+
+def _name_error(text: Any) -> str | None:
+    """Why `text` is not one plain path component (a stage type, a key), or None."""
+    if not isinstance(text, str) or not text:
+        return "is empty"
+    if "/" in text or "\\" in text or text in (".", "..") or "\0" in text:
+        return "is not one plain name (no /, \\ or ..)"
+    return None
+
+
+def _path_error(name: Any) -> str | None:
+    """Why `name` is not a relative path inside an artifact (a manifest file name), or None."""
+    if not isinstance(name, str) or not name or name.startswith("/") or "\\" in name:
+        return "is not a relative path"
+    if any(part in ("", ".", "..") for part in name.split("/")) or "\0" in name:
+        return "leaves the artifact (empty, . or .. parts)"
+    return None
+
+
+def _manifest_error(manifest: Any) -> str | None:
+    """What is malformed in a parsed manifest (files and where they lie), or None."""
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        return "not a twostage manifest"
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return "'files' is not a mapping of file name -> size and sha256"
+    for name, entry in files.items():
+        problem = _path_error(name)
+        if problem:
+            return f"file name {name!r} {problem}"
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("size"), int)
+            or entry["size"] < 0
+            or not isinstance(entry.get("sha256"), str)
+            or not _SHA256.match(entry["sha256"])
+        ):
+            return f"file {name!r}: expected size (bytes) and sha256 (64 hex digits)"
+    data_dir = manifest.get("data_dir", "")
+    if data_dir and _path_error(data_dir):
+        return f"data_dir {data_dir!r} {_path_error(data_dir)}"
+    return None
+
+
+# query parameters of a store URI that hold credentials (pyarrow's S3, GCS and HDFS options)
+_SECRET_PARAMS = {"access_key", "secret_key", "session_token", "password", "token", "kerb_ticket"}
+
+
+def redact(uri: str) -> str:
+    """A store URI or path as it may be shown and written down: the user info of its authority
+    (``s3://KEY:SECRET@bucket``) and every credential in its query become ``***``. Readers
+    reopen stores from the full URI (`Store.spec`), which is never written to a file."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return uri
+    rest, qmark, query = rest.partition("?")
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        authority = "***@" + authority.rsplit("@", 1)[1]
+    params = []
+    for item in query.split("&") if query else []:
+        name, eq, value = item.partition("=")
+        params.append(f"{name}=***" if name.lower() in _SECRET_PARAMS and eq else item)
+    return f"{scheme}://{authority}{slash}{path}" + (qmark + "&".join(params) if qmark else "")
 
 
 def _is_local(uri: str) -> bool:
@@ -280,10 +349,15 @@ class Store:
             except Exception as e:  # pyarrow raises several types here
                 raise StoreError(f"store {uri!r}: cannot open ({e})") from e
             self.root = root.rstrip("/")
-            self.uri = uri.split("?", 1)[0].rstrip("/")
+            self.uri = redact(uri.split("?", 1)[0].rstrip("/"))  # shown and written down
             self.spec = uri  # with its query (endpoint, scheme), for workers to reopen
 
     def dir_of(self, stage: str, key: str) -> str:
+        """Where artifact ``stage/key`` lies; `StoreError` for names that would leave it."""
+        for what, text in (("stage", stage), ("key", key)):
+            problem = _name_error(text)
+            if problem:
+                raise StoreError(f"{what} {text!r} {problem}")
         return f"{self.root}/{stage}/{key}"
 
     def uri_of(self, stage: str, key: str) -> str:
@@ -308,12 +382,9 @@ class Store:
             raise StoreError(f"{path}: cannot read the manifest ({e})") from e
         try:
             manifest = json.loads(raw)
-            if (
-                not isinstance(manifest, dict)
-                or manifest.get("format") != MANIFEST_FORMAT
-                or "files" not in manifest
-            ):
-                raise ValueError("not a twostage manifest")
+            problem = _manifest_error(manifest)
+            if problem:
+                raise ValueError(problem)
         except ValueError as e:
             raise CorruptArtifactError(
                 f"{path}: unreadable manifest ({e}); delete {self.dir_of(stage, key)} and rerun "
@@ -339,6 +410,8 @@ class Store:
         Artifacts whose manifest is unreadable are left out; their errors are appended to
         `problems` when given.
         """
+        if stage is not None and _name_error(stage):
+            raise StoreError(f"stage {stage!r} {_name_error(stage)}")
         stages = [stage] if stage else self._children(self.root)
         found = []
         for name in stages:
@@ -362,6 +435,9 @@ class Store:
             stage, key_prefix = key_prefix.rsplit("/", 1)
         if len(key_prefix) < 4:
             raise StoreError(f"key prefix {key_prefix!r} is too short (give at least 4 characters)")
+        for what, text in (("stage", stage), ("key prefix", key_prefix)):
+            if text is not None and _name_error(text):
+                raise StoreError(f"{what} {text!r} {_name_error(text)}")
         problems: list[str] = []
         matches = [a for a in self.list(stage, problems) if a.key.startswith(key_prefix)]
         if not matches:
@@ -533,5 +609,5 @@ def check_in_process(workers: int, what: str, location: str) -> None:
     if workers == 0 and "://" in location:
         raise ValueError(
             f"train.workers: 0 trains in process with checkpoints in a local directory, but "
-            f"{what} is {location.split('?')[0]}; use workers >= 1 (Ray Train)"
+            f"{what} is {redact(location.split('?')[0])}; use workers >= 1 (Ray Train)"
         )

@@ -65,7 +65,7 @@ from pipeline.spec import (
     read_yaml,
     set_option,
 )
-from pipeline.store import Store
+from pipeline.store import Store, redact
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform")
 GRID = "grid_point"  # Tune's name for a trial's point of the grid
@@ -372,6 +372,9 @@ def _fit(sweep: Sweep, store: Store, experiments: Path, verbosity: int):
                 scheduler=scheduler,
                 num_samples=options.samples,
                 max_concurrent_trials=concurrent,
+                # a trial is a plain function: the next one reuses its process (torch and
+                # transformers imported once per process, not per trial)
+                reuse_actors=True,
                 trial_dirname_creator=lambda trial: trial.trial_id,
             ),
             run_config=tune.RunConfig(
@@ -581,7 +584,7 @@ def _write(sweep: Sweep, store: Store, result: SweepResult) -> None:
         "mode": sweep.mode,
         "seconds": round(result.seconds, 3),
         "steps_trained": sum(t["steps"] for t in result.trials),
-        "config": sweep.raw,
+        "config": {**sweep.raw, "store": redact(sweep.store)},  # no credentials of its URI
         "trials": result.trials,
         "committed": result.committed,
         "host": socket.gethostname(),

@@ -249,9 +249,13 @@ def train_loop(config: Config, images_ref: dict, session) -> dict:
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-        optimizer.step()
+        loop.clip_and_step(
+            optimizer,
+            model.parameters(),
+            train.grad_clip,
+            step,
+            f"last good checkpoint: {'none yet' if last_good is None else f'step {last_good}'}",
+        )
         if hasattr(model, "advance"):  # capacity-controlled beta-VAE: C grows per optimizer step
             model.advance()
 

@@ -32,6 +32,7 @@ from stages.formats import image_stream
 from stages.formats.images import image_table_meta
 from stages.formats.pixels import to_signed
 from stages.metrics.quality import accuracy_on
+from stages.training import loop
 
 VERSION = "2"  # 2: streamed epochs (1 drew batches with replacement from the whole split)
 HELD_OUT = 10_000  # val (or test) images the accuracy is measured on
@@ -111,7 +112,7 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
         loss = model(x, torch.from_numpy(batch["label"]))["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        loop.clip_and_step(optimizer, model.parameters(), 0, step, "check the input data")
         if (step + 1) % 100 == 0 or step + 1 == config.steps:
             history.append({"step": step + 1, "lr": lr, "ce": float(loss.detach())})
             log.info(

@@ -5,11 +5,11 @@ the runner trains in parallel): the top prior models the top codes alone, the bo
 models the bottom codes given the top codes (`models.prior`). Both read the same cached shards,
 so prior experiments never re-encode.
 
-Data: the shards are read with Ray Data (``read_parquet`` -> ``map_batches`` to fixed-shape
-uint16 arrays, the shards' own type; materialized once in the object store when they take at
-most a quarter of it, else streamed from the Parquet files every epoch) and passed to Ray
-Train's
-``TorchTrainer``; each worker reads its shard of the
+Data: the shards become Ray Datasets of fixed-shape uint16 arrays, the shards' own type. Up to
+``SMALL_CODES`` bytes of codes are read in the stage's process (``ray.data.from_arrow``); larger
+ones are read with Ray Data (``read_parquet`` -> ``map_batches``), materialized once in the
+object store when they take at most a quarter of it, else streamed from the Parquet files every
+epoch. The datasets go to Ray Train's ``TorchTrainer``; each worker reads its shard of the
 ``train`` split through ``session.dataset("train")`` with a local shuffle buffer, one epoch
 after another until ``train.steps``. The ``val`` split (whole, not sharded) gives the val bits
 per code at each checkpoint. ``train.workers: 0`` runs the same loop in the stage's process on
@@ -105,6 +105,9 @@ class Config:
 # ----- the stage ------------------------------------------------------------------------------
 
 
+SMALL_CODES = 64 << 20  # bytes of codes read in the stage's process rather than by Ray Data
+
+
 def worker_requests(config: Config) -> list[dict[str, float]]:
     """What each Ray Train worker asks for, for the runner to check against the nodes."""
     return harness.worker_requests(config.train)
@@ -119,13 +122,19 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
     meta = codes.meta
     prior_config = prior_config_for(meta, config)
     levels = [config.level, *prior_config.context_grids]
-    # read and convert once where they fit; every epoch then streams blocks from the object
-    # store (code shards are small: ~100 bytes per image in Parquet, 2 per code as arrays)
-    keep = _fits_object_store(codes, levels)
+    # code shards are small (~100 bytes per image in Parquet, 2 per code as arrays): up to
+    # SMALL_CODES bytes they are read here in one go (no read tasks to start); up to a quarter
+    # of the object store they are read once by Ray Data and kept there; else every epoch
+    # streams them from the Parquet files
+    size = _code_bytes(codes, levels)
     datasets = {}
     for split in ("train", "val"):
-        grids = codes.to_ray_grids(split, levels)
-        datasets[split] = grids.materialize() if keep else grids
+        if size <= SMALL_CODES:
+            datasets[split] = ray.data.from_arrow(codes.grid_table(split, levels))
+        elif _fits_object_store(size):
+            datasets[split] = codes.to_ray_grids(split, levels).materialize()
+        else:
+            datasets[split] = codes.to_ray_grids(split, levels)
     n_params = sum(p.numel() for p in CodePrior(prior_config).parameters())
     log.info(
         "train_prior: level %s (%dx%d codes%s), %.2fM parameters, %d steps of %d grids, %s",
@@ -277,12 +286,9 @@ def train_loop(config: Config, prior: PriorConfig, session) -> dict:
             loop.check_finite(loss, step, {}, "lower train.lr or check the code shards")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-                if train.grad_clip > 0
-                else torch.tensor(0.0)
+            grad_norm = loop.clip_and_step(
+                optimizer, model.parameters(), train.grad_clip, step, "lower train.lr"
             )
-            optimizer.step()
             step += 1
             window.add({"nll": out["nll"]}, len(codes) * session.world_size * tokens_per_row)
             if loop.due(step, train.log_every, train.steps):
@@ -341,12 +347,16 @@ def _checkpoint(model, optimizer, step, start_step, history, val, unpack, bf16, 
     return metrics
 
 
-def _fits_object_store(codes, levels: list[str]) -> bool:
-    """Whether the code arrays of `levels` take at most a quarter of the object store."""
+def _code_bytes(codes, levels: list[str]) -> int:
+    """Bytes of the uint16 code arrays of `levels`, over every row of the shards."""
+    rows = codes.artifact.metrics.get("images", 0)  # encode's count of rows in the shards
+    return rows * sum(math.prod(codes.meta.grid_shapes[level]) for level in levels) * 2
+
+
+def _fits_object_store(size: int) -> bool:
+    """Whether `size` bytes of codes take at most a quarter of the object store."""
     import ray
 
-    rows = codes.artifact.metrics.get("images", 0)  # encode's count of rows in the shards
-    size = rows * sum(math.prod(codes.meta.grid_shapes[level]) for level in levels) * 2
     store = ray.available_resources().get("object_store_memory", 0)
     if size > store / 4:
         log.info("train_prior: %.0f MB of codes stream from the shards each epoch", size / 1e6)

@@ -355,9 +355,13 @@ class _Phase:
                 if p.grad is not None:
                     torch.distributed.all_reduce(p.grad)
                     p.grad /= world_size
-        if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
-        self.optimizer.step()
+        loop.clip_and_step(
+            self.optimizer,
+            self.module.parameters(),
+            self.grad_clip,
+            step,
+            f"{self.name} phase; lower the learning rate; the last checkpoint is kept",
+        )
 
 
 def _log_progress(row: dict, total: int) -> None:

@@ -58,3 +58,41 @@ def test_pipeline_on_s3_store_writes_reads_and_caches(s3_server, aws_env, tmp_pa
         twostage("ls", "--json", "--store", s3_server["uri"], cwd=tmp_path, env=env, check=0).stdout
     )
     assert {row["stage"] for row in listing} == {"ingest", "image_stats"}
+
+
+def test_credentials_in_the_store_uri_are_never_written(s3_server, tmp_path):
+    secret = "Zq7SECRETvalue9"  # moto takes any credentials; these are the only ones given
+    uri = s3_server["uri"].replace("s3://", f"s3://testing:{secret}@").replace(
+        "runs-test", "creds"
+    )
+    env = {k: v for k, v in cli_env().items() if not k.startswith("AWS_")}
+    env.update(AWS_DEFAULT_REGION="us-east-1", TWOSTAGE_CACHE=str(tmp_path / "cache"))
+    config = tmp_path / "p.yaml"
+    config.write_text(
+        "name: creds\ntracking: tensorboard\nsteps:\n"
+        "  data: {stage: ingest, source: {kind: embedded}, image_size: 32, limit: 200}\n"
+        "  stats: {stage: image_stats, inputs: {images: data}}\n"
+    )
+    proc = twostage("run", config, "--store", uri, "--json", cwd=tmp_path, env=env, check=0)
+    assert {s["status"] for s in json.loads(proc.stdout)["stages"]} == {"ran"}  # it worked
+    in_process = tmp_path / "bad.yaml"  # refused with a message naming the store
+    in_process.write_text(
+        "name: creds\nsteps:\n  data: {stage: ingest, source: {kind: embedded}, image_size: 32}\n"
+        "  ae: {stage: train_autoencoder, inputs: {images: data}, train: {workers: 0},\n"
+        "       model: {in_channels: 1}}\n"
+    )
+    refused = twostage("run", in_process, "--store", uri, cwd=tmp_path, env=env, check=2)
+    assert "s3://***@twostage/creds" in refused.stderr
+    shown = twostage("ls", "--store", uri, cwd=tmp_path, env=env, check=0)
+    for out in (proc, refused, shown):
+        assert secret not in out.stdout + out.stderr
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".yaml"]
+    assert any(p.name == "run.json" for p in written)
+    for path in written:
+        assert secret.encode() not in path.read_bytes(), path
+    client = s3_server["client"]
+    objects = client.list_objects_v2(Bucket="twostage", Prefix="creds/")["Contents"]
+    assert len(objects) > 4
+    for obj in objects:
+        body = client.get_object(Bucket="twostage", Key=obj["Key"])["Body"].read()
+        assert secret.encode() not in body, obj["Key"]

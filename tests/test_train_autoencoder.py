@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.config import from_dict
 from pipeline.store import Store
@@ -120,7 +121,8 @@ def test_in_process_resume_and_checkpoint_contents(tmp_path):
         )
     message = str(info.value)
     assert message.startswith(
-        "no checkpoint to resume from can be loaded: checkpoint_00000040 cannot be loaded ("
+        "no checkpoint to resume from can be loaded: checkpoint_00000040: state.pt does not "
+        "match its sha256 (corrupted on disk)"
     )
     assert message.endswith(
         f"; nor can the 1 older one(s); delete {scratch} to start this step over"
@@ -148,6 +150,70 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_checkpoints(tmp_path
         train_autoencoder.run(config, {"images": images}, out, str(scratch))
     kept = sorted(scratch.glob("checkpoint_*"))
     assert kept and all((p / "model.safetensors").is_file() for p in kept)
+
+
+def test_a_flipped_bit_in_the_tensor_data_falls_back_to_the_checkpoint_before(tmp_path):
+    images = _images(tmp_path)
+    scratch = tmp_path / "scratch"
+    for n, steps in enumerate((20, 30)):
+        out = tmp_path / f"out{n}"
+        out.mkdir()
+        metrics = train_autoencoder.run(
+            _config(steps=steps, checkpoint_every=10), {"images": images}, out, str(scratch)
+        )
+        if n == 0:  # flip one bit in the newest weights, past the safetensors header
+            weights = scratch / "checkpoint_00000020" / "model.safetensors"
+            data = bytearray(weights.read_bytes())
+            header = 8 + int.from_bytes(data[:8], "little")
+            data[(header + len(data)) // 2] ^= 0x04
+            weights.write_bytes(bytes(data))
+    assert metrics["resumed_from_step"] == 10 and metrics["step"] == 30
+    assert (scratch / "unloadable-checkpoint_00000020" / "model.safetensors").is_file()
+
+
+class _InfGradient(torch.autograd.Function):
+    """The identity forward (a finite loss stays finite); an infinite gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("inf"))
+
+
+@pytest.mark.parametrize("grad_clip, precision", [(1.0, "fp32"), (0.0, "bf16")])
+def test_inf_gradients_with_a_finite_loss_never_reach_a_checkpoint(
+    tmp_path, monkeypatch, grad_clip, precision
+):
+    from safetensors.torch import load_file
+
+    from models.vqvae2 import VQVAE2
+
+    images = _images(tmp_path, limit=200)
+    forward, calls = VQVAE2.forward, []
+
+    def poisoned(self, *args, **kwargs):  # the 10th training step: a checkpoint is due after it
+        out = forward(self, *args, **kwargs)
+        if self.training:
+            calls.append(1)
+            if len(calls) == 10:
+                out["loss"] = _InfGradient.apply(out["loss"])
+        return out
+
+    monkeypatch.setattr(VQVAE2, "forward", poisoned)
+    scratch, out = tmp_path / "scratch", tmp_path / "out"
+    out.mkdir()
+    config = _config(steps=20, checkpoint_every=5, grad_clip=grad_clip, precision=precision)
+    with pytest.raises(FloatingPointError, match=r"gradient norm became (nan|inf) at step 10 "):
+        train_autoencoder.run(config, {"images": images}, out, str(scratch))
+    kept = sorted(scratch.glob("checkpoint_*"))
+    assert [p.name for p in kept] == ["checkpoint_00000005"]
+    for checkpoint in kept:
+        weights = load_file(checkpoint / "model.safetensors")
+        assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+    assert not list(out.iterdir())
 
 
 def test_image_size_mismatch_names_the_fix(tmp_path):

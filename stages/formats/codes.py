@@ -196,6 +196,12 @@ class CodeDataset:
             num_cpus=0,  # light; other stages may hold the CPUs
         )
 
+    def grid_table(self, split: str, levels: list[str]) -> pa.Table:
+        """The rows of `to_ray_grids`, read here in one go (for shards small enough to hold)."""
+        sizes = {level: math.prod(self.meta.grid_shapes[level]) for level in levels}
+        table = self.read_table(columns=["label", "split", *map(column, levels)])
+        return _grid_rows(table, split, sizes)
+
     def read_table(self, split: str | None = None, columns: list[str] | None = None) -> pa.Table:
         """All rows (of one split) as one Arrow table, read from the verified files."""
         tables = [

@@ -28,8 +28,8 @@ import torch
 
 from models.io import MODEL_FILES
 from pipeline import cluster, tracking
-from pipeline.store import check_in_process, sync_directory, sync_tree
-from stages.training.loop import CheckpointError
+from pipeline.store import check_in_process, redact, sync_directory, sync_tree
+from stages.training.loop import CheckpointError, verify_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,7 @@ def train_into(
             worker_resources=train.worker_resources,
             **data,
         )
+        verify_checkpoint(final_dir)  # the artifact gets the weights the run checkpointed
         for name in MODEL_FILES:
             shutil.copyfile(final_dir / name, out / name)
         history = json.loads((final_dir / "history.json").read_text())
@@ -219,11 +220,11 @@ def _ray_storage(scratch: str):
 
 def _start_over(scratch: str) -> str:
     """What to do when no checkpoint of a step can be resumed from."""
-    return f"; delete {scratch} to start this step over"
+    return f"; delete {redact(scratch)} to start this step over"
 
 
 def _training_error(error: BaseException, scratch: str) -> str:
-    text = str(error)
+    text, scratch = str(error), redact(scratch)
     match = re.search(r"FloatingPointError: (.*)", text)
     if match:
         return f"{match.group(1)}; checkpoints before it are kept in {scratch}"

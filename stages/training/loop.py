@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Literal, Protocol
 import torch
 
 from pipeline.config import run_option
+from pipeline.store import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,32 @@ def check_finite(loss: torch.Tensor, step: int, terms: dict, advice: str) -> Non
     raise FloatingPointError(f"loss became {loss.item()} at step {step + 1}{named}; {advice}")
 
 
+def clip_and_step(optimizer, parameters, grad_clip: float, step: int, advice: str) -> float:
+    """Clips the global gradient norm to `grad_clip` (0: no clipping) and steps the optimizer,
+    unless a gradient is non-finite while the loss was finite (an overflow in backward, a bad
+    custom op): then FloatingPointError before any weight changes, so no checkpoint or artifact
+    can hold what that step would have written. Returns the gradient norm before clipping."""
+    params = [p for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    if not torch.isfinite(norm):
+        raise FloatingPointError(
+            f"the gradient norm became {float(norm)} at step {step + 1} with a finite loss; "
+            f"the weights were not updated; {advice}"
+        )
+    optimizer.step()
+    return float(norm)
+
+
+def check_finite_weights(model: torch.nn.Module, step: int) -> None:
+    """FloatingPointError when any weight or buffer of `model` is not finite (never saved)."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise FloatingPointError(
+                f"weight {name} is not finite at step {step}; not checkpointed (the last "
+                "checkpoint is kept)"
+            )
+
+
 def due(done: int, every: int, *at: int) -> bool:
     """Whether something done every `every` steps (or at the steps `at`) falls on step `done`."""
     return done % every == 0 or done in at
@@ -231,11 +258,14 @@ def save_checkpoint(session, model, state: dict, history: list, metrics: dict) -
     """
     checkpoint_dir = None
     if session.rank == 0:
+        check_finite_weights(model, metrics.get("step", 0))
         checkpoint_dir = Path(tempfile.mkdtemp(prefix="twostage-ckpt-"))
         model.save(checkpoint_dir)
         torch.save(state, checkpoint_dir / "state.pt")
         (checkpoint_dir / "history.json").write_text(json.dumps(history))
         (checkpoint_dir / "final_metrics.json").write_text(json.dumps(metrics))
+        sums = {p.name: sha256_file(p) for p in sorted(checkpoint_dir.iterdir()) if p.is_file()}
+        (checkpoint_dir / CHECKSUMS).write_text(json.dumps(sums, indent=1))  # written last
     session.report(metrics, checkpoint_dir)
     if checkpoint_dir is not None:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
@@ -307,9 +337,12 @@ def _same_on_every_rank(session, step: int) -> None:
 
 
 def load_checkpoint(directory: Path, model) -> tuple[dict, list]:
-    """Loads a `save_checkpoint` directory's weights into `model`; returns (state, history)."""
+    """Loads a `save_checkpoint` directory's weights into `model`; returns (state, history).
+    Every file must match the sha256 its ``CHECKSUMS`` file records (a flipped bit in the
+    tensor data would load without complaint otherwise)."""
     from safetensors.torch import load_file
 
+    verify_checkpoint(directory)
     try:
         model.load_state_dict(load_file(directory / "model.safetensors"))
         state = torch.load(directory / "state.pt", weights_only=True)
@@ -318,3 +351,25 @@ def load_checkpoint(directory: Path, model) -> tuple[dict, list]:
         error = " ".join(f"{type(e).__name__}: {e}".split())
         raise CheckpointError(f"{directory.name} cannot be loaded ({error})") from e
     return state, history
+
+
+CHECKSUMS = "sha256sums.json"  # a checkpoint's file name -> sha256, written after the rest
+
+
+def verify_checkpoint(directory: Path) -> None:
+    """CheckpointError unless every file `CHECKSUMS` lists is in `directory` with its sha256."""
+    try:
+        sums = json.loads((directory / CHECKSUMS).read_text())
+        if not isinstance(sums, dict) or not sums:
+            raise ValueError("not a mapping of file name -> sha256")
+    except (OSError, ValueError) as e:
+        error = " ".join(f"{type(e).__name__}: {e}".split())
+        raise CheckpointError(f"{directory.name} has no readable {CHECKSUMS} ({error})") from e
+    for name, digest in sums.items():
+        path = directory / str(name)
+        if "/" in str(name) or not path.is_file():
+            raise CheckpointError(f"{directory.name}: {name} is missing")
+        if sha256_file(path) != digest:
+            raise CheckpointError(
+                f"{directory.name}: {name} does not match its sha256 (corrupted on disk)"
+            )
