@@ -380,14 +380,26 @@ def _in_order(submit, count: int, window: int):
             ray.cancel(ref)
 
 
-def _ingest_parquet(config: Config, out: Path) -> _Tally:
-    """An image table's Parquet files, a row group at a time; train and val are split again by
-    this step's seed (a hash of each id), test stays test."""
+def check_upstream(config: Config, step, steps: dict) -> None:
+    """A Parquet source must form one image table; checked before any work where the driver
+    can see the files (elsewhere when the step runs)."""
+    if config.source.kind == "parquet":
+        import pyarrow.fs as pafs
+
+        fs, root = folder.filesystem(config.source.path)
+        if fs.get_file_info(root).type != pafs.FileType.NotFound:
+            _parquet_source(config)
+
+
+def _parquet_source(config: Config) -> tuple[object, list[str]]:
+    """The Parquet files of ``source.path`` (filesystem, paths), checked to form one image
+    table: one ``class_names`` and ``schema_version`` in every file's metadata, and no id twice
+    across them (a pass over the footers and the id column: 8 bytes a row)."""
     import pyarrow as pa
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
-    from stages.formats.images import META_KEY, table_from_arrow
+    from stages.formats.images import META_KEY
 
     fs, root = folder.filesystem(config.source.path)
     info = fs.get_file_info(root)
@@ -399,7 +411,45 @@ def _ingest_parquet(config: Config, out: Path) -> _Tally:
         selector = pafs.FileSelector(root, recursive=True)
         paths = sorted(e.path for e in fs.get_file_info(selector) if e.path.endswith(".parquet"))
     if not paths:
-        raise ValueError(f"{root}: no .parquet files")
+        raise ValueError(f"source.path: {root}: no .parquet files")
+    first, ids = None, []
+    for path in paths:
+        try:
+            with fs.open_input_file(path) as f:
+                parquet = pq.ParquetFile(f)
+                meta = ImageTableMeta.from_json(parquet.schema_arrow.metadata[META_KEY])
+                ids.append(parquet.read(columns=["id"])["id"].to_numpy().astype(np.int64))
+        except (OSError, KeyError, TypeError, ValueError, pa.ArrowException) as e:
+            error = " ".join(f"{type(e).__name__}: {e}".split())
+            raise ValueError(
+                f"source.path: {path}: not a readable twostage image table ({error})"
+            ) from None
+        first = first or (path, meta)
+        for what in ("class_names", "schema_version"):
+            if getattr(meta, what) != getattr(first[1], what):
+                raise ValueError(
+                    f"source.path: {path}: {what} {getattr(meta, what)!r} differs from "
+                    f"{getattr(first[1], what)!r} in {first[0]}; ingest them separately"
+                )
+    ids = np.sort(np.concatenate(ids))
+    repeated = ids[1:][ids[1:] == ids[:-1]]
+    if len(repeated):
+        raise ValueError(
+            f"source.path: {root}: {len(np.unique(repeated))} id(s) appear in more than one "
+            f"row (e.g. {int(repeated[0])}); ids must be unique across the files"
+        )
+    return fs, paths
+
+
+def _ingest_parquet(config: Config, out: Path) -> _Tally:
+    """An image table's Parquet files, a row group at a time; train and val are split again by
+    this step's seed (a hash of each id), test stays test."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stages.formats.images import META_KEY, table_from_arrow
+
+    fs, paths = _parquet_source(config)
     tally, rows = None, 0
     for path in paths:
         try:

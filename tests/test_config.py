@@ -367,3 +367,114 @@ def test_prior_sweep_trains_priors_on_the_demo_shards_by_key():
     sweep = parse_pipeline(_on_demo_steps(REPO / "configs/prior_sweep.yaml"))
     priors = [s for s in sweep.steps.values() if s.stage == "train_prior"]
     assert len(priors) >= 3 and all(p.inputs["codes"] == "codes" for p in priors)
+
+
+@pytest.mark.parametrize(
+    "body,expected",
+    [
+        ("name: t\nsteps:\n  a: {stage: ''}\n", "steps.a.stage: stage '' is neither"),
+        ("name: t\nsteps:\n  a: {stage: .x}\n", "steps.a.stage: stage '.x' is neither"),
+        (
+            "name: t\nsteps:\n  a: {stage: ingest, resources: {custom: {CPU: 1}}}\n",
+            "steps.a.resources.custom: CPU: use num_cpus, num_gpus or memory_gb",
+        ),
+        (
+            "name: t\nsteps:\n  a: {stage: ingest, resources: {custom: {gpu_like: -1}}}\n",
+            "steps.a.resources.custom: gpu_like: expected an amount >= 0",
+        ),
+        ("name: t\nname: u\nsteps:\n  a: {stage: ingest}\n", "bad.yaml:2: not valid YAML: dup"),
+        (
+            "name: t\nsteps:\n  a: {stage: ingest}\n  a: {stage: ingest, limit: 5}\n",
+            "bad.yaml:4: not valid YAML: duplicate key 'a'",
+        ),
+        ("name: a/b\nsteps:\n  a: {stage: ingest}\n", "name: 'a/b': a pipeline name starts"),
+        ("name: ..\nsteps:\n  a: {stage: ingest}\n", "name: '..': a pipeline name starts"),
+        (
+            "name: t\nsteps:\n  d: {stage: ingest}\n"
+            "  a: {stage: train_autoencoder, inputs: {images: d}, train: {val_images: -1}}\n",
+            "steps.a.train.val_images: cannot be negative",
+        ),
+        (
+            "name: t\nsteps:\n  d: {stage: ingest}\n"
+            "  a: {stage: train_prior, inputs: {codes: d}, train: {warmup_steps: -5}}\n",
+            "steps.a.train.warmup_steps: cannot be negative",
+        ),
+    ],
+)
+def test_bad_input_is_one_config_error(tmp_path, body, expected):
+    config = write_yaml(tmp_path / "bad.yaml", body)
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(config)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_plugin_stages_can_be_limited_to_an_allow_list(monkeypatch):
+    raw = {"name": "t", "steps": {"a": {"stage": "tests.plugin_stages.sleepy"}}}
+    parse_pipeline(raw)  # allowed by default: pipeline files are code
+    monkeypatch.setenv("TWOSTAGE_PLUGIN_STAGES", "")
+    with pytest.raises(ConfigError, match="allows the built-in stages only"):
+        parse_pipeline(raw)
+    monkeypatch.setenv("TWOSTAGE_PLUGIN_STAGES", "mylab, tests.plugin_stages")
+    parse_pipeline(raw)
+    monkeypatch.setenv("TWOSTAGE_PLUGIN_STAGES", "tests.plugin")  # a prefix of names, not text
+    with pytest.raises(ConfigError, match="allows tests.plugin$"):
+        parse_pipeline(raw)
+    monkeypatch.setenv("TWOSTAGE_PLUGIN_STAGES", "")
+    parse_pipeline({"name": "t", "steps": {"a": {"stage": "ingest"}}})  # built-ins always
+
+
+def _parquet_sources(tmp_path: Path) -> dict[str, Path]:
+    """Folders of image-table files that do not form one table: class names that differ,
+    schema versions that differ, an id in two files."""
+    import numpy as np
+
+    from stages.formats.images import ImageTable, ImageTableMeta, ImageTableWriter
+
+    def write(folder: Path, name: str, ids, **meta) -> None:
+        n = len(ids)
+        table = ImageTable(
+            ImageTableMeta(8, 8, 1, **meta),
+            np.asarray(ids, np.int64),
+            np.zeros(n, np.int64),
+            np.array(["train"] * n, dtype=object),
+            np.zeros((n, 8, 8, 1), np.uint8),
+        )
+        (folder / "tmp").mkdir(exist_ok=True)
+        writer = ImageTableWriter(folder / "tmp", table.meta)
+        writer.write(table)
+        (written,) = writer.close()
+        (folder / "tmp" / written).rename(folder / name)
+
+    sources = {}
+    for case, second in (
+        ("classes", {"class_names": ["a", "c"]}),
+        ("version", {"class_names": ["a", "b"], "schema_version": 99}),
+        ("ids", {"class_names": ["a", "b"]}),
+    ):
+        folder = tmp_path / case
+        folder.mkdir()
+        write(folder, "x1.parquet", [1, 2, 3], class_names=["a", "b"])
+        write(folder, "x2.parquet", [3, 4] if case == "ids" else [4, 5], **second)
+        sources[case] = folder
+    return sources
+
+
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("classes", "class_names ['a', 'c'] differs from ['a', 'b']"),
+        ("version", "schema_version 99 differs from 1"),
+        ("ids", "1 id(s) appear in more than one row (e.g. 3)"),
+    ],
+)
+def test_a_parquet_source_that_is_not_one_table_is_refused_before_any_work(
+    tmp_path, case, expected
+):
+    folder = _parquet_sources(tmp_path)[case]
+    raw = {
+        "name": "t",
+        "steps": {"d": {"stage": "ingest", "source": {"kind": "parquet", "path": str(folder)}}},
+    }
+    with pytest.raises(ConfigError) as info:
+        parse_pipeline(raw)
+    assert str(info.value).startswith("steps.d.source.path: ") and expected in str(info.value)

@@ -62,9 +62,7 @@ def test_pipeline_on_s3_store_writes_reads_and_caches(s3_server, aws_env, tmp_pa
 
 def test_credentials_in_the_store_uri_are_never_written(s3_server, tmp_path):
     secret = "Zq7SECRETvalue9"  # moto takes any credentials; these are the only ones given
-    uri = s3_server["uri"].replace("s3://", f"s3://testing:{secret}@").replace(
-        "runs-test", "creds"
-    )
+    uri = s3_server["uri"].replace("s3://", f"s3://testing:{secret}@").replace("runs-test", "creds")
     env = {k: v for k, v in cli_env().items() if not k.startswith("AWS_")}
     env.update(AWS_DEFAULT_REGION="us-east-1", TWOSTAGE_CACHE=str(tmp_path / "cache"))
     config = tmp_path / "p.yaml"
