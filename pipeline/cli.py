@@ -115,6 +115,19 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--store", help=store_help)
     verify.set_defaults(func=_cmd_verify)
 
+    gc = sub.add_parser(
+        "gc", help="remove what no committed artifact or running step owns (staging, scratch)"
+    )
+    gc.add_argument("--dry-run", action="store_true", help="list only; remove nothing")
+    gc.add_argument(
+        "--older-than",
+        default="7d",
+        help="leave what was written more recently (7d, 12h, 30m, 90s; default 7d); the scratch "
+        "of a committed key goes at any age",
+    )
+    gc.add_argument("--store", help=store_help)
+    gc.set_defaults(func=_cmd_gc)
+
     stages = sub.add_parser("stages", help="print every stage's inputs and options (markdown)")
     stages.add_argument("stage", nargs="?", help="only this stage (type or module path)")
     stages.set_defaults(func=_cmd_stages)
@@ -328,6 +341,29 @@ def _print_comparison(artifacts: list, as_json: bool) -> int:
 def _cmd_show(args) -> int:
     artifact = _store(args).find(args.key)
     print(json.dumps({"uri": artifact.uri, **artifact.manifest}, indent=2))
+    return 0
+
+
+def _cmd_gc(args) -> int:
+    from pipeline import gc
+
+    try:
+        older_than = gc.parse_duration(args.older_than)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    store = _existing_store(args)
+    garbage, kept = gc.find(store, older_than)
+    for item in garbage:
+        age = f"{item.age_s / 86400:.1f}d" if item.age_s != float("inf") else "-"
+        print(f"{item.kind:8} {_human(item.bytes):>9} {age:>7}  {item.path}  ({item.why})")
+    for path, why in kept:
+        print(f"kept     {path}  ({why})")
+    total = _human(sum(item.bytes for item in garbage))
+    if args.dry_run:
+        print(f"would remove {len(garbage)} item(s), {total} (--dry-run)")
+        return 0
+    gc.remove(store, garbage)
+    print(f"removed {len(garbage)} item(s), {total}")
     return 0
 
 

@@ -461,7 +461,8 @@ def _execute_step(
             for slot, refs in inputs.items()
         }
         scratch = store.scratch_uri(stage, key)
-        with store.staging(stage, key) as out:
+        # the lock tells `twostage gc` that this key's staging and scratch are in use
+        with store.step_lock(stage, key), store.staging(stage, key) as out:
             metrics = module.run(typed, opened, out, scratch) or {}
             seconds = time.time() - start
             status = "resumed" if metrics.get("resumed_from_step") else "ran"

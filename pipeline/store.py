@@ -472,7 +472,7 @@ class Store:
         if self.local:
             base = Path(self.root) / ".staging"
             base.mkdir(parents=True, exist_ok=True)
-            path = Path(tempfile.mkdtemp(prefix=f"{stage}-{key[:12]}-", dir=base))
+            path = Path(tempfile.mkdtemp(prefix=f"{stage}-{key}-", dir=base))  # gc reads both
         else:
             path = Path(tempfile.mkdtemp(prefix=f"twostage-{stage}-{key[:12]}-"))
         try:
@@ -550,6 +550,52 @@ class Store:
         with self.fs.open_output_stream(f"{self.dir_of(stage, key)}/{MANIFEST}") as f:
             f.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
         return Artifact(self, stage, key, manifest), True
+
+    # ----- what a running step owns (for `twostage gc`) -------------------------------------
+
+    def _lock_path(self, stage: str, key: str) -> Path:
+        self.dir_of(stage, key)  # both are plain names
+        return Path(self.root) / ".locks" / stage / f"{key}.lock"
+
+    @contextlib.contextmanager
+    def step_lock(self, stage: str, key: str):
+        """Held while a step of ``stage/key`` runs: a shared lock (racing runs of one key may
+        both hold it) that `twostage gc` cannot take, so it leaves that key's staging and
+        scratch alone. Local stores only (an flock); nothing on object stores."""
+        if not self.local:
+            yield
+            return
+        import fcntl
+
+        path = self._lock_path(stage, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_SH)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def unless_running(self, stage: str, key: str):
+        """Yields True while no step of ``stage/key`` runs, holding it off until the block
+        ends; yields False when one runs (always True on object stores: no locks there)."""
+        path = self._lock_path(stage, key)
+        if not self.local or not path.exists():
+            yield True
+            return
+        import fcntl
+
+        with open(path, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     # ----- scratch space for resumable stages ----------------------------------------------
 

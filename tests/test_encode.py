@@ -255,3 +255,55 @@ def test_prior_training_rows_keep_the_shards_uint16():
     top = rows["top"].combine_chunks().to_numpy()
     assert top.dtype == np.uint16 and top.tolist() == [[1, 2], [65535, 0]]
     assert rows["label"].to_pylist() == [1, 2]
+
+
+def _encoder_actors() -> list[int]:
+    """Pids of Ray Data's encode actors on this machine (their process title names Encoder)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"Encoder" in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.slow
+def test_a_killed_encode_actor_leaves_each_image_once_in_the_shards(encoded):
+    import os
+    import signal
+    import time
+
+    from tests.helpers import cli_env
+
+    tmp = encoded["tmp"]
+    # one image per batch: the stream takes long enough to kill its actor mid-way
+    args = ["run", encoded["config"], "--set", "steps.codes.batch_size=1", "--json"]
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", *map(str, args)],
+        cwd=tmp,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    killed, seen_at, deadline = None, None, time.time() + 240
+    while killed is None and time.time() < deadline and run.poll() is None:
+        actors = _encoder_actors()
+        if actors and seen_at is None:
+            seen_at = time.time()
+        if actors and time.time() - seen_at > 2.0:  # loaded its model and encoding
+            os.kill(actors[0], signal.SIGKILL)
+            killed = actors[0]
+        time.sleep(0.05)
+    assert killed is not None, "no encode actor to kill while the step ran"
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err[-3000:]
+    codes = json.loads(out)["stages"][2]
+    assert codes["name"] == "codes" and codes["status"] == "ran"
+    shards = open_codes(encoded["store"].open("encode", codes["key"]))
+    ids = np.sort(shards.to_numpy()["id"])
+    images = read_image_table(encoded["store"].open("ingest", encoded["first"]["data"]["key"]))
+    assert len(ids) == len(np.unique(ids))  # no image twice
+    np.testing.assert_array_equal(ids, np.sort(images.ids))  # and none missing

@@ -129,6 +129,54 @@ def test_unreadable_manifest_is_an_error_not_a_cache_hit(tmp_path, text):
     assert f"delete {tmp_path}/demo/{key} and rerun" in one.stderr
 
 
+@pytest.mark.parametrize(
+    "files,expected",
+    [
+        ({"a": "not an entry"}, "file 'a': expected size (bytes) and sha256"),
+        ({"a": {"size": 1}}, "file 'a': expected size (bytes) and sha256"),
+        ([["a", 1]], "'files' is not a mapping"),
+        ({"../../outside": {"size": 1, "sha256": "0" * 64}}, "leaves the artifact"),
+        ({"/etc/passwd": {"size": 1, "sha256": "0" * 64}}, "is not a relative path"),
+    ],
+    ids=["not a mapping entry", "no sha256", "files a list", "dot-dot", "absolute"],
+)
+def test_a_malformed_manifest_entry_is_one_line_not_a_key_error(tmp_path, files, expected):
+    store = Store(str(tmp_path))
+    key = "e" * 64
+    _commit(store, key, {"a": b"1"})
+    path = tmp_path / "demo" / key / MANIFEST
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, "files": files}))  # valid JSON, a bad entry
+    with pytest.raises(CorruptArtifactError, match="unreadable manifest") as info:
+        store.get("demo", key)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+    problems = []
+    assert store.list(problems=problems) == [] and expected in problems[0]
+
+
+def test_names_that_would_leave_the_store_are_refused(tmp_path):
+    store = Store(str(tmp_path / "store"))
+    _commit(store, "abcd" + "0" * 60, {"a": b"1"})
+    (tmp_path / "secret").mkdir()  # beside the store: must never be listed or read
+    (tmp_path / "secret" / "abcdxyz1").mkdir()
+    (tmp_path / "secret" / "abcdxyz1" / MANIFEST).write_text(
+        (tmp_path / "store" / "demo" / ("abcd" + "0" * 60) / MANIFEST).read_text()
+    )
+    for ref in ("demo/../../secret/abcdxyz1", "../secret/abcdxyz1", "demo/..", "demo/.."):
+        with pytest.raises(StoreError, match="is not one plain name|too short"):
+            store.find(ref)
+    for stage, key in (("..", "secret"), ("demo", "../../secret/abcdxyz1"), ("demo", "")):
+        with pytest.raises(StoreError, match="is not one plain name|is empty"):
+            store.get(stage, key)
+    with pytest.raises(StoreError, match="is not one plain name"):
+        store.list("../secret")
+    out = twostage("show", "demo/../../secret/abcdxyz1", "--store", store.root, cwd=tmp_path)
+    assert out.returncode == 1 and out.stdout == ""
+    assert (
+        out.stderr == "twostage: stage 'demo/../../secret' is not one plain name (no /, \\ or ..)\n"
+    )
+
+
 @pytest.mark.parametrize("command", [["ls"], ["verify", "--all"]])
 def test_listing_a_store_that_is_not_there_is_an_error(tmp_path, command):
     proc = twostage(*command, "--store", tmp_path / "typo", cwd=tmp_path, check=1)
@@ -221,3 +269,76 @@ def test_write_new_file_round_trips_and_commits_with_its_recorded_digest(tmp_pat
             f.write(b" and after")
         os.utime(out / "c.bin", ns=(1, 1))
         assert sha256_file(out / "c.bin") == hashlib.sha256(b"before and after").hexdigest()
+
+
+def _aged(path: Path, days: float) -> Path:
+    """Writes a file under `path` dated `days` ago."""
+    import os
+    import time
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "f.bin").write_bytes(b"x" * 10)
+    then = time.time() - days * 86400
+    os.utime(path / "f.bin", (then, then))
+    return path
+
+
+@pytest.mark.slow
+def test_gc_removes_only_what_no_artifact_or_running_step_owns(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import cli_env, write_yaml
+
+    root = tmp_path / "store"
+    store = Store(str(root))
+    artifact, _ = _commit(store, "a" * 64, {"x.bin": b"1"})
+    done = _aged(root / "_scratch" / "demo" / ("a" * 64), 0)  # left by a crash after commit
+    staging = _aged(root / ".staging" / f"demo-{'b' * 64}-dead", 30)  # a process died
+    abandoned = _aged(root / "_scratch" / "demo" / ("c" * 64), 30)  # nobody resumed it
+    recent = _aged(root / "_scratch" / "demo" / ("d" * 64), 1)  # a rerun may resume it
+
+    marker = tmp_path / "marker"
+    config = write_yaml(
+        tmp_path / "p.yaml",
+        f"name: gc\nstore: {root}\nsteps:\n  slow: {{stage: tests.plugin_stages.sleepy, "
+        f"seconds: 60, scratch_file: true, marker_dir: {marker}}}\n",
+    )
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", str(config)],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while not list(marker.glob("attempt-*")):
+            assert run.poll() is None and time.time() < deadline, "the step did not start"
+            time.sleep(0.2)
+        (running,) = (root / "_scratch" / "tests.plugin_stages.sleepy").iterdir()
+
+        listed = twostage("gc", "--dry-run", "--older-than", "0", "--store", root, cwd=tmp_path)
+        assert listed.returncode == 0, listed.stderr
+        assert f"kept     {running}  (a running step holds" in listed.stdout
+        for path in (done, staging, abandoned, recent):
+            assert str(path) in listed.stdout and path.is_dir()  # listed, not removed
+        assert "would remove 4 item(s)" in listed.stdout
+
+        week = twostage("gc", "--store", root, cwd=tmp_path, check=0)  # the default: 7d
+        assert "removed 3 item(s)" in week.stdout
+        assert not done.exists() and not staging.exists() and not abandoned.exists()
+        assert recent.is_dir() and running.is_dir()
+
+        twostage("gc", "--older-than", "0", "--store", root, cwd=tmp_path, check=0)
+        assert not recent.exists() and (running / "checkpoint.txt").is_file()
+        assert store.open("demo", "a" * 64).verify() == []  # nothing committed is touched
+        bad = twostage("gc", "--older-than", "soon", "--store", root, cwd=tmp_path, check=2)
+        assert bad.stderr.startswith("twostage: config error: --older-than 'soon'")
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()

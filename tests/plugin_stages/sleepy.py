@@ -24,9 +24,13 @@ class Config:
     fail: bool = False
     fail_in_ray_data: bool = False  # raise inside a Ray Data function instead
     tag: str = ""
+    scratch_file: bool = False  # write a file into its scratch first (as checkpoints would)
 
 
 def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
+    if config.scratch_file:
+        Path(scratch).mkdir(parents=True, exist_ok=True)
+        (Path(scratch) / "checkpoint.txt").write_text("state")
     if config.marker_dir:
         Path(config.marker_dir).mkdir(parents=True, exist_ok=True)
         (Path(config.marker_dir) / f"attempt-{os.getpid()}").write_text(str(time.time()))
