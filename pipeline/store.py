@@ -36,7 +36,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 MANIFEST = "_MANIFEST.json"
 MANIFEST_FORMAT = 1
@@ -544,12 +544,13 @@ class Store:
             ):
                 shutil.copyfileobj(src, dst, _CHUNK)
         existing = self.get(stage, key)
-        if existing is not None:
-            self.fs.delete_dir(base)
-            return existing, False
-        with self.fs.open_output_stream(f"{self.dir_of(stage, key)}/{MANIFEST}") as f:
-            f.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
-        return Artifact(self, stage, key, manifest), True
+        if existing is None:
+            body = json.dumps(manifest, indent=2, sort_keys=True).encode()
+            if _put_if_absent(self.spec, f"{self.dir_of(stage, key)}/{MANIFEST}", body):
+                return Artifact(self, stage, key, manifest), True
+            existing = self.get(stage, key)  # another writer's manifest landed first
+        self.fs.delete_dir(base)
+        return existing, False
 
     # ----- what a running step owns (for `twostage gc`) -------------------------------------
 
@@ -616,6 +617,43 @@ class Store:
             self.fs.delete_dir(path)
         except (FileNotFoundError, OSError):
             pass
+
+
+def _put_if_absent(uri: str, path: str, body: bytes) -> bool:
+    """Writes the object at `path` (``bucket/key``) of the S3 store `uri` only if there is
+    none yet: S3's conditional put (``If-None-Match: *``), so of two writers of one manifest
+    exactly one wins. Returns False when another object was there first."""
+    if not uri.startswith("s3://"):
+        raise StoreError(f"{redact(uri)}: commits need an atomic create; only s3:// has one")
+    try:
+        import boto3
+        import botocore.exceptions
+    except ImportError:
+        raise StoreError(
+            "an s3:// store commits its manifests with a conditional put, which needs boto3: "
+            "pip install 'twostage[s3]'"
+        ) from None
+    rest, _, query = uri[len("s3://") :].partition("?")
+    options = {k: unquote(v) for k, v in (i.partition("=")[::2] for i in query.split("&") if i)}
+    creds, _, _ = rest.partition("/")[0].rpartition("@")
+    access, _, secret = (unquote(part) for part in creds.partition(":"))
+    endpoint = options.get("endpoint_override")
+    client = boto3.client(
+        "s3",
+        endpoint_url=f"{options.get('scheme', 'https')}://{endpoint}" if endpoint else None,
+        region_name=options.get("region") or None,
+        aws_access_key_id=access or options.get("access_key") or None,
+        aws_secret_access_key=secret or options.get("secret_key") or None,
+        aws_session_token=options.get("session_token") or None,
+    )
+    bucket, _, key = path.partition("/")
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
+    except botocore.exceptions.ClientError as e:
+        if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+            return False
+        raise StoreError(f"{redact(uri)}: cannot write {key} ({e})") from None
+    return True
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:

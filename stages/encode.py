@@ -242,6 +242,8 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
         "levels": levels,
         "grid_shapes": grid,
         "autoencoder_key": autoencoder.key,
+        # the weights themselves: a reader can tell codes of weights no longer stored
+        "autoencoder_weights": autoencoder.files["model.safetensors"]["sha256"],
     }
 
 

@@ -143,7 +143,7 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
     if precision == "auto":
         precision = "bf16" if use_bf16(precision, device) else "fp32"
     check_precision(precision, device)  # fp16_weights on a GPU or a non-x86 CPU: one line
-    priors, class_names = load_priors(prior_artifacts, autoencoder_artifact.key, ae_config)
+    priors, class_names = load_priors(prior_artifacts, autoencoder_artifact, ae_config)
     labels = labels_for(config, class_names)
     start = time.perf_counter()
     codes = sample_codes(priors, labels, config, device, precision)

@@ -160,6 +160,7 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
         "level": config.level,
         "context_levels": list(prior_config.context_grids),
         "autoencoder_key": meta.autoencoder_key,
+        "autoencoder_weights": codes.artifact.metrics.get("autoencoder_weights"),
         "codes_key": codes.artifact.key,
         "class_names": meta.class_names if prior_config.num_classes else [],
         "parameters": n_params,

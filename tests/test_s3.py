@@ -1,6 +1,8 @@
 """The artifact store on S3: an S3-compatible server (moto) on loopback, started by the test."""
 
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -94,3 +96,90 @@ def test_credentials_in_the_store_uri_are_never_written(s3_server, tmp_path):
     for obj in objects:
         body = client.get_object(Bucket="twostage", Key=obj["Key"])["Body"].read()
         assert secret.encode() not in body, obj["Key"]
+
+
+def test_two_writers_of_one_key_on_s3_one_wins_the_other_reads_its_artifact(
+    s3_server, aws_env, tmp_path, monkeypatch
+):
+    import threading
+
+    import pipeline.store as store_module
+
+    uri = s3_server["uri"].replace("runs-test", "race")
+    barrier = threading.Barrier(2, timeout=60)
+    put = store_module._put_if_absent
+
+    def at_the_barrier(*args):  # both have uploaded and found no manifest: now both put one
+        barrier.wait()
+        return put(*args)
+
+    monkeypatch.setattr(store_module, "_put_if_absent", at_the_barrier)
+    results = {}
+
+    def commit(writer: str) -> None:
+        store = Store(uri)
+        staged = tmp_path / writer
+        staged.mkdir()
+        (staged / "weights.bin").write_bytes(writer.encode() * 1000)
+        results[writer] = store.commit("demo", "f" * 64, staged, {"metrics": {"by": writer}})
+
+    threads = [threading.Thread(target=commit, args=(w,)) for w in ("one", "two")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(won for _, won in results.values()) == [False, True]  # exactly one wins
+    winner = next(w for w, (_, won) in results.items() if won)
+    for artifact, _ in results.values():  # the loser holds the winner's artifact
+        assert artifact.metrics == {"by": winner}
+        assert artifact.read_bytes("weights.bin") == winner.encode() * 1000
+    stored = Store(uri).open("demo", "f" * 64)
+    assert stored.metrics == {"by": winner} and stored.verify() == []
+    listed = s3_server["client"].list_objects_v2(Bucket="twostage", Prefix="race/demo/")
+    attempts = {o["Key"].split("/")[3] for o in listed["Contents"]} - {"_MANIFEST.json", ""}
+    assert attempts == {stored.manifest["data_dir"]}  # the loser's upload is gone
+
+
+def test_priors_of_weights_that_changed_under_their_autoencoder_key_are_refused(
+    s3_server, aws_env
+):
+    """What a lost race could do before commits were atomic: another writer's manifest for the
+    autoencoder's key names other weights. Priors record the weights their codes came from."""
+    from pipeline.store import MANIFEST
+    from stages.formats.codes import CodeShardError
+    from stages.sampling.priors import check_prior_of, weights_of
+
+    store = Store(s3_server["uri"].replace("runs-test", "lineage"))
+
+    def commit(stage: str, key: str, files: dict, metrics: dict):
+        staged = Path(tempfile.mkdtemp())
+        for name, data in files.items():
+            (staged / name).write_bytes(data)
+        return store.commit(stage, key, staged, {"metrics": metrics})[0]
+
+    autoencoder = commit("train_autoencoder", "a" * 64, {"model.safetensors": b"one"}, {})
+    prior = commit(
+        "train_prior",
+        "b" * 64,
+        {"model.safetensors": b"prior"},
+        {"autoencoder_key": "a" * 64, "autoencoder_weights": weights_of(autoencoder)},
+    )
+    check_prior_of(prior, autoencoder, "the decoder")  # the weights it was made from
+    other = commit("train_autoencoder", "c" * 64, {"model.safetensors": b"two"}, {})
+    manifest = {**other.manifest, "key": "a" * 64}  # the other writer's upload and manifest
+    client = s3_server["client"]
+    client.copy_object(
+        Bucket="twostage",
+        CopySource=f"twostage/lineage/train_autoencoder/{'c' * 64}/{other.manifest['data_dir']}"
+        "/model.safetensors",
+        Key=f"lineage/train_autoencoder/{'a' * 64}/{other.manifest['data_dir']}/model.safetensors",
+    )
+    client.put_object(
+        Bucket="twostage",
+        Key=f"lineage/train_autoencoder/{'a' * 64}/{MANIFEST}",
+        Body=json.dumps(manifest).encode(),
+    )
+    changed = store.open("train_autoencoder", "a" * 64)
+    assert changed.verify() == []  # intact, but not the weights the prior's codes came from
+    with pytest.raises(CodeShardError, match="trained on codes of other weights of autoencoder"):
+        check_prior_of(prior, changed, "the decoder")

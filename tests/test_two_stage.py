@@ -55,6 +55,8 @@ def test_pipeline_trains_priors_samples_evaluates_and_reports(two_stage):
         prior = store.open("train_prior", steps[name]["key"])
         m = prior.metrics
         assert m["level"] == level and m["autoencoder_key"] == vqvae_key
+        weights = store.open("train_autoencoder", vqvae_key).files["model.safetensors"]
+        assert m["autoencoder_weights"] == weights["sha256"]  # the weights, not only the key
         assert m["workers"] == max(workers, 1) and m["step"] == 20
         assert np.isfinite(m["val_bits_per_code"]) and 0 < m["val_bits_per_code"] < 6
         history = json.loads(prior.read_bytes("metrics.json"))["history"]

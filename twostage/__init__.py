@@ -140,7 +140,7 @@ def sample(
     found = artifact(autoencoder, store) if isinstance(autoencoder, str) else autoencoder
     ae_config = vqvae2_config(json.loads(found.read_bytes("config.json")), found.uri)
     priors_found = [artifact(p, store) if isinstance(p, str) else p for p in priors]
-    loaded, class_names = load_priors(priors_found, found.key, ae_config)
+    loaded, class_names = load_priors(priors_found, found, ae_config)
     labels = stage.labels_for(config, class_names)
     target = torch.device(device)
     codes = stage.sample_codes(loaded, labels, config, target)
