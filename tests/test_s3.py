@@ -140,9 +140,7 @@ def test_two_writers_of_one_key_on_s3_one_wins_the_other_reads_its_artifact(
     assert attempts == {stored.manifest["data_dir"]}  # the loser's upload is gone
 
 
-def test_priors_of_weights_that_changed_under_their_autoencoder_key_are_refused(
-    s3_server, aws_env
-):
+def test_priors_of_weights_that_changed_under_their_autoencoder_key_are_refused(s3_server, aws_env):
     """What a lost race could do before commits were atomic: another writer's manifest for the
     autoencoder's key names other weights. Priors record the weights their codes came from."""
     from pipeline.store import MANIFEST
