@@ -367,7 +367,7 @@ sweep:
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "tune", str(sweep)],
         cwd=root,
-        env=cli_env(),
+        env=cli_env(TUNE_GLOBAL_CHECKPOINT_S="0.5"),  # the experiment's state follows closely
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -381,10 +381,12 @@ sweep:
         states = root.glob("runs/tune/*/experiment_state-*.json")
         return any("TERMINATED" in p.read_text(errors="replace") for p in states)
 
-    deadline = time.time() + 300  # killed once one trial is done and the next is mid-way
+    # killed once one trial is done and another is mid-way, short of ASHA's rung at 40 (a trial
+    # that reached it may have been stopped there: done, not mid-way)
+    deadline = time.time() + 300
     while time.time() < deadline:
         trained = [newest(d) for d in scratch.glob("*")] if scratch.exists() else []
-        if 60 in trained and any(0 < s < 60 for s in trained) and recorded_done():
+        if 60 in trained and any(0 < s < 40 for s in trained) and recorded_done():
             break
         assert proc.poll() is None, "the sweep ended before it could be killed mid-way"
         time.sleep(0.05)
@@ -394,7 +396,8 @@ sweep:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     time.sleep(2)
-    mid_way = {d.name: newest(d) for d in scratch.glob("*") if 0 < newest(d) < 60}
+    mid_way = {d.name: newest(d) for d in scratch.glob("*") if 0 < newest(d) < 40}
+    assert mid_way
 
     summary = run_json_tune(sweep, root)
     trials = {t["key"]: t for t in summary["trials"]}
