@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parent.parent
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
 # what the loopback S3 server (conftest's s3_server) accepts
@@ -65,55 +63,6 @@ def run_json(*args, cwd, env=None, timeout=300) -> dict:
 def steps_by_name(summary: dict) -> dict[str, dict]:
     """A run summary's step entries by step name."""
     return {s["name"]: s for s in summary["stages"]}
-
-
-def kill_after_checkpoints(
-    config: Path, cwd: Path, stage: str, count: int = 1, within: float = 240
-) -> dict:
-    """Starts ``twostage run config`` and kills it (driver and Ray processes) as soon as Ray
-    Train has registered `count` checkpoints of a `stage` step (what a rerun resumes from;
-    at most the 2 the stages keep).
-
-    Returns:
-        Ray Train's checkpoint-manager snapshot once all is dead, what a rerun resumes from
-        (``checkpoint_results``: each registered checkpoint's ``checkpoint_dir_name`` and
-        ``metrics``, oldest first).
-    """
-    import signal
-    import time
-
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", str(config), "--json"],
-        cwd=cwd,
-        env=cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    snapshot = str(cwd / f"artifacts/_scratch/{stage}/*/ray_train/checkpoint_manager_snapshot.json")
-    deadline = time.time() + within
-    while time.time() < deadline:
-        registered = registered_checkpoints(snapshot)
-        if len(registered.get("checkpoint_results", [])) >= count:
-            break
-        assert proc.poll() is None, f"the run ended before {count} checkpoint(s)"
-        time.sleep(0.2)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"fewer than {count} {stage} checkpoint(s) within {within:.0f} s")
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    time.sleep(3)
-    # read again until it stays put: Ray Train's worker can register more checkpoints before
-    # it too is gone
-    last = registered_checkpoints(snapshot)
-    for _ in range(10):
-        time.sleep(1)
-        now = registered_checkpoints(snapshot)
-        if now == last:
-            break
-        last = now
-    return last
 
 
 def registered_checkpoints(pattern: str) -> dict:

@@ -33,7 +33,7 @@ def encoded(two_stage_run, tmp_path_factory):
     """The session's two-stage run (its stage 1 is `PIPELINE`'s steps) copied, then `PIPELINE`
     run again in that store, then a third time with a retrained autoencoder (more steps) whose
     encode keeps only train and val: some of the table's batches hold only test rows, so they
-    encode to no rows."""
+    encode to no rows. That encode's actor is killed mid-stream (`_run_killing_an_encoder`)."""
     run_root, summary = two_stage_run
     tmp = copy_run(run_root, tmp_path_factory.mktemp("encode") / "run")
     store = Store(str(tmp / "artifacts"))
@@ -44,17 +44,16 @@ def encoded(two_stage_run, tmp_path_factory):
     }
     config = write_yaml(tmp / "enc.yaml", PIPELINE)
     again = run_json(config, cwd=tmp, timeout=600)
-    retrained = run_json(
+    retrained, killed = _run_killing_an_encoder(
         config,
-        "--set",
+        tmp,
         "steps.vqvae.train.steps=40",
-        "--set",
         "steps.codes.splits=[train, val]",
-        cwd=tmp,
-        timeout=600,
+        "steps.codes.batch_size=2",  # a stream long enough to kill its actor mid-way
     )
     assert retrained["status"] == "ok", retrained
     return {
+        "killed": killed,
         "tmp": tmp,
         "config": config,
         "first": first,
@@ -115,6 +114,51 @@ print(json.dumps({{"rows": t.num_rows, "columns": t.column_names, "meta": meta,
 
 
 @pytest.mark.slow
+def _encoder_actors() -> list[int]:
+    """Pids of Ray Data's encode actors on this machine (their process title names Encoder)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"Encoder" in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def _run_killing_an_encoder(config: Path, cwd: Path, *overrides: str) -> tuple[dict, int | None]:
+    """``twostage run`` whose encode actor is SIGKILLed once it has run for a second; returns
+    the run's summary and the killed pid (None if no actor showed up while the run went on)."""
+    import os
+    import signal
+    import time
+
+    from tests.helpers import cli_env
+
+    sets = [arg for o in overrides for arg in ("--set", o)]
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", str(config), *sets, "--json"],
+        cwd=cwd,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    killed, seen_at, deadline = None, None, time.time() + 300
+    while killed is None and time.time() < deadline and run.poll() is None:
+        actors = _encoder_actors()
+        seen_at = seen_at or (time.time() if actors else None)
+        if actors and time.time() - seen_at > 1.0:  # it has loaded its model: encoding
+            os.kill(actors[0], signal.SIGKILL)
+            killed = actors[0]
+        time.sleep(0.05)
+    out, err = run.communicate(timeout=600)
+    try:
+        return json.loads(out), killed
+    except json.JSONDecodeError:
+        raise AssertionError(f"no JSON on stdout (exit {run.returncode}):\n{err[-3000:]}") from None
+
+
 def test_open_codes_views(encoded):
     dataset = open_codes(encoded["store"].open("encode", encoded["first"]["codes"]["key"]))
     arrays = dataset.to_numpy()
@@ -257,53 +301,13 @@ def test_prior_training_rows_keep_the_shards_uint16():
     assert rows["label"].to_pylist() == [1, 2]
 
 
-def _encoder_actors() -> list[int]:
-    """Pids of Ray Data's encode actors on this machine (their process title names Encoder)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and b"Encoder" in (proc / "cmdline").read_bytes():
-                pids.append(int(proc.name))
-        except OSError:
-            continue
-    return pids
-
-
 @pytest.mark.slow
 def test_a_killed_encode_actor_leaves_each_image_once_in_the_shards(encoded):
-    import os
-    import signal
-    import time
-
-    from tests.helpers import cli_env
-
-    tmp = encoded["tmp"]
-    # one image per batch: the stream takes long enough to kill its actor mid-way
-    args = ["run", encoded["config"], "--set", "steps.codes.batch_size=1", "--json"]
-    run = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", *map(str, args)],
-        cwd=tmp,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    killed, seen_at, deadline = None, None, time.time() + 240
-    while killed is None and time.time() < deadline and run.poll() is None:
-        actors = _encoder_actors()
-        if actors and seen_at is None:
-            seen_at = time.time()
-        if actors and time.time() - seen_at > 2.0:  # loaded its model and encoding
-            os.kill(actors[0], signal.SIGKILL)
-            killed = actors[0]
-        time.sleep(0.05)
-    assert killed is not None, "no encode actor to kill while the step ran"
-    out, err = run.communicate(timeout=300)
-    assert run.returncode == 0, err[-3000:]
-    codes = json.loads(out)["stages"][2]
-    assert codes["name"] == "codes" and codes["status"] == "ran"
-    shards = open_codes(encoded["store"].open("encode", codes["key"]))
-    ids = np.sort(shards.to_numpy()["id"])
-    images = read_image_table(encoded["store"].open("ingest", encoded["first"]["data"]["key"]))
+    assert encoded["killed"] is not None, "no encode actor to kill while the step ran"
+    codes = encoded["retrained"]["codes"]
+    assert codes["status"] == "ran"  # Ray Data restarted the actor and retried its batches
+    ids = open_codes(encoded["store"].open("encode", codes["key"])).to_numpy()["id"]
+    table = read_image_table(encoded["store"].open("ingest", encoded["first"]["data"]["key"]))
+    expected = table.ids[table.splits != "test"]
     assert len(ids) == len(np.unique(ids))  # no image twice
-    np.testing.assert_array_equal(ids, np.sort(images.ids))  # and none missing
+    np.testing.assert_array_equal(np.sort(ids), np.sort(expected))  # and none missing

@@ -102,7 +102,14 @@ def _kill_under(root: Path) -> None:
 def real_cluster():
     root = Path(tempfile.mkdtemp(prefix="ts-cluster-"))  # short: Ray's socket paths
     port, dashboard = _free_port(), _free_port()
-    env = cli_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
+    env = cli_env(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=secrets.token_hex(16),
+        # a lost node is declared dead after 3 missed health checks a second apart (Ray's
+        # default: 5, 3 s apart), so the node-loss test waits seconds, not tens of seconds
+        RAY_health_check_period_ms="1000",
+        RAY_health_check_failure_threshold="3",
+    )
     env.pop("RAY_ADDRESS", None)
     cluster = RealCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", env, root)
     try:
@@ -192,7 +199,7 @@ def test_pipeline_runs_on_a_two_node_cluster_with_steps_pinned_to_the_second_nod
 UNPLACEABLE = """
 name: unplaceable
 store: {store}
-ray: {{infeasible_timeout_s: 20}}
+ray: {{infeasible_timeout_s: 8}}
 steps:
   data: {{stage: ingest, source: {{kind: embedded}}, image_size: 32, limit: 200}}
   big:   # a worker of 64 CPUs, on 2-CPU nodes (steps differ: one key would run once)
@@ -229,8 +236,8 @@ def test_requests_no_node_can_hold_fail_within_the_timeout(real_cluster, tmp_pat
     for name, start_of_error in expected.items():
         error = steps[name].get("error", "")
         assert steps[name]["status"] == "failed" and error.startswith(start_of_error), steps[name]
-        assert "ray.infeasible_timeout_s (20 s)" in error and "\n" not in error
-    assert time.time() - start < 2 * 20 + 90
+        assert "ray.infeasible_timeout_s (8 s)" in error and "\n" not in error
+    assert time.time() - start < 2 * 8 + 90
     assert (tmp_path / "store" / "ingest").is_dir()
 
 

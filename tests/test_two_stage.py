@@ -2,8 +2,8 @@
 
 One tiny pipeline runs once per session on local Ray (real Ray Train + Ray Data, real Parquet;
 conftest's `two_stage_run`); the tests then look at its artifacts, re-sample from its priors,
-and run further pipelines in a copy of its store (cached stages, a refused prior, a killed
-prior run that resumes).
+and run further pipelines in a copy of its store (cached stages, a refused prior, a Tune sweep
+killed and resumed).
 """
 
 import glob
@@ -27,7 +27,6 @@ from tests.helpers import (
     TINY_PRIOR,
     TWO_STAGE_BASE,
     copy_run,
-    kill_after_checkpoints,
     run_json,
     steps_by_name,
     tiny_vqvae_yaml,
@@ -306,32 +305,6 @@ steps:
                 load_pipeline(bad, store=store.uri)
             assert "\n" not in str(refused.value)
     assert sorted(p.name for p in (root / "artifacts/train_prior").iterdir()) == before
-
-
-def test_killed_prior_run_resumes_from_its_last_checkpoint(two_stage):
-    root, store, steps, _ = two_stage
-    config = write_yaml(
-        root / "resume.yaml",
-        "name: resume\n"
-        + TWO_STAGE_BASE
-        + f"""
-  prior:
-    stage: train_prior
-    inputs: {{codes: codes}}
-    level: top
-    model: {TINY_PRIOR}
-    train: {{steps: 60, batch_size: 16, log_every: 20, checkpoint_every: 20, workers: 1}}
-""",
-    )
-    kill_after_checkpoints(config, root, "train_prior")
-
-    summary = run_json(config, cwd=root, timeout=600)
-    assert [s["status"] for s in summary["stages"]] == ["cached", "cached", "cached", "resumed"]
-    artifact = store.open("train_prior", summary["stages"][3]["key"])
-    resumed_from = artifact.metrics["resumed_from_step"]
-    assert 20 <= resumed_from < 60 and resumed_from % 20 == 0
-    history = json.loads(artifact.read_bytes("metrics.json"))["history"]
-    assert [r["step"] for r in history] == list(range(20, 61, 20))  # no step logged twice
 
 
 def test_tune_sweep_stops_trials_early_resumes_after_a_kill_and_commits_the_best(two_stage):
