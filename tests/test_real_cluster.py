@@ -145,7 +145,8 @@ steps:
     inputs: {{images: data}}
     resources: {{custom: {{gpu_like: 1}}}}
     model: {{family: vqvae2, in_channels: 1, channels: 16, res_channels: 8, codebook_size: 16}}
-    train: {{steps: {steps}, batch_size: 16, checkpoint_every: 20, log_every: 10}}
+    train: {{steps: {steps}, batch_size: 16, checkpoint_every: 20, log_every: 10, workers: 2,
+             cpus_per_worker: 1}}   # two DDP workers
   codes:
     stage: encode
     inputs: {{images: data, autoencoder: vqvae}}
@@ -194,6 +195,26 @@ def test_pipeline_runs_on_a_two_node_cluster_with_steps_pinned_to_the_second_nod
     # every worker line once (each node has its own temp dir, so one log monitor tails it)
     lines = [ln for ln in proc.stderr.splitlines() if "train_autoencoder: step 20/40" in ln]
     assert len(lines) == 1, lines
+    # two Ray Train DDP workers trained it: rank 0 checkpointed, logged and reported
+    artifact = Path(steps["vqvae"]["uri"])
+    final = json.loads((artifact / "_MANIFEST.json").read_text())
+    assert set(final["files"]) == {
+        "config.json",
+        "model.safetensors",
+        "metrics.json",
+        "reconstructions.png",
+    }
+    metrics = final["metrics"]
+    assert metrics["workers"] == 2 and metrics["step"] == 40
+    assert 0 < metrics["val_mse"] < 1 and metrics["val_psnr"] > 0
+    assert {"val_usage/bottom", "val_usage/top", "val_perplexity/top"} <= set(metrics)
+    history = json.loads((artifact / "metrics.json").read_text())["history"]
+    assert [row["step"] for row in history] == [10, 20, 30, 40]
+    assert {"loss", "recon", "commitment", "perplexity/bottom", "usage/top", "lr"} <= set(
+        history[0]
+    )
+    scratch = Path(summary["run_dir"]).parent.parent / "store" / "_scratch" / "train_autoencoder"
+    assert not (scratch / steps["vqvae"]["key"]).exists()  # removed once committed
 
 
 UNPLACEABLE = """
