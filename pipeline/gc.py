@@ -48,6 +48,7 @@ class Garbage:
     bytes: int
     age_s: float  # since its newest file was written
     why: str
+    owner: tuple[str, str] = ("", "")  # the stage and key whose step may hold it (not: cache)
 
 
 def find(store: Store, older_than_s: float, now: float | None = None) -> tuple[list, list]:
@@ -70,7 +71,7 @@ def find(store: Store, older_than_s: float, now: float | None = None) -> tuple[l
             if not idle:
                 kept.append((path, f"a running step holds {stage}/{key[:12]}"))
                 return
-        garbage.append(Garbage(kind, path, size, age, why))
+        garbage.append(Garbage(kind, path, size, age, why, (stage, key)))
 
     if store.local:
         for entry in _dirs(store, f"{store.root}/.staging"):
@@ -135,23 +136,13 @@ def remove(store: Store, items: list[Garbage]) -> None:
         if item.kind == "cache":
             shutil.rmtree(item.path, ignore_errors=True)
             continue
-        with store.unless_running(*_owner(store, item)) as idle:  # a step may start now
+        with store.unless_running(*item.owner) as idle:  # a step may have started since
             if not idle:
                 continue
             try:
                 store.fs.delete_dir(item.path)
             except (FileNotFoundError, OSError):
                 pass
-
-
-def _owner(store: Store, item: Garbage) -> tuple[str, str]:
-    rel = item.path[len(store.root) + 1 :].split("/")
-    if item.kind == "staging":
-        stage, _, rest = rel[1].partition("-")
-        return stage, rest.rsplit("-", 1)[0]
-    if item.kind == "scratch":
-        return rel[1], rel[2]
-    return rel[0], rel[1]
 
 
 def _dirs(store: Store, path: str) -> list[str]:
