@@ -271,6 +271,28 @@ def test_write_new_file_round_trips_and_commits_with_its_recorded_digest(tmp_pat
         assert sha256_file(out / "c.bin") == hashlib.sha256(b"before and after").hexdigest()
 
 
+@pytest.mark.parametrize("size", [0, 1, 4096, 4 << 20, (4 << 20) + 1, (10 << 20) + 777])
+def test_new_file_streams_in_pieces_and_never_replaces_a_file(tmp_path, size):
+    """`NewFile` takes writes of any size across its buffers (reused from file to file) and
+    gives the file's sha256; an existing file is refused and left as it was."""
+    import hashlib
+
+    import numpy as np
+
+    from pipeline.store import NewFile, sha256_file
+
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    for name in ("first.bin", "second.bin"):
+        with NewFile(tmp_path / name) as f:
+            for start in range(0, size, 1_000_003):  # pieces that straddle the buffers
+                f.write(data[start : start + 1_000_003])
+        assert f.sha256 == hashlib.sha256(data).hexdigest() == sha256_file(tmp_path / name)
+        assert (tmp_path / name).read_bytes() == data
+    with pytest.raises(FileExistsError):
+        NewFile(tmp_path / "first.bin")
+    assert (tmp_path / "first.bin").read_bytes() == data
+
+
 def _aged(path: Path, days: float) -> Path:
     """Writes a file under `path` dated `days` ago."""
     import os
