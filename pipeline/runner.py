@@ -188,13 +188,13 @@ def ray_instance(options):
         yield False
         return
     joins = options.address or os.environ.get("RAY_ADDRESS")
+    env = {**_RAY_ENV, "TWOSTAGE_VERBOSITY": str(_verbosity)}
     # the dashboard serves the state API, which Ray Train uses to clean up after a dead
     # controller (without it Ray Train warns every second)
     kwargs: dict[str, Any] = {
         "include_dashboard": True,
         "logging_level": logging.INFO if _verbosity > 0 else logging.WARNING,
         "log_to_driver": _verbosity >= 0,
-        "runtime_env": {"env_vars": {**_RAY_ENV, "TWOSTAGE_VERBOSITY": str(_verbosity)}},
     }
     if options.address:
         kwargs["address"] = options.address
@@ -204,11 +204,25 @@ def ray_instance(options):
         kwargs["address"] = "local"
         if options.num_cpus:
             kwargs["num_cpus"] = options.num_cpus
+    if joins:
+        kwargs["runtime_env"] = {"env_vars": env}
+    # A local instance's workers inherit the environment of the raylet started here instead:
+    # with a job runtime_env, no step or task could use the workers Ray starts with the
+    # instance (one per CPU), and each would wait for a new one (a second or more on 2 cores).
+    saved = {name: os.environ.get(name) for name in env}
     try:
+        if not joins:
+            os.environ.update(env)
         ray.init(**kwargs)
     except (ConnectionError, ValueError) as e:  # no cluster at the address, bad options
         where = kwargs.get("address") or os.environ.get("RAY_ADDRESS") or "a local instance"
         raise RayStartError(f"ray: cannot start or reach {where}: {e}") from None
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     try:
         yield not joins
     finally:
