@@ -47,7 +47,7 @@ from stages.sources.mnist import EMBEDDED_DIR, MNIST_CLASSES, read_mnist_dir
 
 VERSION = "1"
 INPUTS: dict[str, Input] = {}
-PART_BYTES = 128 * 2**20  # pixels per decode task of an image folder: its memory, and its file
+PART_BYTES = 128 * 2**20  # pixels per decode task of an image folder: one file of the table
 # the sequence options the source had before sequence ingest became its own stage, at the only
 # values an image source allowed: folded into the keys so stores written before stay cached
 RETIRED_OPTIONS = {
@@ -107,7 +107,7 @@ class Config:
         seed: Seed of the train/val split.
         limit: Read at most this many images from each source file set (quick runs).
         strict: Stop on the first unreadable image instead of counting it.
-        file_mb: Pixel megabytes per Parquet file (row groups hold at most 32 MB each).
+        file_mb: Pixel megabytes per Parquet file (row groups hold at most 8 MB each).
         readers: Decode tasks of an image folder in flight at once, queued or running (None:
             twice the cluster's CPUs; each task takes one CPU and one part of the folder).
     """
@@ -335,8 +335,8 @@ def _ingest_folder(config: Config, out: Path) -> _Tally:
 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     window = config.readers or 2 * cpus
-    # parts of at most PART_BYTES of pixels (what each task holds, whatever the folder's size;
-    # smaller for small folders, so that every CPU gets about eight)
+    # parts of at most PART_BYTES of pixels (one file; what a task on another node returns),
+    # smaller for small folders, so that every CPU gets about eight
     size = min(
         tally.writer.capacity,
         max(1, PART_BYTES // (height * width * channels)),
@@ -346,14 +346,19 @@ def _ingest_folder(config: Config, out: Path) -> _Tally:
     mode = config.resize if config.image_size else "same"
     task = ray.remote(num_cpus=1)(folder.decode_part)
     min_file_rows = max(1, size // 4)  # smaller splits of a part are gathered by the writer
-    submit = lambda i: task.remote(parts[i], fs, meta, mode, min_file_rows)  # noqa: E731
+    # tasks on this node write their files into `out` themselves; the others return them
+    local = (ray.get_runtime_context().get_node_id(), str(out))
+    submit = lambda i: task.remote(parts[i], fs, meta, mode, min_file_rows, local)  # noqa: E731
     for part in _in_order(submit, len(parts), window):
         for message, fatal in part["problems"]:
             if fatal or config.strict:
                 raise ValueError(message)
             tally.problems.append(message)
-        for split, count, data, sha256 in part["files"]:
-            tally.writer.add_file(split, data, count, sha256)
+        for split, count, stored, sha256 in part["files"]:
+            if isinstance(stored, str):
+                tally.writer.adopt_file(split, Path(stored), count, sha256)
+            else:
+                tally.writer.add_file(split, stored, count, sha256)
         for table in part["tables"]:
             tally.writer.write(table)
         tally.count(part["splits"], part["labels"])

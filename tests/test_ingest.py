@@ -284,6 +284,41 @@ def test_image_folder_in_parts_gives_the_same_files_every_run(tmp_path, ray_loca
     )
 
 
+def test_decode_part_writes_the_same_file_on_the_ingest_node_and_off_it(tmp_path, ray_local):
+    """On the ingest step's node a decode task writes its file into the table's directory; on
+    any other node it returns the file's bytes. Both are the same file, with the same sha256."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+    import ray
+
+    from stages.formats.images import ImageTableMeta
+    from stages.sources.image_folder import decode_part, list_images
+
+    root = tmp_path / "images"
+    (root / "a").mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    for i in range(100):
+        Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(root / "a" / f"{i}.png")
+    fs = pafs.LocalFileSystem()
+    rows, classes, _ = list_images(fs, str(root), seed=0, val_fraction=0.0)
+    meta = ImageTableMeta(height=8, width=8, channels=1, class_names=classes)
+    task = ray.remote(decode_part)
+    here = (ray.get_runtime_context().get_node_id(), str(tmp_path))
+    elsewhere = ("another node", str(tmp_path))
+    written, returned = ray.get(
+        [task.remote(rows, fs, meta, "same", 1, w) for w in (here, elsewhere)]
+    )
+    [(split, count, path, sha256)] = written["files"]
+    [(_, _, data, same_sha256)] = returned["files"]
+    assert (split, count) == ("train", 100) and Path(path).parent == tmp_path
+    assert Path(path).read_bytes() == bytes(data) and sha256 == same_sha256
+    assert sha256 == hashlib.sha256(data).hexdigest()
+    table = pq.read_table(path)
+    assert table.num_rows == 100 and table.schema.field("image").type == pa.large_binary()
+
+
 def test_image_folder_empty_folder_is_one_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no class sub-folders"):

@@ -1,6 +1,6 @@
 """Streaming reads of an image table, for training and for any stage that must not hold a table.
 
-A table is a list of row groups (`groups`: file, index, rows of one split; at most 32 MB each,
+A table is a list of row groups (`groups`: file, index, rows of one split; at most 8 MB each,
 `stages.formats.images`). Training walks them in a seeded order that changes every epoch;
 worker ``r`` of ``w`` takes every ``w``-th group of that order (`plan`), Ray Data tasks read
 them (`dataset`), and the loop draws batches at random from a local shuffle buffer that the

@@ -16,12 +16,13 @@ channels, class names, schema version), so plain ``pyarrow.parquet.read_table`` 
 reshape the pixels without this project installed.
 
 Files are bounded in bytes (`ImageTableWriter`: 256 MB of pixels by default) and row groups
-hold at most 32 MB or 2,048 images, so readers stream a table of any size a row group at a time
+hold at most 8 MB or 2,048 images, so readers stream a table of any size a row group at a time
 (`stages.formats.image_stream`); 64-bit offsets keep a single column past 2 GB readable.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.store import CorruptArtifactError, write_new_file
+from pipeline.store import CorruptArtifactError, NewFile, record_written, write_new_file
 
 SCHEMA_VERSION = 1
 META_KEY = b"twostage.image_table"
@@ -46,7 +47,7 @@ ARROW_SCHEMA = pa.schema(
     ]
 )
 FILE_BYTES = 256 * 2**20  # pixel bytes per Parquet file
-GROUP_BYTES = 32 * 2**20  # pixel bytes per row group: what a reader holds per read
+GROUP_BYTES = 8 * 2**20  # pixel bytes per row group: what a reader holds per read
 GROUP_ROWS = 2048  # rows per row group, for small images (shuffling works in row groups)
 
 
@@ -121,7 +122,7 @@ class ImageTableWriter:
         self.rows = 0
         self.names: list[str] = []
         self._pending: dict[str, list[pa.Table]] = {}  # split -> rows not yet in a row group
-        self._open: dict[str, tuple[pq.ParquetWriter, int]] = {}  # split -> (writer, rows)
+        self._open: dict[str, tuple[ParquetFile, int]] = {}  # split -> (file, rows)
         self._parts: dict[str, int] = {}
         self._codec: str | None = None  # the pixels' codec, chosen on the first rows written
 
@@ -142,11 +143,21 @@ class ImageTableWriter:
         self.rows += len(table)
 
     def add_file(self, split: str, data, rows: int, sha256: str | None = None) -> str:
-        """Stores `data`, a whole Parquet file of `rows` rows of `split` made by `encode_file`
-        (e.g. in a decode task, which also gives its `sha256`), as the split's next file;
-        returns its name."""
+        """Stores `data`, a whole Parquet file of `rows` rows of `split` written by a
+        `ParquetFile` (e.g. in a decode task on another node, which also gives its `sha256`),
+        as the split's next file; returns its name."""
         name = self._next_name(split)
         write_new_file(self.out / name, data, sha256)
+        self.rows += rows
+        return name
+
+    def adopt_file(self, split: str, path: Path, rows: int, sha256: str) -> str:
+        """Takes `path`, a finished file of `rows` rows of `split` that another process of
+        this node wrote (a `ParquetFile`, in the writer's directory) with digest `sha256`, as
+        the split's next file; returns its name."""
+        name = self._next_name(split)
+        Path(path).rename(self.out / name)
+        record_written(self.out / name, sha256)
         self.rows += rows
         return name
 
@@ -180,9 +191,9 @@ class ImageTableWriter:
                 self._open.pop(split)[0].close()
         self._pending[split] = [table.slice(cut)] if cut < table.num_rows else []
 
-    def _writer(self, split: str) -> tuple[pq.ParquetWriter, int]:
+    def _writer(self, split: str) -> tuple[ParquetFile, int]:
         name = self._next_name(split)
-        writer = parquet_writer(self.out / name, self.schema, self._codec or "snappy")
+        writer = ParquetFile(self.out / name, self.schema, self._codec or "snappy")
         self._open[split] = (writer, 0)
         return self._open[split]
 
@@ -257,30 +268,46 @@ def parquet_writer(sink, schema: pa.Schema, pixel_codec: str) -> pq.ParquetWrite
     )
 
 
-def encode_file(table: ImageTable, into: np.ndarray | None = None) -> np.ndarray:
-    """`table` (one split, at most a file's rows) as the bytes of one image-table Parquet file,
-    as `ImageTableWriter` would write it; a numpy array, which Ray copies into its object store
-    once and the reading process maps without copying.
+class ParquetFile:
+    """One new image-table Parquet file at `path` (`parquet_writer` into a `NewFile`: past the
+    page cache, its sha256 computed as it is written), or in memory with ``path=None``: into
+    `buffer` (uint8, e.g. one a process reuses) when given, which must hold `file_bound` bytes.
+    `close` returns the sha256; `data` is then the file's bytes when in memory."""
 
-    `into` (uint8, e.g. a buffer a process reuses) receives the file when it is large enough
-    (see `file_bound`); the result is then a view of it."""
-    schema = table_schema(table.meta)
-    if into is not None and into.size >= file_bound(table):
-        sink = pa.FixedSizeBufferWriter(pa.py_buffer(into))
-    else:
-        sink = pa.BufferOutputStream()
-    writer = parquet_writer(sink, schema, pixel_codec(table.images))
-    writer.write_table(to_arrow(table, schema), row_group_size=group_rows(table.meta))
-    writer.close()
-    if isinstance(sink, pa.BufferOutputStream):
-        return np.frombuffer(sink.getvalue(), np.uint8)
-    return into[: sink.tell()]
+    def __init__(
+        self,
+        path: Path | str | None,
+        schema: pa.Schema,
+        codec: str,
+        buffer: np.ndarray | None = None,
+    ):
+        if path is not None:
+            self.sink = NewFile(path)
+        elif buffer is not None:
+            self.sink = pa.FixedSizeBufferWriter(pa.py_buffer(buffer))
+        else:
+            self.sink = pa.BufferOutputStream()
+        self.buffer, self.data = buffer, None
+        self.writer = parquet_writer(self.sink, schema, codec)
+
+    def write_table(self, table: pa.Table, row_group_size: int) -> None:
+        self.writer.write_table(table, row_group_size=row_group_size)
+
+    def close(self) -> str:
+        self.writer.close()
+        if isinstance(self.sink, NewFile):
+            return self.sink.close()
+        if self.buffer is not None:
+            self.data = self.buffer[: self.sink.tell()]
+        else:
+            self.data = np.frombuffer(self.sink.getvalue(), np.uint8)
+        return hashlib.sha256(self.data).hexdigest()
 
 
-def file_bound(table: ImageTable) -> int:
-    """Bytes that `encode_file` of `table` cannot exceed: the pixels, snappy's worst case
-    growth (1/6), and room for the other columns, page headers and footer."""
-    return table.images.nbytes * 7 // 6 + 256 * len(table) + (1 << 20)
+def file_bound(rows: int, meta: ImageTableMeta) -> int:
+    """Bytes that a Parquet file of `rows` images of `meta` cannot exceed: the pixels, snappy's
+    worst case growth (1/6), and room for the other columns, page headers and footer."""
+    return rows * meta.height * meta.width * meta.channels * 7 // 6 + 256 * rows + (1 << 20)
 
 
 def write_image_table(

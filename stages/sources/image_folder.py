@@ -7,23 +7,36 @@
   Files are listed in id order, which is random with respect to class and name: the table
   written in that order needs no further shuffling to be read in random order.
 - `decode_part` (a Ray task of the ingest stage, light to import: numpy, PIL, pyarrow) reads,
-  decodes, converts and resizes a part of the folder and encodes it as finished Parquet files,
-  so the pixels cross to the writing process once, already in their stored form. An unreadable
-  file becomes a ``problem`` instead of an error, so the stage decides (count it, or stop under
-  ``strict``).
+  decodes, converts and resizes a part of the folder a row group at a time and writes it as
+  finished Parquet files: straight into the table's directory on the ingest step's node, as
+  bytes returned to it from other nodes, so the pixels cross processes at most once. An
+  unreadable file becomes a ``problem`` instead of an error, so the stage decides (count it,
+  or stop under ``strict``).
 - `shape_image` brings one image to the table's size and channels (``center_crop``, ``pad`` or
   ``resize``); the in-memory sources use it too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import itertools
+import os
 
 import numpy as np
 import pyarrow.fs as pafs
 
-from stages.formats.images import ImageTable, ImageTableMeta, encode_file, file_bound
+from stages.formats.images import (
+    ImageTable,
+    ImageTableMeta,
+    ParquetFile,
+    file_bound,
+    group_rows,
+    pixel_codec,
+    table_schema,
+    to_arrow,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -113,52 +126,93 @@ def probe(fs: pafs.FileSystem, rows: list[dict], count: int = 64) -> tuple[int, 
 
 
 def decode_part(
-    rows: list[dict], fs: pafs.FileSystem, meta: ImageTableMeta, mode: str, min_file_rows: int
+    rows: list[dict],
+    fs: pafs.FileSystem,
+    meta: ImageTableMeta,
+    mode: str,
+    min_file_rows: int,
+    local: tuple[str, str] | None = None,
 ) -> dict:
-    """Decodes `rows` (from `list_images`) into `meta`'s size and channels; returns
+    """Decodes `rows` (from `list_images`) into `meta`'s size and channels, a row group at a
+    time into one reused buffer (the task's memory is a row group, whatever the part's size);
+    returns
 
-    - ``files``: ``(split, rows, Parquet file bytes, their sha256)`` for each split with at
-      least `min_file_rows` rows (`encode_file`; hashed here, so the store need not read the
-      file back to commit it);
+    - ``files``: one Parquet file for each split with at least `min_file_rows` rows, as
+      ``(split, rows, path, sha256)`` when the task runs on the node of `local` (the ingest
+      step's node id and directory): it wrote the file there itself, past the page cache, so
+      the pixels never cross processes; elsewhere ``(split, rows, file bytes, sha256)``;
     - ``tables``: the rows of the smaller splits, as `ImageTable`s, for the writer to gather
       into files of a useful size (the val split is a few percent of each part);
     - ``splits``, ``labels``: of every row decoded, for the counts;
     - ``problems``: ``(message, fatal)`` for each file left out (fatal: the stage must stop
       whatever ``strict`` says).
     """
+    import ray
+
+    here = local is not None and ray.get_runtime_context().get_node_id() == local[0]
+    schema, group = table_schema(meta), group_rows(meta)
+    files, tables, problems, splits, labels = [], [], [], [], []
     rows = sorted(rows, key=lambda r: r["split"])  # stable: each split one run, in id order
-    batch = {k: [r[k] for r in rows] for k in ("path", "relpath", "id", "label", "split")}
-    shape = (len(rows), meta.height, meta.width, meta.channels)
-    pixels = _reused("pixels", int(np.prod(shape))).reshape(shape)
-    out = decode_batch(batch, fs, meta.height, meta.width, meta.channels, mode, pixels)
-    table = ImageTable(meta, out["id"], out["label"], out["split"], out["image"])
-    bad = out["problem"] != ""
-    problems = [(p, bool(f)) for p, f in zip(out["problem"][bad], out["fatal"][bad], strict=True)]
-    if bad.any():
-        table = table.take(~bad)  # a copy, only for parts with unreadable files
-    files, tables = [], []
-    names, starts = np.unique(table.splits, return_index=True)
-    ends = [*starts[1:], len(table)]
-    for split, start, end in zip(names.tolist(), starts, ends, strict=True):
-        part = table.take(slice(start, end))  # a view: the split's rows are one run
-        if len(part) >= min_file_rows:
-            data = encode_file(part, _reused(f"file-{split}", file_bound(part)))
-            files.append((split, len(part), data, hashlib.sha256(data).hexdigest()))
-        else:
-            tables.append(part)
+    for split, run in itertools.groupby(rows, key=lambda r: r["split"]):
+        run = list(run)
+        if len(run) < min_file_rows:
+            table = _decode_rows(run, fs, meta, mode, f"rows-{split}", problems)
+            tables.append(table)
+            splits.append(table.splits)
+            labels.append(table.labels)
+            continue
+        file, stored_rows = None, 0
+        for start in range(0, len(run), group):
+            table = _decode_rows(run[start : start + group], fs, meta, mode, "pixels", problems)
+            if file is None and len(table):
+                codec = pixel_codec(table.images)
+                if here:
+                    path = f"{local[1]}/.{run[0]['id']:016x}-{split}.parquet"
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)  # left by an attempt of this task whose worker died
+                    file = ParquetFile(path, schema, codec)
+                else:
+                    buffer = _reused(f"file-{split}", file_bound(len(run), meta))
+                    file = ParquetFile(None, schema, codec, buffer)
+            if len(table):
+                file.write_table(to_arrow(table, schema), group)
+                stored_rows += len(table)
+            splits.append(table.splits)
+            labels.append(table.labels)
+        if file is not None:
+            sha256 = file.close()
+            stored = path if here else file.data
+            files.append((split, stored_rows, stored, sha256))
     # Ray copies the result (views of the reused buffers) into its object store on return
     return {
         "files": files,
         "tables": tables,
-        "splits": table.splits,
-        "labels": table.labels,
+        "splits": np.concatenate(splits) if splits else np.zeros(0, object),
+        "labels": np.concatenate(labels) if labels else np.zeros(0, np.int64),
         "problems": problems,
     }
 
 
-# per process: the buffers of the last part decoded, reused by the next. A part's pixels are
-# hundreds of MB, and memory fresh from the OS costs a page fault per 4 KB touched (on a 2-core
-# VM: seconds per GB, slower than decoding the images).
+def _decode_rows(
+    rows: list[dict], fs, meta: ImageTableMeta, mode: str, buffer: str, problems: list
+) -> ImageTable:
+    """`rows` decoded into the reused buffer `buffer`, as a table of the readable ones; the
+    others' ``(message, fatal)`` are appended to `problems`."""
+    batch = {k: [r[k] for r in rows] for k in ("path", "relpath", "id", "label", "split")}
+    shape = (len(rows), meta.height, meta.width, meta.channels)
+    pixels = _reused(buffer, int(np.prod(shape))).reshape(shape)
+    out = decode_batch(batch, fs, meta.height, meta.width, meta.channels, mode, pixels)
+    table = ImageTable(meta, out["id"], out["label"], out["split"], out["image"])
+    bad = out["problem"] != ""
+    if not bad.any():
+        return table
+    problems += [(p, bool(f)) for p, f in zip(out["problem"][bad], out["fatal"][bad], strict=True)]
+    return table.take(~bad)  # a copy, only for row groups with unreadable files
+
+
+# per process: the buffers of the last part decoded, reused by the next. Memory fresh from the
+# OS costs a page fault per 4 KB touched (on a 2-core VM: seconds per GB, slower than decoding
+# the images), so a task that allocated its buffers anew for every part would pay that each time.
 _buffers: dict[str, np.ndarray] = {}
 
 
