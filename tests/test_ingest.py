@@ -319,6 +319,27 @@ def test_decode_part_writes_the_same_file_on_the_ingest_node_and_off_it(tmp_path
     assert table.num_rows == 100 and table.schema.field("image").type == pa.large_binary()
 
 
+@pytest.mark.parametrize("mode", ["center_crop", "resize"])
+@pytest.mark.parametrize("pil_mode", ["L", "RGB"])
+def test_cropping_and_resizing_in_pil_gives_the_pixels_of_the_numpy_path(mode, pil_mode):
+    """The fast path of decoding (crop and resize in PIL) matches `shape_image` exactly."""
+    from stages.sources.image_folder import _shape_in_pil, shape_image, to_array
+
+    rng = np.random.default_rng(3)
+    channels = 1 if pil_mode == "L" else 3
+    for w, h in [(50, 37), (37, 50), (64, 32), (32, 32), (20, 40), (33, 33)]:
+        pixels = rng.integers(0, 256, (h, w, channels), dtype=np.uint8)
+        im = Image.fromarray(pixels[..., 0] if channels == 1 else pixels, pil_mode)
+        fast = _shape_in_pil(im, 32, 32, channels, mode)
+        expected = shape_image(to_array(im), 32, 32, channels, mode)
+        if (h, w) == (32, 32):
+            assert fast is None  # nothing to do: the plain path takes it
+        else:
+            assert fast.shape == expected.shape and np.array_equal(fast, expected)
+    assert _shape_in_pil(Image.new("RGBA", (40, 40)), 32, 32, 3, mode) is None
+    assert _shape_in_pil(Image.new("RGB", (40, 40)), 32, 32, 3, "pad") is None
+
+
 def test_image_folder_empty_folder_is_one_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no class sub-folders"):

