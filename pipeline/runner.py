@@ -479,7 +479,9 @@ def _execute_step(
         with store.step_lock(stage, key), store.staging(stage, key) as out:
             metrics = module.run(typed, opened, out, scratch) or {}
             seconds = time.time() - start
-            status = "resumed" if metrics.get("resumed_from_step") else "ran"
+            # a training stage's checkpoint, or an image folder's stored parts (ingest)
+            resumed = metrics.get("resumed_from_step") or metrics.get("resumed_parts")
+            status = "resumed" if resumed else "ran"
             manifest = {
                 "config": config,
                 "inputs": {

@@ -10,6 +10,7 @@ Sources (``source.kind``):
   folder or a pyarrow URI (``s3://bucket/prefix``); read by Ray tasks spread over the cluster
   (`stages.sources.image_folder.decode_part`) that decode, resize and encode parts of the folder
   as finished Parquet files, stored in order as they come, so no process holds the folder;
+  finished parts are kept in the step's scratch, so an interrupted ingest resumes;
 - ``parquet``: an existing image table (a file or a directory of Parquet files written by this
   stage, e.g. copied out of another store), streamed a row group at a time;
 - ``dsprites``: ``source.count`` procedural dSprites images (`stages.sources.dsprites`, 64x64)
@@ -40,6 +41,7 @@ import numpy as np
 
 from pipeline.config import ConfigError, run_option
 from pipeline.stage import Input
+from pipeline.store import write_new_file
 from stages.formats.images import FILE_BYTES, ImageTable, ImageTableMeta, ImageTableWriter
 from stages.sources import dsprites
 from stages.sources import image_folder as folder
@@ -178,7 +180,7 @@ def run(config: Config, inputs: dict, out: Path, scratch: str) -> dict:
     """Reads the source, splits, resizes and writes the image table into `out`."""
     start = time.perf_counter()
     if config.source.kind == "image_folder":
-        tally = _ingest_folder(config, out)
+        tally = _ingest_folder(config, out, scratch)
     elif config.source.kind == "parquet":
         tally = _ingest_parquet(config, out)
     else:
@@ -195,6 +197,7 @@ class _Tally:
         self.classes = np.zeros(len(writer.meta.class_names), np.int64)
         self.problems: list[str] = []
         self.ignored = 0
+        self.resumed_parts = 0  # parts of an image folder that an interrupted run had stored
         self.start = self.last_log = time.perf_counter()
 
     def write(self, table: ImageTable) -> None:
@@ -247,6 +250,7 @@ class _Tally:
             "class_counts": self.classes.tolist(),
             "corrupt": {"count": len(self.problems), "examples": self.problems[:20]},
             "ignored_files": self.ignored,
+            "resumed_parts": self.resumed_parts,
             "files": len(files),
             "bytes": size,
             "pixel_bytes": rows * meta.height * meta.width * meta.channels,
@@ -305,9 +309,12 @@ def _ingest_in_memory(config: Config, out: Path) -> _Tally:
     return tally
 
 
-def _ingest_folder(config: Config, out: Path) -> _Tally:
+def _ingest_folder(config: Config, out: Path, scratch: str) -> _Tally:
     """An image folder through Ray tasks that decode parts of it into Parquet files; the files
-    are stored in the order of the parts (the same folder gives the same files)."""
+    are stored in the order of the parts (the same folder gives the same files).
+
+    Each finished part is kept in `scratch` (a local store's resumable state) until the table
+    is committed, so a rerun after an interruption decodes only the parts not yet done."""
     import ray
 
     from pipeline import cluster
@@ -346,30 +353,127 @@ def _ingest_folder(config: Config, out: Path) -> _Tally:
     mode = config.resize if config.image_size else "same"
     task = ray.remote(num_cpus=1)(folder.decode_part)
     min_file_rows = max(1, size // 4)  # smaller splits of a part are gathered by the writer
-    # tasks on this node write their files into `out` themselves; the others return them
-    local = (ray.get_runtime_context().get_node_id(), str(out))
-    submit = lambda i: task.remote(parts[i], fs, meta, mode, min_file_rows, local)  # noqa: E731
-    for part in _in_order(submit, len(parts), window):
+    kept = _PartStore(scratch, out, meta)
+    tags = [kept.tag(part, mode, min_file_rows) for part in parts]
+    done = {i for i, tag in enumerate(tags) if kept.has(tag)}
+    if done:
+        log.info("ingest: resuming: %d of %d parts are stored already", len(done), len(parts))
+    node = ray.get_runtime_context().get_node_id()
+
+    def submit(i: int):
+        if i in done:
+            return lambda: kept.load(tags[i])
+        # tasks on this node write their files into the part store themselves
+        where = (node, str(kept.root / tags[i]))
+        return task.remote(parts[i], fs, meta, mode, min_file_rows, where)
+
+    for i, part in enumerate(_in_order(submit, len(parts), window)):
         for message, fatal in part["problems"]:
             if fatal or config.strict:
                 raise ValueError(message)
-            tally.problems.append(message)
-        for split, count, stored, sha256 in part["files"]:
-            if isinstance(stored, str):
-                tally.writer.adopt_file(split, Path(stored), count, sha256)
-            else:
-                tally.writer.add_file(split, stored, count, sha256)
+        if i not in done:
+            part = kept.save(tags[i], part)
+        tally.problems += [message for message, _ in part["problems"]]
+        for split, count, path, sha256 in part["files"]:
+            tally.writer.adopt_file(split, path, count, sha256, keep=kept.keep)
         for table in part["tables"]:
             tally.writer.write(table)
         tally.count(part["splits"], part["labels"])
+    tally.resumed_parts = len(done)
     return tally
 
 
+class _PartStore:
+    """Finished parts of an image folder's ingest, kept until the table is committed: under
+    the step's scratch for a local store (the same filesystem as the table, so a part's file
+    joins the table as a hard link), else in the table's own directory, not kept past the run.
+
+    A part is ``<tag>-<split>.parquet`` files and ``<tag>.json``, written last: its rows,
+    labels, splits and problems. The tag hashes the part's files and the table's shape, so a
+    part is reused only for the same images decoded the same way."""
+
+    def __init__(self, scratch: str, out: Path, meta: ImageTableMeta):
+        self.meta = meta
+        self.keep = "://" not in scratch
+        self.root = Path(scratch) / "parts" if self.keep else out
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def tag(self, rows: list[dict], mode: str, min_file_rows: int) -> str:
+        import hashlib
+
+        digest = hashlib.sha256(self.meta.to_json() + f"{mode} {min_file_rows}".encode())
+        for row in rows:
+            digest.update(f"\0{row['relpath']}\0{row['id']}\0{row['split']}".encode())
+        return digest.hexdigest()[:24]
+
+    def has(self, tag: str) -> bool:
+        return self.keep and (self.root / f"{tag}.json").is_file()
+
+    def save(self, tag: str, part: dict) -> dict:
+        """Stores a decode task's result (files from other nodes written here, the smaller
+        splits' rows as files of their own) and returns it as `load` would."""
+        import json
+
+        from stages.formats.images import (
+            ParquetFile,
+            group_rows,
+            pixel_codec,
+            table_schema,
+            to_arrow,
+        )
+
+        files = []
+        for split, count, stored, sha256 in part["files"]:
+            path = self.root / f"{tag}-{split}.parquet"
+            if not isinstance(stored, str):  # the bytes of a file, from another node
+                path.unlink(missing_ok=True)
+                write_new_file(path, stored, sha256)
+            files.append((split, count, str(path), sha256))
+        if not self.keep:
+            return {**part, "files": files}
+        tables = []
+        for table in part["tables"]:  # one split each, a fraction of a file
+            path = self.root / f"{tag}-{table.splits[0]}.rows.parquet"
+            path.unlink(missing_ok=True)
+            schema = table_schema(self.meta)
+            rows = ParquetFile(path, schema, pixel_codec(table.images))
+            rows.write_table(to_arrow(table, schema), group_rows(self.meta))
+            rows.close()
+            tables.append(str(path))
+        record = {
+            "files": files,
+            "tables": tables,
+            "splits": part["splits"].tolist(),
+            "labels": part["labels"].tolist(),
+            "problems": part["problems"],
+        }
+        marker = self.root / f"{tag}.json"
+        marker.with_suffix(".tmp").write_text(json.dumps(record))
+        marker.with_suffix(".tmp").replace(marker)
+        return {**part, "files": files}
+
+    def load(self, tag: str) -> dict:
+        import json
+
+        import pyarrow.parquet as pq
+
+        from stages.formats.images import table_from_arrow
+
+        record = json.loads((self.root / f"{tag}.json").read_text())
+        return {
+            "files": [(s, n, p, None) for s, n, p, _ in record["files"]],  # hashed at commit
+            "tables": [table_from_arrow(pq.read_table(p), self.meta) for p in record["tables"]],
+            "splits": np.asarray(record["splits"], dtype=object),
+            "labels": np.asarray(record["labels"], np.int64),
+            "problems": [tuple(p) for p in record["problems"]],
+        }
+
+
 def _in_order(submit, count: int, window: int):
-    """The results of ``submit(0) ... submit(count - 1)`` (each returns a Ray object ref), in
-    that order, with at most `window` submitted and not yet taken: Ray runs as many of them at
-    once as there are CPUs free, and memory is bounded whatever `count`. Work not yet taken is
-    cancelled when the caller stops early."""
+    """The results of ``submit(0) ... submit(count - 1)`` (each returns a Ray object ref, or a
+    function that gives the result), in that order, with at most `window` submitted and not
+    yet taken: Ray runs as many of them at once as there are CPUs free, and memory is bounded
+    whatever `count`. Work not yet taken is cancelled when the caller stops early."""
     import ray
 
     pending: collections.deque = collections.deque()
@@ -379,10 +483,12 @@ def _in_order(submit, count: int, window: int):
             while submitted < count and len(pending) < window:
                 pending.append(submit(submitted))
                 submitted += 1
-            yield ray.get(pending.popleft())
+            head = pending.popleft()
+            yield head() if callable(head) else ray.get(head)
     finally:
         for ref in pending:
-            ray.cancel(ref)
+            if not callable(ref):
+                ray.cancel(ref)
 
 
 def check_upstream(config: Config, step, steps: dict) -> None:

@@ -305,14 +305,14 @@ def test_decode_part_writes_the_same_file_on_the_ingest_node_and_off_it(tmp_path
     rows, classes, _ = list_images(fs, str(root), seed=0, val_fraction=0.0)
     meta = ImageTableMeta(height=8, width=8, channels=1, class_names=classes)
     task = ray.remote(decode_part)
-    here = (ray.get_runtime_context().get_node_id(), str(tmp_path))
-    elsewhere = ("another node", str(tmp_path))
+    here = (ray.get_runtime_context().get_node_id(), str(tmp_path / "part"))
+    elsewhere = ("another node", str(tmp_path / "part"))
     written, returned = ray.get(
         [task.remote(rows, fs, meta, "same", 1, w) for w in (here, elsewhere)]
     )
     [(split, count, path, sha256)] = written["files"]
     [(_, _, data, same_sha256)] = returned["files"]
-    assert (split, count) == ("train", 100) and Path(path).parent == tmp_path
+    assert (split, count) == ("train", 100) and path == str(tmp_path / "part-train.parquet")
     assert Path(path).read_bytes() == bytes(data) and sha256 == same_sha256
     assert sha256 == hashlib.sha256(data).hexdigest()
     table = pq.read_table(path)
@@ -338,6 +338,50 @@ def test_cropping_and_resizing_in_pil_gives_the_pixels_of_the_numpy_path(mode, p
             assert fast.shape == expected.shape and np.array_equal(fast, expected)
     assert _shape_in_pil(Image.new("RGBA", (40, 40)), 32, 32, 3, mode) is None
     assert _shape_in_pil(Image.new("RGB", (40, 40)), 32, 32, 3, "pad") is None
+
+
+def test_an_interrupted_image_folder_ingest_decodes_only_the_parts_not_yet_stored(
+    tmp_path, ray_local
+):
+    """A run stopped part-way (here: strict, on a broken file) leaves its finished parts in
+    the step's scratch; the rerun decodes only the rest and writes the same files as a run
+    that was never stopped."""
+    from stages.sources.image_folder import _hash
+
+    root = tmp_path / "images"
+    rng = np.random.default_rng(4)
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(150):
+            image = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(image).save(root / label / f"{i}.png")
+    ids = sorted(_hash(p.relative_to(root).as_posix().encode()) >> 1 for p in root.glob("*/*"))
+    # a broken file late in id order (files are listed, and cut into parts, by id)
+    bad = next(
+        f"a/bad{k}.png" for k in range(1000) if _hash(f"a/bad{k}.png".encode()) >> 1 > ids[240]
+    )
+    (root / bad).write_bytes(b"not a png")
+    source = {"kind": "image_folder", "path": str(root)}
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match="unreadable image"):
+        _ingest(run, source=source, readers=2, strict=True)
+    stored = sorted((run / "scratch" / "parts").glob("*.json"))
+    assert len(stored) >= 2  # the parts before the broken file's
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / bad)
+    metrics, resumed = _ingest(run, source=source, readers=2, strict=True)
+    assert metrics["resumed_parts"] == len(stored) and metrics["images"] == 301
+    fresh_metrics, fresh = _ingest(tmp_path / "fresh", source=source, readers=2, strict=True)
+    assert fresh_metrics["resumed_parts"] == 0
+    assert {n: e["sha256"] for n, e in resumed.files.items()} == {
+        n: e["sha256"] for n, e in fresh.files.items()
+    }
+    assert read_image_table(resumed).images.sum() == read_image_table(fresh).images.sum()
+    # an object store's scratch is not local: the parts are not kept, the table is the same
+    out = tmp_path / "object_store_staging"
+    out.mkdir()
+    config = ingest.Config(source=ingest.Source(**source), readers=2, strict=True)
+    ingest.run(config, {}, out, "s3://bucket/_scratch/ingest/key")
+    assert sorted(p.name for p in out.iterdir()) == sorted(fresh.files)
 
 
 def test_image_folder_empty_folder_is_one_clear_error(tmp_path):

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -151,13 +153,23 @@ class ImageTableWriter:
         self.rows += rows
         return name
 
-    def adopt_file(self, split: str, path: Path, rows: int, sha256: str) -> str:
+    def adopt_file(
+        self, split: str, path: Path, rows: int, sha256: str | None, keep: bool = False
+    ) -> str:
         """Takes `path`, a finished file of `rows` rows of `split` that another process of
-        this node wrote (a `ParquetFile`, in the writer's directory) with digest `sha256`, as
-        the split's next file; returns its name."""
+        this node wrote (a `ParquetFile`, on the writer's filesystem), as the split's next
+        file: moved, or with `keep` linked (`path` stays, e.g. as resumable state); `sha256`,
+        when given, is its digest, so the commit need not read it. Returns its name."""
         name = self._next_name(split)
-        Path(path).rename(self.out / name)
-        record_written(self.out / name, sha256)
+        if not keep:
+            Path(path).rename(self.out / name)
+        else:
+            try:
+                os.link(path, self.out / name)
+            except OSError:  # another filesystem, or no hard links there
+                shutil.copyfile(path, self.out / name)
+        if sha256 is not None:
+            record_written(self.out / name, sha256)
         self.rows += rows
         return name
 

@@ -139,8 +139,9 @@ def decode_part(
 
     - ``files``: one Parquet file for each split with at least `min_file_rows` rows, as
       ``(split, rows, path, sha256)`` when the task runs on the node of `local` (the ingest
-      step's node id and directory): it wrote the file there itself, past the page cache, so
-      the pixels never cross processes; elsewhere ``(split, rows, file bytes, sha256)``;
+      step's node id and a path prefix there): it wrote the file ``<prefix>-<split>.parquet``
+      itself, past the page cache, so the pixels never cross processes; elsewhere
+      ``(split, rows, file bytes, sha256)``;
     - ``tables``: the rows of the smaller splits, as `ImageTable`s, for the writer to gather
       into files of a useful size (the val split is a few percent of each part);
     - ``splits``, ``labels``: of every row decoded, for the counts;
@@ -167,7 +168,7 @@ def decode_part(
             if file is None and len(table):
                 codec = pixel_codec(table.images)
                 if here:
-                    path = f"{local[1]}/.{run[0]['id']:016x}-{split}.parquet"
+                    path = f"{local[1]}-{split}.parquet"
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(path)  # left by an attempt of this task whose worker died
                     file = ParquetFile(path, schema, codec)
