@@ -443,24 +443,25 @@ def _print_table(figures: dict, sizes: list[int]) -> None:
     # stage s: the step alone; wall s: its whole CLI process, Ray's start and stop included
     print(f"\n{'images':<8}{'stage':<20}{'peak MiB':>10}{'stage s':>9}{'wall s':>9}", end="")
     print(f"{'img/s':>9}{'written MB':>12}")
+
+    def pil_row(images, name: str, pil: dict) -> None:
+        print(f"{images:<8}{name:<20}{'':>10}{pil['seconds']:>9.1f}{'':>9}", end="")
+        print(f"{pil['images_per_s']:>9.0f}")
+
+    def stage_row(name: str, f: dict) -> None:
+        print(
+            f"{'':<8}{name:<20}{f['peak_tree_mib']:>10.0f}{f['stage_s']:>9.1f}"
+            f"{f['wall_s']:>9.1f}{f['images_per_s']:>9.1f}{f['bytes_written'] / 1e6:>12.1f}"
+        )
+
     for n in sizes:
         run = figures["sizes"][str(n)]
-        print(f"{n:<8}{'bare PIL':<20}{'':>10}{run['pil']['seconds']:>9.1f}{'':>9}", end="")
-        print(f"{run['pil']['images_per_s']:>9.0f}")
+        pil_row(n, "bare PIL", run["pil"])
         for stage in ("ingest", "train_autoencoder", "encode"):
-            f = run[stage]
-            print(
-                f"{'':<8}{stage:<20}{f['peak_tree_mib']:>10.0f}{f['stage_s']:>9.1f}"
-                f"{f['wall_s']:>9.1f}{f['images_per_s']:>9.1f}{f['bytes_written'] / 1e6:>12.1f}"
-            )
+            stage_row(stage, run[stage])
     photos = figures["photos"]
-    print(f"{photos['pil']['images']:<8}{'bare PIL (photos)':<20}{'':>10}", end="")
-    print(f"{photos['pil']['seconds']:>9.1f}{'':>9}{photos['pil']['images_per_s']:>9.0f}")
-    f = photos["ingest"]
-    print(
-        f"{'':<8}{'ingest (photos)':<20}{f['peak_tree_mib']:>10.0f}{f['stage_s']:>9.1f}"
-        f"{f['wall_s']:>9.1f}{f['images_per_s']:>9.1f}{f['bytes_written'] / 1e6:>12.1f}"
-    )
+    pil_row(photos["pil"]["images"], "bare PIL (photos)", photos["pil"])
+    stage_row("ingest (photos)", photos["ingest"])
     print()
     for name, value in figures["ratios"].items():
         print(f"{name:<40}{value}")

@@ -31,6 +31,8 @@ Sequence data (Moving MNIST) has its own stage, `stages.ingest_sequences`.
 from __future__ import annotations
 
 import collections
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -42,7 +44,14 @@ import numpy as np
 from pipeline.config import ConfigError, run_option
 from pipeline.stage import Input
 from pipeline.store import write_new_file
-from stages.formats.images import FILE_BYTES, ImageTable, ImageTableMeta, ImageTableWriter
+from stages.formats.images import (
+    FILE_BYTES,
+    ImageTable,
+    ImageTableMeta,
+    ImageTableWriter,
+    table_from_arrow,
+    write_image_table,
+)
 from stages.sources import dsprites
 from stages.sources import image_folder as folder
 from stages.sources.mnist import EMBEDDED_DIR, MNIST_CLASSES, read_mnist_dir
@@ -205,7 +214,7 @@ class _Tally:
         self.count(table.splits, table.labels)
 
     def count(self, splits: np.ndarray, labels: np.ndarray) -> None:
-        """Counts rows stored (by `write`, or as whole files by the writer's `add_file`)."""
+        """Counts rows stored (by `write`, or as whole files by the writer's `adopt_file`)."""
         for split in self.splits:
             self.splits[split] += int(np.sum(splits == split))
         labelled = labels[labels >= 0]
@@ -388,7 +397,8 @@ class _PartStore:
     the step's scratch for a local store (the same filesystem as the table, so a part's file
     joins the table as a hard link), else in the table's own directory, not kept past the run.
 
-    A part is ``<tag>-<split>.parquet`` files and ``<tag>.json``, written last: its rows,
+    A part is its files ``<tag>-<split>.parquet``, the rows of its smaller splits as
+    ``<tag>-rows-<split>-00000.parquet``, and ``<tag>.json``, written last: the files, the
     labels, splits and problems. The tag hashes the part's files and the table's shape, so a
     part is reused only for the same images decoded the same way."""
 
@@ -399,8 +409,6 @@ class _PartStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def tag(self, rows: list[dict], mode: str, min_file_rows: int) -> str:
-        import hashlib
-
         digest = hashlib.sha256(self.meta.to_json() + f"{mode} {min_file_rows}".encode())
         for row in rows:
             digest.update(f"\0{row['relpath']}\0{row['id']}\0{row['split']}".encode())
@@ -412,16 +420,6 @@ class _PartStore:
     def save(self, tag: str, part: dict) -> dict:
         """Stores a decode task's result (files from other nodes written here, the smaller
         splits' rows as files of their own) and returns it as `load` would."""
-        import json
-
-        from stages.formats.images import (
-            ParquetFile,
-            group_rows,
-            pixel_codec,
-            table_schema,
-            to_arrow,
-        )
-
         files = []
         for split, count, stored, sha256 in part["files"]:
             path = self.root / f"{tag}-{split}.parquet"
@@ -431,15 +429,12 @@ class _PartStore:
             files.append((split, count, str(path), sha256))
         if not self.keep:
             return {**part, "files": files}
+        for stale in self.root.glob(f"{tag}-rows-*.parquet"):  # an earlier try's
+            stale.unlink()
         tables = []
         for table in part["tables"]:  # one split each, a fraction of a file
-            path = self.root / f"{tag}-{table.splits[0]}.rows.parquet"
-            path.unlink(missing_ok=True)
-            schema = table_schema(self.meta)
-            rows = ParquetFile(path, schema, pixel_codec(table.images))
-            rows.write_table(to_arrow(table, schema), group_rows(self.meta))
-            rows.close()
-            tables.append(str(path))
+            names = write_image_table(self.root, table, prefix=f"{tag}-rows")
+            tables += [str(self.root / name) for name in names]
         record = {
             "files": files,
             "tables": tables,
@@ -453,11 +448,7 @@ class _PartStore:
         return {**part, "files": files}
 
     def load(self, tag: str) -> dict:
-        import json
-
         import pyarrow.parquet as pq
-
-        from stages.formats.images import table_from_arrow
 
         record = json.loads((self.root / f"{tag}.json").read_text())
         return {

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.store import CorruptArtifactError, NewFile, record_written, write_new_file
+from pipeline.store import CorruptArtifactError, NewFile, record_written
 
 SCHEMA_VERSION = 1
 META_KEY = b"twostage.image_table"
@@ -143,15 +143,6 @@ class ImageTableWriter:
             self._codec = self._codec or pixel_codec(table.images[np.flatnonzero(mask)[:64]])
             self._flush(split, final=False)
         self.rows += len(table)
-
-    def add_file(self, split: str, data, rows: int, sha256: str | None = None) -> str:
-        """Stores `data`, a whole Parquet file of `rows` rows of `split` written by a
-        `ParquetFile` (e.g. in a decode task on another node, which also gives its `sha256`),
-        as the split's next file; returns its name."""
-        name = self._next_name(split)
-        write_new_file(self.out / name, data, sha256)
-        self.rows += rows
-        return name
 
     def adopt_file(
         self, split: str, path: Path, rows: int, sha256: str | None, keep: bool = False

@@ -281,8 +281,7 @@ def _shape_in_pil(im, height: int, width: int, channels: int, mode: str) -> np.n
     if im.mode != ("L" if channels == 1 else "RGB") or (h, w) == (height, width):
         return None
     if mode == "center_crop":
-        crop_h, crop_w = min(h, w * height // width), min(w, h * width // height)
-        top, left = (h - crop_h) // 2, (w - crop_w) // 2
+        top, left, crop_h, crop_w = _center_box(h, w, height, width)
         im = im.crop((left, top, left + crop_w, top + crop_h))
     elif mode != "resize":
         return None
@@ -338,12 +337,17 @@ def shape_image(array: np.ndarray, height: int, width: int, channels: int, mode:
         out[top : top + h, left : left + w] = array
         return out
     if mode == "center_crop":
-        crop_h, crop_w = min(h, w * height // width), min(w, h * width // height)
-        top, left = (h - crop_h) // 2, (w - crop_w) // 2
+        top, left, crop_h, crop_w = _center_box(h, w, height, width)
         array = array[top : top + crop_h, left : left + crop_w]
         if (crop_h, crop_w) == (height, width):
             return np.ascontiguousarray(array)
     return _resize(array, height, width)
+
+
+def _center_box(h: int, w: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of the centred box of an ``h x w`` image with the target's aspect."""
+    crop_h, crop_w = min(h, w * height // width), min(w, h * width // height)
+    return (h - crop_h) // 2, (w - crop_w) // 2, crop_h, crop_w
 
 
 def convert_channels(array: np.ndarray, channels: int) -> np.ndarray:
