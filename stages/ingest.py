@@ -415,7 +415,16 @@ class _PartStore:
         return digest.hexdigest()[:24]
 
     def has(self, tag: str) -> bool:
-        return self.keep and (self.root / f"{tag}.json").is_file()
+        """Whether part `tag` is stored whole (its record readable, every file of it there);
+        anything less is decoded again."""
+        if not self.keep:
+            return False
+        try:
+            record = json.loads((self.root / f"{tag}.json").read_text())
+            paths = [f[2] for f in record["files"]] + record["tables"]
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            return False
+        return all(Path(p).is_file() for p in paths)
 
     def save(self, tag: str, part: dict) -> dict:
         """Stores a decode task's result (files from other nodes written here, the smaller

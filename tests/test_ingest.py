@@ -366,10 +366,13 @@ def test_an_interrupted_image_folder_ingest_decodes_only_the_parts_not_yet_store
     with pytest.raises(ValueError, match="unreadable image"):
         _ingest(run, source=source, readers=2, strict=True)
     stored = sorted((run / "scratch" / "parts").glob("*.json"))
-    assert len(stored) >= 2  # the parts before the broken file's
+    assert len(stored) >= 3  # the parts before the broken file's
+    # a part that lost a file, and one whose record is cut short, are decoded again
+    stored[0].with_name(f"{stored[0].stem}-train.parquet").unlink()
+    stored[-1].write_text('{"files": [')
     Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / bad)
     metrics, resumed = _ingest(run, source=source, readers=2, strict=True)
-    assert metrics["resumed_parts"] == len(stored) and metrics["images"] == 301
+    assert metrics["resumed_parts"] == len(stored) - 2 and metrics["images"] == 301
     fresh_metrics, fresh = _ingest(tmp_path / "fresh", source=source, readers=2, strict=True)
     assert fresh_metrics["resumed_parts"] == 0
     assert {n: e["sha256"] for n, e in resumed.files.items()} == {
