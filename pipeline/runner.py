@@ -15,6 +15,7 @@ artifacts next to them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -424,18 +425,31 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _EXCEPTION_LINE = re.compile(r"(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception)): (.+)")
 
 
+_FULL_DISK = (
+    " (the disk is full: free space and rerun; the step goes on from its last checkpoint, "
+    "or for ingest from the parts it finished)"
+)
+
+
 def error_line(e: BaseException) -> str:
     """``Type: message`` in one line. For an error raised inside Ray (a Ray Data function, a
     remote task) it is the first exception line of the remote traceback Ray puts in the text:
-    the error the user's input caused, not Ray's wrapper around it."""
+    the error the user's input caused, not Ray's wrapper around it. A full disk says what to
+    do about it."""
     text = _ANSI.sub("", str(e)).strip()
+    line = None
     if type(e).__module__.startswith("ray"):
-        for line in text.splitlines():
-            match = _EXCEPTION_LINE.fullmatch(line.strip())
-            if match and not line.strip().startswith("ray."):
-                return f"{match.group(1)}: {match.group(2)}"
-    lines = [line for line in text.splitlines() if line.strip()]
-    return f"{type(e).__name__}: {lines[-1].strip() if lines else repr(e)}"
+        for candidate in text.splitlines():
+            match = _EXCEPTION_LINE.fullmatch(candidate.strip())
+            if match and not candidate.strip().startswith("ray."):
+                line = f"{match.group(1)}: {match.group(2)}"
+                break
+    if line is None:
+        lines = [line for line in text.splitlines() if line.strip()]
+        line = f"{type(e).__name__}: {lines[-1].strip() if lines else repr(e)}"
+    if f"[Errno {errno.ENOSPC}]" in line:
+        line += _FULL_DISK
+    return line
 
 
 def _execute_step(

@@ -24,6 +24,7 @@ Keys are sha256 over the canonical JSON of (stage type, stage version, stage con
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import mmap
@@ -151,20 +152,20 @@ class NewFile:
             if self._digest is not None:
                 self._digest.update(block[:fill])
             if not self._direct:
-                _write_all(self._fd, block[:fill])
+                _write_all(self._fd, block[:fill], self.path)
             else:
                 end = -(-fill // _DIRECT_BLOCK) * _DIRECT_BLOCK
                 buffer[fill:end] = bytes(end - fill)
                 try:
-                    _write_all(self._fd, block[:end])
-                except OSError:
-                    if self._written:  # direct writes that worked, then one that did not
-                        raise
+                    _write_all(self._fd, block[:end], self.path)
+                except OSError as e:
                     # the flag was taken but direct writes are not (some filesystems): go plain
+                    if self._written or e.errno != errno.EINVAL:
+                        raise
                     os.close(self._fd)
                     self._fd = os.open(self.path, os.O_WRONLY | os.O_TRUNC)
                     self._direct = False
-                    _write_all(self._fd, block[:fill])
+                    _write_all(self._fd, block[:fill], self.path)
         self._written += fill
 
     def tell(self) -> int:
@@ -204,10 +205,13 @@ class NewFile:
         self.close()
 
 
-def _write_all(fd: int, view: memoryview) -> None:
+def _write_all(fd: int, view: memoryview, path: str) -> None:
     written = 0
-    while written < len(view):
-        written += os.write(fd, view[written:])
+    try:
+        while written < len(view):
+            written += os.write(fd, view[written:])
+    except OSError as e:  # a full disk: the message names the file
+        raise OSError(e.errno, e.strerror, path) from None
 
 
 def record_written(path: Path | str, sha256: str) -> None:

@@ -31,6 +31,7 @@ Sequence data (Moving MNIST) has its own stage, `stages.ingest_sequences`.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import logging
@@ -486,9 +487,15 @@ def _in_order(submit, count: int, window: int):
             head = pending.popleft()
             yield head() if callable(head) else ray.get(head)
     finally:
-        for ref in pending:
-            if not callable(ref):
-                ray.cancel(ref)
+        refs = [ref for ref in pending if not callable(ref)]
+        for ref in refs:
+            ray.cancel(ref)
+        # taken, so that Ray does not print the errors of tasks that failed meanwhile (a full
+        # disk fails them all) as unhandled tracebacks after the stage's own message
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=30) if refs else ([], [])
+        for ref in ready:
+            with contextlib.suppress(Exception):
+                ray.get(ref)
 
 
 def check_upstream(config: Config, step, steps: dict) -> None:

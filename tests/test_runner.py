@@ -169,3 +169,63 @@ steps:
         "bad_data": "failed",
         "greedy": "failed",
     }
+
+
+def test_a_full_disk_fails_ingest_in_one_line_keeps_the_store_and_the_rerun_goes_on(tmp_path):
+    """The store on a small filesystem that fills up during an image folder's ingest: the
+    step fails in one line that names the file and says what to do, the artifact committed
+    before stays intact, and once there is space the rerun decodes only the parts not done."""
+    import numpy as np
+    from PIL import Image
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)]
+    if subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs (the full disk) needs root")
+    try:
+        images = tmp_path / "images"
+        rng = np.random.default_rng(0)
+        for label in ("a", "b"):
+            (images / label).mkdir(parents=True)
+            for i in range(300):  # 1.8 MB of pixels in 10 parts
+                pixels = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(images / label / f"{i}.png")
+        store_dir = disk / "store"
+        small = f"name: full\nstore: {store_dir}\nsteps:\n" + (
+            "  small: {stage: ingest, source: {kind: embedded}}\n"
+        )
+        first = write_yaml(tmp_path / "small.yaml", small)
+        both = write_yaml(
+            tmp_path / "both.yaml",
+            small + f"  big: {{stage: ingest, source: {{kind: image_folder, path: {images}}}}}\n",
+        )
+        (committed,) = run_json(first, cwd=tmp_path)["stages"]
+        assert committed["status"] == "ran", committed["error"]
+        # the disk full but for 1 MB: room for a few parts, not the table
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        (disk / "filler").write_bytes(bytes(free - 2**20))
+
+        proc = twostage("run", both, "--json", cwd=tmp_path, check=1)
+        steps = {s["name"]: s for s in json.loads(proc.stdout)["stages"]}
+        assert steps["small"]["status"] == "cached" and steps["big"]["status"] == "failed"
+        error = steps["big"]["error"]
+        # the file is named where the failing write knows it (the table's files)
+        assert error.startswith("OSError: [Errno 28] No space left on device")
+        assert "free space and rerun" in error
+        assert "Traceback" not in proc.stderr and "Unhandled error" not in proc.stderr
+        store = Store(str(store_dir))
+        assert store.open("ingest", committed["key"]).verify() == []
+        assert store.get("ingest", steps["big"]["key"]) is None
+        assert not list((store_dir / ".staging").iterdir())
+        finished = len(list(store_dir.glob("_scratch/ingest/*/parts/*.json")))
+        assert finished >= 1
+
+        (disk / "filler").unlink()
+        steps = {s["name"]: s for s in run_json(both, cwd=tmp_path)["stages"]}
+        assert steps["big"]["status"] == "resumed"
+        artifact = store.open("ingest", steps["big"]["key"])
+        assert artifact.metrics["resumed_parts"] == finished
+        assert artifact.metrics["images"] == 600 and artifact.verify() == []
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
