@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.store import Store
-from tests.helpers import REPO, cli_env, run_json, twostage, write_yaml
+from tests.helpers import REPO, cli_env, registered_checkpoints, run_json, twostage, write_yaml
 
 pytestmark = pytest.mark.slow
 
@@ -229,3 +229,53 @@ def test_a_full_disk_fails_ingest_in_one_line_keeps_the_store_and_the_rerun_goes
         assert artifact.metrics["images"] == 600 and artifact.verify() == []
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+DRIVER_KILL = """
+name: driver_kill
+steps:
+  data: {stage: ingest, source: {kind: embedded}, image_size: 32, limit: 400}
+  vqvae:
+    stage: train_autoencoder
+    inputs: {images: data}
+    model: {family: vqvae2, in_channels: 1, channels: 16, res_channels: 8, codebook_size: 16}
+    train: {steps: 120, batch_size: 16, checkpoint_every: 20, log_every: 20, workers: 1}
+"""
+
+
+def test_a_killed_driver_costs_ray_train_only_the_steps_since_its_last_checkpoint(tmp_path):
+    """`twostage run` killed outright (with the Ray instance it started) while a Ray Train
+    worker trains: the rerun goes on from the last checkpoint Ray Train registered."""
+    config = write_yaml(tmp_path / "p.yaml", DRIVER_KILL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", str(config)],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    snapshot = str(
+        tmp_path / "artifacts/_scratch/train_autoencoder/*/ray_train/"
+        "checkpoint_manager_snapshot.json"
+    )
+    deadline = time.time() + 300
+    try:
+        while len(registered_checkpoints(snapshot).get("checkpoint_results", [])) < 2:
+            assert proc.poll() is None and time.time() < deadline, "no 2 checkpoints to kill at"
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    registered = registered_checkpoints(snapshot)["checkpoint_results"]
+    last = registered[-1]["metrics"]["step"]
+    assert 40 <= last < 120
+
+    steps = {s["name"]: s for s in run_json(config, cwd=tmp_path, timeout=600)["stages"]}
+    assert steps["data"]["status"] == "cached" and steps["vqvae"]["status"] == "resumed"
+    artifact = Store(str(tmp_path / "artifacts")).open("train_autoencoder", steps["vqvae"]["key"])
+    # the last registered checkpoint, or one registered while the driver was dying
+    assert last <= artifact.metrics["resumed_from_step"] < 120
+    assert artifact.metrics["step"] == 120 and artifact.verify() == []
+    history = json.loads(artifact.read_bytes("metrics.json"))["history"]
+    assert [r["step"] for r in history] == list(range(20, 121, 20))  # none trained twice
