@@ -13,7 +13,10 @@ Commit protocol:
 - object stores (no atomic rename): the files are uploaded under a fresh attempt prefix
   ``<stage>/<key>/<attempt>/`` and the manifest, naming that prefix as ``data_dir``, is put
   last. A manifest only ever points at one complete attempt, so racing writers cannot mix
-  files either; the loser's attempt prefix is left behind as garbage.
+  files either; the loser's attempt prefix is left behind as garbage. A staged output may
+  name files that are already in the store (`stage_in_store`, e.g. an ingest's finished parts
+  under its scratch): those are copied inside the store, not uploaded from the staging
+  directory, which then holds only the small files.
 
 Readers verify size and sha256 of every file they read and raise `CorruptArtifactError` naming
 the file on any mismatch.
@@ -41,6 +44,7 @@ from urllib.parse import unquote, urlparse
 
 MANIFEST = "_MANIFEST.json"
 MANIFEST_FORMAT = 1
+IN_STORE = "_IN_STORE.jsonl"  # in a staging directory: its files already in the store
 _CHUNK = 4 << 20
 
 
@@ -203,6 +207,39 @@ class NewFile:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class HashedStream:
+    """A new file `path` of the pyarrow filesystem `fs` (an object store's), written in order,
+    its sha256 computed on the way; a binary file object, as `NewFile` is for local files.
+    An object appears only once `close` has uploaded it whole; `close` returns the sha256."""
+
+    def __init__(self, fs, path: str):
+        self.path, self.size, self.closed, self.sha256 = path, 0, False, None
+        self._stream = fs.open_output_stream(path)
+        self._digest = hashlib.sha256()
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self._digest.update(view)
+        self._stream.write(view)
+        self.size += len(view)
+        return len(view)
+
+    def tell(self) -> int:
+        return self.size
+
+    def writable(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> str:
+        if not self.closed:
+            self._stream.close()
+            self.closed, self.sha256 = True, self._digest.hexdigest()
+        return self.sha256
 
 
 def _write_all(fd: int, view: memoryview, path: str) -> None:
@@ -589,11 +626,16 @@ class Store:
             which case its artifact is returned and ours discarded.
         """
         files = {}
+        in_store = staged_in_store(staged)
         for path in sorted(p for p in staged.rglob("*") if p.is_file()):
             rel = path.relative_to(staged).as_posix()
             if rel == MANIFEST:
                 raise StoreError(f"stage output may not contain a file named {MANIFEST}")
-            files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+            if rel != IN_STORE:
+                files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+        for rel, entry in in_store.items():
+            files[rel] = {"size": entry["size"], "sha256": entry["sha256"]}
+        files = dict(sorted(files.items()))
         full = {
             "format": MANIFEST_FORMAT,
             "stage": stage,
@@ -606,8 +648,10 @@ class Store:
         if existing is not None:
             return existing, False
         if self.local:
+            if in_store:
+                raise StoreError("files in the store can be staged on object stores only")
             return self._commit_local(stage, key, staged, full)
-        return self._commit_remote(stage, key, staged, full)
+        return self._commit_remote(stage, key, staged, full, in_store)
 
     def _commit_local(self, stage, key, staged, manifest):
         manifest["data_dir"] = ""
@@ -628,11 +672,14 @@ class Store:
         staged.mkdir()  # the staging context removes it again
         return Artifact(self, stage, key, manifest), True
 
-    def _commit_remote(self, stage, key, staged, manifest):
+    def _commit_remote(self, stage, key, staged, manifest, in_store):
         attempt = f"attempt-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
         manifest["data_dir"] = attempt
         base = f"{self.dir_of(stage, key)}/{attempt}"
         for rel in manifest["files"]:
+            if rel in in_store:  # a copy inside the store (S3: CopyObject, no bytes through here)
+                self.fs.copy_file(in_store[rel]["path"], f"{base}/{rel}")
+                continue
             with (
                 open(staged / rel, "rb") as src,
                 self.fs.open_output_stream(f"{base}/{rel}") as dst,
@@ -712,6 +759,23 @@ class Store:
             self.fs.delete_dir(path)
         except (FileNotFoundError, OSError):
             pass
+
+
+def stage_in_store(staged: Path, name: str, path: str, size: int, sha256: str) -> None:
+    """Adds file `name` to the output staged in `staged` (an object store's step): the finished
+    file `path` in the store's filesystem (e.g. under the step's scratch), of `size` bytes and
+    digest `sha256`. The commit copies it into the artifact inside the store."""
+    with open(staged / IN_STORE, "a") as f:  # one line a file
+        f.write(json.dumps({"name": name, "path": path, "size": size, "sha256": sha256}) + "\n")
+
+
+def staged_in_store(staged: Path) -> dict[str, dict]:
+    """The files `stage_in_store` added to `staged`: name -> path, size and sha256."""
+    try:
+        lines = (staged / IN_STORE).read_text().splitlines()
+    except FileNotFoundError:
+        return {}
+    return {entry.pop("name"): entry for entry in map(json.loads, lines)}
 
 
 def _put_if_absent(uri: str, path: str, body: bytes) -> bool:

@@ -35,6 +35,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,7 +233,7 @@ class _Tally:
         meta, rows = self.writer.meta, self.writer.rows
         if rows == 0:
             raise ValueError("no images to write: every image of the source was unreadable")
-        size = sum((out / f).stat().st_size for f in files)
+        size = sum(self.writer.stored.get(f) or (out / f).stat().st_size for f in files)
         log.info(
             "ingest: wrote %d images (%s) as %dx%dx%d in %d file(s), %.1f MB, %.0f img/s",
             rows,
@@ -323,8 +324,8 @@ def _ingest_folder(config: Config, out: Path, scratch: str) -> _Tally:
     """An image folder through Ray tasks that decode parts of it into Parquet files; the files
     are stored in the order of the parts (the same folder gives the same files).
 
-    Each finished part is kept in `scratch` (a local store's resumable state) until the table
-    is committed, so a rerun after an interruption decodes only the parts not yet done."""
+    Each finished part is kept in `scratch` (`_PartStore`) until the table is committed, so a
+    rerun after an interruption decodes only the parts not yet done."""
     import ray
 
     from pipeline import cluster
@@ -363,7 +364,7 @@ def _ingest_folder(config: Config, out: Path, scratch: str) -> _Tally:
     mode = config.resize if config.image_size else "same"
     task = ray.remote(num_cpus=1)(folder.decode_part)
     min_file_rows = max(1, size // 4)  # smaller splits of a part are gathered by the writer
-    kept = _PartStore(scratch, out, meta)
+    kept = _PartStore(scratch, meta)
     tags = [kept.tag(part, mode, min_file_rows) for part in parts]
     done = {i for i, tag in enumerate(tags) if kept.has(tag)}
     if done:
@@ -373,9 +374,12 @@ def _ingest_folder(config: Config, out: Path, scratch: str) -> _Tally:
     def submit(i: int):
         if i in done:
             return lambda: kept.load(tags[i])
-        # tasks on this node write their files into the part store themselves
-        where = (node, str(kept.root / tags[i]))
-        return task.remote(parts[i], fs, meta, mode, min_file_rows, where)
+        # tasks write their files into the part store themselves: on an object store from
+        # every node, on a local store from this node
+        prefix = f"{kept.root}/{tags[i]}"
+        if not kept.local:
+            return task.remote(parts[i], fs, meta, mode, min_file_rows, remote=(kept.fs, prefix))
+        return task.remote(parts[i], fs, meta, mode, min_file_rows, local=(node, prefix))
 
     for i, part in enumerate(_in_order(submit, len(parts), window)):
         for message, fatal in part["problems"]:
@@ -384,8 +388,11 @@ def _ingest_folder(config: Config, out: Path, scratch: str) -> _Tally:
         if i not in done:
             part = kept.save(tags[i], part)
         tally.problems += [message for message, _ in part["problems"]]
-        for split, count, path, sha256 in part["files"]:
-            tally.writer.adopt_file(split, path, count, sha256, keep=kept.keep)
+        for split, count, path, sha256, size in part["files"]:
+            if kept.local:
+                tally.writer.adopt_file(split, path, count, sha256, keep=True)
+            else:
+                tally.writer.adopt_stored(split, path, count, size, sha256)
         for table in part["tables"]:
             tally.writer.write(table)
         tally.count(part["splits"], part["labels"])
@@ -394,20 +401,28 @@ def _ingest_folder(config: Config, out: Path, scratch: str) -> _Tally:
 
 
 class _PartStore:
-    """Finished parts of an image folder's ingest, kept until the table is committed: under
-    the step's scratch for a local store (the same filesystem as the table, so a part's file
-    joins the table as a hard link), else in the table's own directory, not kept past the run.
+    """Finished parts of an image folder's ingest, kept under the step's scratch until the
+    table is committed. On a local store that is the table's filesystem, so a part's file
+    joins the table as a hard link; on an object store the decode tasks upload their files
+    there themselves, and the commit copies them into the table inside the store (the step's
+    node holds only the small files).
 
     A part is its files ``<tag>-<split>.parquet``, the rows of its smaller splits as
     ``<tag>-rows-<split>-00000.parquet``, and ``<tag>.json``, written last: the files, the
     labels, splits and problems. The tag hashes the part's files and the table's shape, so a
     part is reused only for the same images decoded the same way."""
 
-    def __init__(self, scratch: str, out: Path, meta: ImageTableMeta):
+    def __init__(self, scratch: str, meta: ImageTableMeta):
+        import pyarrow.fs as pafs
+
         self.meta = meta
-        self.keep = "://" not in scratch
-        self.root = Path(scratch) / "parts" if self.keep else out
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.local = "://" not in scratch
+        if self.local:
+            self.fs, self.root = pafs.LocalFileSystem(), str(Path(scratch) / "parts")
+        else:
+            self.fs, root = pafs.FileSystem.from_uri(scratch)
+            self.root = f"{root.rstrip('/')}/parts"
+        self.fs.create_dir(self.root)
 
     def tag(self, rows: list[dict], mode: str, min_file_rows: int) -> str:
         digest = hashlib.sha256(self.meta.to_json() + f"{mode} {min_file_rows}".encode())
@@ -418,33 +433,40 @@ class _PartStore:
     def has(self, tag: str) -> bool:
         """Whether part `tag` is stored whole (its record readable, every file of it there);
         anything less is decoded again."""
-        if not self.keep:
-            return False
+        import pyarrow.fs as pafs
+
         try:
-            record = json.loads((self.root / f"{tag}.json").read_text())
-            paths = [f[2] for f in record["files"]] + record["tables"]
+            record = self._record(tag)
+            files = {f[2]: f[4] for f in record["files"]}  # path -> size
+            found = self.fs.get_file_info([*files, *record["tables"]])
         except (OSError, ValueError, KeyError, IndexError, TypeError):
             return False
-        return all(Path(p).is_file() for p in paths)
+        return all(info.type == pafs.FileType.File for info in found) and all(
+            info.size == files[info.path] for info in found[: len(files)]
+        )
 
     def save(self, tag: str, part: dict) -> dict:
         """Stores a decode task's result (files from other nodes written here, the smaller
         splits' rows as files of their own) and returns it as `load` would."""
         files = []
         for split, count, stored, sha256 in part["files"]:
-            path = self.root / f"{tag}-{split}.parquet"
+            path = stored
             if not isinstance(stored, str):  # the bytes of a file, from another node
-                path.unlink(missing_ok=True)
-                write_new_file(path, stored, sha256)
-            files.append((split, count, str(path), sha256))
-        if not self.keep:
-            return {**part, "files": files}
-        for stale in self.root.glob(f"{tag}-rows-*.parquet"):  # an earlier try's
-            stale.unlink()
+                path = f"{self.root}/{tag}-{split}.parquet"
+                Path(path).unlink(missing_ok=True)
+                write_new_file(Path(path), stored, sha256)
+            files.append((split, count, path, sha256, self.fs.get_file_info(path).size))
         tables = []
-        for table in part["tables"]:  # one split each, a fraction of a file
-            names = write_image_table(self.root, table, prefix=f"{tag}-rows")
-            tables += [str(self.root / name) for name in names]
+        with tempfile.TemporaryDirectory(prefix="twostage-part-") as tmp:
+            directory = Path(self.root if self.local else tmp)
+            for stale in directory.glob(f"{tag}-rows-*.parquet"):  # an earlier try's
+                stale.unlink()
+            for table in part["tables"]:  # one split each, a fraction of a file
+                for name in write_image_table(directory, table, prefix=f"{tag}-rows"):
+                    tables.append(f"{self.root}/{name}")
+                    if not self.local:
+                        with self.fs.open_output_stream(tables[-1]) as f:
+                            f.write((directory / name).read_bytes())
         record = {
             "files": files,
             "tables": tables,
@@ -452,22 +474,34 @@ class _PartStore:
             "labels": part["labels"].tolist(),
             "problems": part["problems"],
         }
-        marker = self.root / f"{tag}.json"
-        marker.with_suffix(".tmp").write_text(json.dumps(record))
-        marker.with_suffix(".tmp").replace(marker)
+        if self.local:
+            marker = Path(self.root) / f"{tag}.json"
+            marker.with_suffix(".tmp").write_text(json.dumps(record))
+            marker.with_suffix(".tmp").replace(marker)
+        else:  # an object appears whole or not at all
+            with self.fs.open_output_stream(f"{self.root}/{tag}.json") as f:
+                f.write(json.dumps(record).encode())
         return {**part, "files": files}
 
     def load(self, tag: str) -> dict:
         import pyarrow.parquet as pq
 
-        record = json.loads((self.root / f"{tag}.json").read_text())
+        record = self._record(tag)
+        tables = [pq.read_table(p, filesystem=self.fs) for p in record["tables"]]
         return {
-            "files": [(s, n, p, None) for s, n, p, _ in record["files"]],  # hashed at commit
-            "tables": [table_from_arrow(pq.read_table(p), self.meta) for p in record["tables"]],
+            # a local part's files are hashed again at commit; an object store's are not read
+            "files": [
+                (f[0], f[1], f[2], None if self.local else f[3], f[4]) for f in record["files"]
+            ],
+            "tables": [table_from_arrow(table, self.meta) for table in tables],
             "splits": np.asarray(record["splits"], dtype=object),
             "labels": np.asarray(record["labels"], np.int64),
             "problems": [tuple(p) for p in record["problems"]],
         }
+
+    def _record(self, tag: str) -> dict:
+        with self.fs.open_input_stream(f"{self.root}/{tag}.json") as f:
+            return json.loads(f.read())
 
 
 def _in_order(submit, count: int, window: int):

@@ -181,3 +181,64 @@ def test_priors_of_weights_that_changed_under_their_autoencoder_key_are_refused(
     assert changed.verify() == []  # intact, but not the weights the prior's codes came from
     with pytest.raises(CodeShardError, match="trained on codes of other weights of autoencoder"):
         check_prior_of(prior, changed, "the decoder")
+
+
+def test_an_image_folder_ingest_on_s3_resumes_from_the_parts_in_its_scratch(
+    s3_server, tmp_path, ray_local
+):
+    """On an S3 store the decode tasks upload their parts into the step's scratch in the
+    bucket, and the step's node keeps only the small files; a run stopped part-way (strict,
+    on a broken file) goes on from there; the commit copies the parts into the table inside
+    the store. The files are those of a local store, and the scratch goes once committed."""
+    import numpy as np
+    from PIL import Image
+
+    from stages import ingest
+    from stages.sources.image_folder import _hash
+
+    root = tmp_path / "images"
+    rng = np.random.default_rng(4)
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(150):
+            image = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(image).save(root / label / f"{i}.png")
+    ids = sorted(_hash(p.relative_to(root).as_posix().encode()) >> 1 for p in root.glob("*/*"))
+    bad = next(  # late in id order: the parts before it are finished when it stops the run
+        f"a/bad{k}.png" for k in range(1000) if _hash(f"a/bad{k}.png".encode()) >> 1 > ids[240]
+    )
+    (root / bad).write_bytes(b"not a png")
+    source = ingest.Source(kind="image_folder", path=str(root))
+    config = ingest.Config(source=source, readers=2, strict=True)
+    # credentials in the URI: the Ray workers of this test were started without them
+    store = Store(s3_server["uri"].replace("s3://", "s3://testing:testing@"))
+    key = "5" * 64
+    with store.staging("ingest", key) as out, pytest.raises(ValueError, match="unreadable"):
+        ingest.run(config, {}, out, store.scratch_uri("ingest", key))
+
+    def scratch() -> list[str]:
+        prefix = f"runs-test/_scratch/ingest/{key}/parts/"
+        listed = s3_server["client"].list_objects_v2(Bucket="twostage", Prefix=prefix)
+        return [o["Key"][len(prefix) :] for o in listed.get("Contents", [])]
+
+    records = [name for name in scratch() if name.endswith(".json")]
+    assert len(records) >= 3 and sum(n.endswith("-train.parquet") for n in scratch()) >= 3
+
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / bad)
+    with store.staging("ingest", key) as out:
+        metrics = ingest.run(config, {}, out, store.scratch_uri("ingest", key))
+        assert not list(out.glob("images-train-*"))  # in the bucket, not here
+        artifact, _ = store.commit("ingest", key, out, {"metrics": metrics})
+    store.remove_scratch("ingest", key)
+    assert metrics["resumed_parts"] == len(records) and metrics["images"] == 301
+    assert artifact.verify() == [] and scratch() == []
+
+    local = Store(str(tmp_path / "local"))
+    with local.staging("ingest", key) as out:
+        fresh_metrics = ingest.run(config, {}, out, local.scratch_uri("ingest", key))
+        fresh, _ = local.commit("ingest", key, out, {"metrics": fresh_metrics})
+    assert {n: e["sha256"] for n, e in artifact.files.items()} == {
+        n: e["sha256"] for n, e in fresh.files.items()
+    }
+    assert metrics["bytes"] == fresh_metrics["bytes"]
+    assert read_image_table(artifact).images.sum() == read_image_table(fresh).images.sum()

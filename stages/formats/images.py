@@ -34,7 +34,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.store import CorruptArtifactError, NewFile, record_written
+from pipeline.store import (
+    CorruptArtifactError,
+    HashedStream,
+    NewFile,
+    record_written,
+    stage_in_store,
+)
 
 SCHEMA_VERSION = 1
 META_KEY = b"twostage.image_table"
@@ -127,6 +133,7 @@ class ImageTableWriter:
         self._open: dict[str, tuple[ParquetFile, int]] = {}  # split -> (file, rows)
         self._parts: dict[str, int] = {}
         self._codec: str | None = None  # the pixels' codec, chosen on the first rows written
+        self.stored: dict[str, int] = {}  # name -> size of the files `adopt_stored` took
 
     @property
     def capacity(self) -> int:
@@ -161,6 +168,16 @@ class ImageTableWriter:
                 shutil.copyfile(path, self.out / name)
         if sha256 is not None:
             record_written(self.out / name, sha256)
+        self.rows += rows
+        return name
+
+    def adopt_stored(self, split: str, path: str, rows: int, size: int, sha256: str) -> str:
+        """Takes `path`, a finished file of `rows` rows of `split` already in the object store
+        the table goes to (e.g. under the step's scratch), as the split's next file: the
+        commit copies it into the table inside the store. Returns its name."""
+        name = self._next_name(split)
+        stage_in_store(self.out, name, path, size, sha256)
+        self.stored[name] = size
         self.rows += rows
         return name
 
@@ -273,9 +290,10 @@ def parquet_writer(sink, schema: pa.Schema, pixel_codec: str) -> pq.ParquetWrite
 
 class ParquetFile:
     """One new image-table Parquet file at `path` (`parquet_writer` into a `NewFile`: past the
-    page cache, its sha256 computed as it is written), or in memory with ``path=None``: into
-    `buffer` (uint8, e.g. one a process reuses) when given, which must hold `file_bound` bytes.
-    `close` returns the sha256; `data` is then the file's bytes when in memory."""
+    page cache, its sha256 computed as it is written; in `filesystem`, an object store's, when
+    given), or in memory with ``path=None``: into `buffer` (uint8, e.g. one a process reuses)
+    when given, which must hold `file_bound` bytes. `close` returns the sha256; `data` is then
+    the file's bytes when in memory."""
 
     def __init__(
         self,
@@ -283,8 +301,11 @@ class ParquetFile:
         schema: pa.Schema,
         codec: str,
         buffer: np.ndarray | None = None,
+        filesystem=None,
     ):
-        if path is not None:
+        if filesystem is not None:
+            self.sink = HashedStream(filesystem, str(path))
+        elif path is not None:
             self.sink = NewFile(path)
         elif buffer is not None:
             self.sink = pa.FixedSizeBufferWriter(pa.py_buffer(buffer))
@@ -298,7 +319,7 @@ class ParquetFile:
 
     def close(self) -> str:
         self.writer.close()
-        if isinstance(self.sink, NewFile):
+        if isinstance(self.sink, (NewFile, HashedStream)):
             return self.sink.close()
         if self.buffer is not None:
             self.data = self.buffer[: self.sink.tell()]

@@ -132,6 +132,7 @@ def decode_part(
     mode: str,
     min_file_rows: int,
     local: tuple[str, str] | None = None,
+    remote: tuple[pafs.FileSystem, str] | None = None,
 ) -> dict:
     """Decodes `rows` (from `list_images`) into `meta`'s size and channels, a row group at a
     time into one reused buffer (the task's memory is a row group, whatever the part's size);
@@ -140,8 +141,9 @@ def decode_part(
     - ``files``: one Parquet file for each split with at least `min_file_rows` rows, as
       ``(split, rows, path, sha256)`` when the task runs on the node of `local` (the ingest
       step's node id and a path prefix there): it wrote the file ``<prefix>-<split>.parquet``
-      itself, past the page cache, so the pixels never cross processes; elsewhere
-      ``(split, rows, file bytes, sha256)``;
+      itself, past the page cache, so the pixels never cross processes; with `remote` (an
+      object store's filesystem and a path prefix in it) it uploaded the file there itself,
+      from whichever node; elsewhere ``(split, rows, file bytes, sha256)``;
     - ``tables``: the rows of the smaller splits, as `ImageTable`s, for the writer to gather
       into files of a useful size (the val split is a few percent of each part);
     - ``splits``, ``labels``: of every row decoded, for the counts;
@@ -167,7 +169,10 @@ def decode_part(
             table = _decode_rows(run[start : start + group], fs, meta, mode, "pixels", problems)
             if file is None and len(table):
                 codec = pixel_codec(table.images)
-                if here:
+                if remote is not None:
+                    path = f"{remote[1]}-{split}.parquet"
+                    file = ParquetFile(path, schema, codec, filesystem=remote[0])
+                elif here:
                     path = f"{local[1]}-{split}.parquet"
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(path)  # left by an attempt of this task whose worker died
@@ -182,7 +187,7 @@ def decode_part(
             labels.append(table.labels)
         if file is not None:
             sha256 = file.close()
-            stored = path if here else file.data
+            stored = path if here or remote is not None else file.data
             files.append((split, stored_rows, stored, sha256))
     # Ray copies the result (views of the reused buffers) into its object store on return
     return {
