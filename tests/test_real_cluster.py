@@ -2,7 +2,8 @@
 `ray start` node, separate processes, token authentication on, a custom resource (`gpu_like`)
 on the second node only, and one shared store. The pipeline runs against it with `twostage
 run` (RAY_ADDRESS), with `ray job submit`, and through `scripts/submit.py` as `ray submit`
-calls it; a training step is killed with its node and recovers on a node started again.
+calls it; a training step is killed with its node and recovers on a node started again, and
+with the head node, on a new cluster.
 """
 
 import json
@@ -373,3 +374,73 @@ def test_a_lost_training_node_fails_the_step_in_one_line_and_the_rerun_resumes(
     assert metrics["step"] == 120
     history = json.loads(Path(steps["vqvae"]["uri"], "metrics.json").read_text())["history"]
     assert [r["step"] for r in history] == list(range(20, 121, 20))  # no step trained twice
+
+
+HEAD_LOSS = """
+name: head_loss
+store: {store}
+steps:
+  data: {{stage: ingest, source: {{kind: embedded}}, image_size: 32, limit: 400}}
+  vqvae:
+    stage: train_autoencoder
+    inputs: {{images: data}}
+    model: {{family: vqvae2, in_channels: 1, channels: 16, res_channels: 8, codebook_size: 16}}
+    train: {{steps: 120, batch_size: 16, checkpoint_every: 20, log_every: 20, workers: 1}}
+"""
+
+
+def test_a_lost_head_node_ends_the_run_and_a_new_cluster_resumes_from_the_shared_store(
+    tmp_path,
+):
+    """The head node of a two-node cluster dies while a Ray Train worker trains: the driver
+    ends (Ray's own message: it cannot reach the GCS), and the same pipeline on a new cluster
+    goes on from the last checkpoint in the store, with the ingest it had committed."""
+    root = Path(tempfile.mkdtemp(prefix="ts-head-"))  # short: Ray's socket paths
+    env = cli_env(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=secrets.token_hex(16),
+        # the driver and the nodes give up on a lost GCS after 10 s (Ray's default: 60 s)
+        RAY_gcs_rpc_server_reconnect_timeout_s="10",
+    )
+    env.pop("RAY_ADDRESS", None)
+    store = tmp_path / "store"
+    config = write_yaml(tmp_path / "p.yaml", HEAD_LOSS.format(store=store))
+    snapshot = str(
+        store / "_scratch/train_autoencoder/*/ray_train/checkpoint_manager_snapshot.json"
+    )
+    try:
+        port = _free_port()
+        _ray_start(["--head", f"--port={port}", "--include-dashboard=false"], root / "head", env)
+        _ray_start([f"--address=127.0.0.1:{port}"], root / "worker", env)
+        run = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "run", str(config), "--json"],
+            cwd=tmp_path,
+            env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.time() + 300
+        while len(registered_checkpoints(snapshot).get("checkpoint_results", [])) < 2:
+            assert run.poll() is None and time.time() < deadline, "no 2 checkpoints to kill at"
+            time.sleep(0.1)
+        _kill_under(root / "head")
+        _, err = run.communicate(timeout=120)
+        assert run.returncode != 0 and "Failed to connect to GCS" in err
+        _kill_under(root / "worker")
+        last = registered_checkpoints(snapshot)["checkpoint_results"][-1]["metrics"]["step"]
+
+        port = _free_port()  # a new cluster, one node, on the same store
+        _ray_start(["--head", f"--port={port}", "--include-dashboard=false"], root / "new", env)
+        rerun = twostage(
+            "run", config, "--json", cwd=tmp_path, env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+        )
+        steps = {s["name"]: s for s in json.loads(rerun.stdout)["stages"]}
+        assert steps["data"]["status"] == "cached"
+        assert steps["vqvae"]["status"] == "resumed", rerun.stderr[-3000:]
+        manifest = json.loads(Path(steps["vqvae"]["uri"], "_MANIFEST.json").read_text())
+        assert 40 <= last <= manifest["metrics"]["resumed_from_step"] < 120
+        assert manifest["metrics"]["step"] == 120
+    finally:
+        for name in ("worker", "head", "new"):
+            _kill_under(root / name)
