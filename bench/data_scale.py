@@ -13,8 +13,8 @@ folders, some 320x256 and 256x320 that ingest crops), each size in one go:
   object store counts once; plus the largest single process;
 - at N only: a plain ``pyarrow.parquet.read_table`` of the image table (past 2 GiB of pixels);
 - ``store_cost``: at each size, ingest's decode alone against a decode task's whole work
-  (decode, Parquet with page checksums, sha256) on the same images in this process, the
-  ceiling that storing puts on ingest against a loop that only decodes;
+  (decode, Parquet with page checksums, sha256) on the same images, one process per core as
+  the bare loop: the ceiling that storing puts on ingest against a loop that only decodes;
 - ``photos``: N/2 JPEGs of ImageNet's common sizes (500x375, 640x480, ...), ingest and the
   bare loop only: a larger JPEG costs more to decode while storing its 256px image costs the
   same, so this ratio is the one an ImageNet-like folder sees.
@@ -394,25 +394,23 @@ def read_check(out: Path, n: int, key: str) -> dict:
     }
 
 
-def store_cost(root: Path, rows_per_part: int = 682, parts: int = 3) -> dict:
-    """What storing costs next to decoding, in this process on the first images of `root`:
-    the seconds of ingest's decode (`_decode_rows`, a row group at a time, as a task does it)
-    against a whole decode task's work (`decode_part`: decode, then Parquet with page
-    checksums and the file's sha256; in memory, so without the disk). On the same cores,
-    ingest can reach at most ``decode_s / part_s`` of a loop that only decodes."""
+def _store_cost_slice(task: tuple[str, int, int, int]) -> tuple[float, float]:
+    """One process's share of `store_cost`: (decode seconds, decode-and-store seconds) over
+    `parts` parts of `rows_per_part` images from image `first` on."""
     import pyarrow.fs as pafs
 
     from stages.formats.images import ImageTableMeta, group_rows
     from stages.sources import image_folder
 
+    root, first, rows_per_part, parts = task
     fs = pafs.LocalFileSystem()
-    rows, classes, _ = image_folder.list_images(fs, str(root), 0, VAL_FRACTION)
+    rows, classes, _ = image_folder.list_images(fs, root, 0, VAL_FRACTION)
     meta = ImageTableMeta(height=SIDE, width=SIDE, channels=3, class_names=classes)
     group, problems = group_rows(meta), []
-    rows_per_part = min(rows_per_part, len(rows) // (parts + 1))
     decode_s = part_s = 0.0
     for p in range(parts + 1):  # the first part warms the buffers and the file cache
-        part = rows[p * rows_per_part : (p + 1) * rows_per_part]
+        start_row = first + p * rows_per_part
+        part = rows[start_row : start_row + rows_per_part]
         start = time.perf_counter()
         for g in range(0, len(part), group):
             image_folder._decode_rows(part[g : g + group], fs, meta, RESIZE, "pixels", problems)
@@ -421,8 +419,28 @@ def store_cost(root: Path, rows_per_part: int = 682, parts: int = 3) -> dict:
         if p:
             decode_s += middle - start
             part_s += time.perf_counter() - middle
+    return decode_s, part_s
+
+
+def store_cost(root: Path, rows_per_part: int = 682, parts: int = 3) -> dict:
+    """What storing costs next to decoding, on all cores as the bare loop runs (one process
+    each, on images of its own): the seconds of ingest's decode (`_decode_rows`, a row group
+    at a time, as a task does it) against a whole decode task's work (`decode_part`: decode,
+    then Parquet with page checksums and the file's sha256; in memory, so without the disk).
+    On the same cores, ingest can reach at most ``decode_s / part_s`` of a loop that only
+    decodes."""
+    processes = os.cpu_count() or 1
+    count = _count_images(root)
+    rows_per_part = min(rows_per_part, count // (processes * (parts + 1)))
+    span = rows_per_part * (parts + 1)
+    tasks = [(str(root), i * span, rows_per_part, parts) for i in range(processes)]
+    with multiprocessing.Pool(processes) as pool:
+        shares = pool.map(_store_cost_slice, tasks)
+    decode_s = sum(d for d, _ in shares)
+    part_s = sum(p for _, p in shares)
     figures = {
-        "images": parts * rows_per_part,
+        "images": processes * parts * rows_per_part,
+        "processes": processes,
         "rows_per_part": rows_per_part,
         "decode_s": round(decode_s, 3),
         "decode_and_store_s": round(part_s, 3),
@@ -430,7 +448,8 @@ def store_cost(root: Path, rows_per_part: int = 682, parts: int = 3) -> dict:
     }
     print(
         f"store cost: decode {decode_s:.2f}s, decode and store {part_s:.2f}s of "
-        f"{parts * rows_per_part} images: ingest can reach {decode_s / part_s:.2f} of bare PIL",
+        f"{figures['images']} images in {processes} processes: ingest can reach "
+        f"{decode_s / part_s:.2f} of bare PIL",
         flush=True,
     )
     return figures
