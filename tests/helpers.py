@@ -86,6 +86,57 @@ def write_yaml(path: Path, text: str) -> Path:
     return path
 
 
+def noise_folder_with_a_late_broken_file(root: Path):
+    """An image folder of 300 noise PNGs (16x16 RGB, classes ``a`` and ``b``) and a broken
+    file late in id order (folders are listed, and cut into parts, by id), so that an ingest
+    under ``strict`` stops after its first parts. Returns (the rng, the broken file's path
+    relative to `root`)."""
+    import numpy as np
+    from PIL import Image
+
+    from stages.sources.image_folder import _hash
+
+    rng = np.random.default_rng(4)
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(150):
+            image = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(image).save(root / label / f"{i}.png")
+    ids = sorted(_hash(p.relative_to(root).as_posix().encode()) >> 1 for p in root.glob("*/*"))
+    bad = next(
+        f"a/bad{k}.png" for k in range(1000) if _hash(f"a/bad{k}.png".encode()) >> 1 > ids[240]
+    )
+    (root / bad).write_bytes(b"not a png")
+    return rng, bad
+
+
+def start_twostage(*args, cwd, env=None) -> subprocess.Popen:
+    """The CLI started in a session of its own (`os.killpg` kills it and its Ray instance),
+    its output dropped: for tests that kill a run part-way."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", *map(str, args)],
+        cwd=cwd,
+        env=env or cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+# a tiny VQ-VAE-2 trained by one Ray Train worker, checkpointed every 20 of its 120 steps
+RAY_TRAIN_PIPELINE = """
+name: ray_train
+store: {store}
+steps:
+  data: {{stage: ingest, source: {{kind: embedded}}, image_size: 32, limit: 400}}
+  vqvae:
+    stage: train_autoencoder
+    inputs: {{images: data}}
+    model: {{family: vqvae2, in_channels: 1, channels: 16, res_channels: 8, codebook_size: 16}}
+    train: {{steps: 120, batch_size: 16, checkpoint_every: 20, log_every: 20, workers: 1}}
+"""
+
+
 def write_idx(path: Path, array) -> Path:
     """Writes a uint8 array as an IDX file (gzipped when the name ends in .gz)."""
     import gzip

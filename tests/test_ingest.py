@@ -11,7 +11,7 @@ from PIL import Image
 from pipeline.store import Store
 from stages import ingest
 from stages.formats.images import META_KEY, read_image_table
-from tests.helpers import write_idx
+from tests.helpers import noise_folder_with_a_late_broken_file, write_idx
 
 
 def _ingest(tmp_path: Path, **kwargs) -> tuple[dict, object]:
@@ -346,21 +346,8 @@ def test_an_interrupted_image_folder_ingest_decodes_only_the_parts_not_yet_store
     """A run stopped part-way (here: strict, on a broken file) leaves its finished parts in
     the step's scratch; the rerun decodes only the rest and writes the same files as a run
     that was never stopped. (On an S3 store: tests/test_s3.py.)"""
-    from stages.sources.image_folder import _hash
-
     root = tmp_path / "images"
-    rng = np.random.default_rng(4)
-    for label in ("a", "b"):
-        (root / label).mkdir(parents=True)
-        for i in range(150):
-            image = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
-            Image.fromarray(image).save(root / label / f"{i}.png")
-    ids = sorted(_hash(p.relative_to(root).as_posix().encode()) >> 1 for p in root.glob("*/*"))
-    # a broken file late in id order (files are listed, and cut into parts, by id)
-    bad = next(
-        f"a/bad{k}.png" for k in range(1000) if _hash(f"a/bad{k}.png".encode()) >> 1 > ids[240]
-    )
-    (root / bad).write_bytes(b"not a png")
+    rng, bad = noise_folder_with_a_late_broken_file(root)
     source = {"kind": "image_folder", "path": str(root)}
     run = tmp_path / "run"
     with pytest.raises(ValueError, match="unreadable image"):

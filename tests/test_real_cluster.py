@@ -20,7 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, cli_env, registered_checkpoints, twostage, write_yaml
+from tests.helpers import (
+    RAY_TRAIN_PIPELINE,
+    REPO,
+    cli_env,
+    registered_checkpoints,
+    twostage,
+    write_yaml,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -376,19 +383,6 @@ def test_a_lost_training_node_fails_the_step_in_one_line_and_the_rerun_resumes(
     assert [r["step"] for r in history] == list(range(20, 121, 20))  # no step trained twice
 
 
-HEAD_LOSS = """
-name: head_loss
-store: {store}
-steps:
-  data: {{stage: ingest, source: {{kind: embedded}}, image_size: 32, limit: 400}}
-  vqvae:
-    stage: train_autoencoder
-    inputs: {{images: data}}
-    model: {{family: vqvae2, in_channels: 1, channels: 16, res_channels: 8, codebook_size: 16}}
-    train: {{steps: 120, batch_size: 16, checkpoint_every: 20, log_every: 20, workers: 1}}
-"""
-
-
 def test_a_lost_head_node_ends_the_run_and_a_new_cluster_resumes_from_the_shared_store(
     tmp_path,
 ):
@@ -404,7 +398,7 @@ def test_a_lost_head_node_ends_the_run_and_a_new_cluster_resumes_from_the_shared
     )
     env.pop("RAY_ADDRESS", None)
     store = tmp_path / "store"
-    config = write_yaml(tmp_path / "p.yaml", HEAD_LOSS.format(store=store))
+    config = write_yaml(tmp_path / "p.yaml", RAY_TRAIN_PIPELINE.format(store=store))
     snapshot = str(
         store / "_scratch/train_autoencoder/*/ray_train/checkpoint_manager_snapshot.json"
     )

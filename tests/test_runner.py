@@ -11,7 +11,16 @@ from pathlib import Path
 import pytest
 
 from pipeline.store import Store
-from tests.helpers import REPO, cli_env, registered_checkpoints, run_json, twostage, write_yaml
+from tests.helpers import (
+    RAY_TRAIN_PIPELINE,
+    REPO,
+    cli_env,
+    registered_checkpoints,
+    run_json,
+    start_twostage,
+    twostage,
+    write_yaml,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -231,33 +240,14 @@ def test_a_full_disk_fails_ingest_in_one_line_keeps_the_store_and_the_rerun_goes
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
-DRIVER_KILL = """
-name: driver_kill
-steps:
-  data: {stage: ingest, source: {kind: embedded}, image_size: 32, limit: 400}
-  vqvae:
-    stage: train_autoencoder
-    inputs: {images: data}
-    model: {family: vqvae2, in_channels: 1, channels: 16, res_channels: 8, codebook_size: 16}
-    train: {steps: 120, batch_size: 16, checkpoint_every: 20, log_every: 20, workers: 1}
-"""
-
-
 def test_a_killed_driver_costs_ray_train_only_the_steps_since_its_last_checkpoint(tmp_path):
     """`twostage run` killed outright (with the Ray instance it started) while a Ray Train
     worker trains: the rerun goes on from the last checkpoint Ray Train registered."""
-    config = write_yaml(tmp_path / "p.yaml", DRIVER_KILL)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", str(config)],
-        cwd=tmp_path,
-        env=cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    store = tmp_path / "artifacts"
+    config = write_yaml(tmp_path / "p.yaml", RAY_TRAIN_PIPELINE.format(store=store))
+    proc = start_twostage("run", config, cwd=tmp_path)
     snapshot = str(
-        tmp_path / "artifacts/_scratch/train_autoencoder/*/ray_train/"
-        "checkpoint_manager_snapshot.json"
+        store / "_scratch/train_autoencoder/*/ray_train/checkpoint_manager_snapshot.json"
     )
     deadline = time.time() + 300
     try:
@@ -273,7 +263,7 @@ def test_a_killed_driver_costs_ray_train_only_the_steps_since_its_last_checkpoin
 
     steps = {s["name"]: s for s in run_json(config, cwd=tmp_path, timeout=600)["stages"]}
     assert steps["data"]["status"] == "cached" and steps["vqvae"]["status"] == "resumed"
-    artifact = Store(str(tmp_path / "artifacts")).open("train_autoencoder", steps["vqvae"]["key"])
+    artifact = Store(str(store)).open("train_autoencoder", steps["vqvae"]["key"])
     # the last registered checkpoint, or one registered while the driver was dying
     assert last <= artifact.metrics["resumed_from_step"] < 120
     assert artifact.metrics["step"] == 120 and artifact.verify() == []

@@ -8,7 +8,14 @@ import pytest
 
 from pipeline.store import CorruptArtifactError, Store
 from stages.formats.images import read_image_table
-from tests.helpers import CREDENTIALS, REPO, cli_env, run_json, twostage
+from tests.helpers import (
+    CREDENTIALS,
+    REPO,
+    cli_env,
+    noise_folder_with_a_late_broken_file,
+    run_json,
+    twostage,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -194,20 +201,9 @@ def test_an_image_folder_ingest_on_s3_resumes_from_the_parts_in_its_scratch(
     from PIL import Image
 
     from stages import ingest
-    from stages.sources.image_folder import _hash
 
     root = tmp_path / "images"
-    rng = np.random.default_rng(4)
-    for label in ("a", "b"):
-        (root / label).mkdir(parents=True)
-        for i in range(150):
-            image = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
-            Image.fromarray(image).save(root / label / f"{i}.png")
-    ids = sorted(_hash(p.relative_to(root).as_posix().encode()) >> 1 for p in root.glob("*/*"))
-    bad = next(  # late in id order: the parts before it are finished when it stops the run
-        f"a/bad{k}.png" for k in range(1000) if _hash(f"a/bad{k}.png".encode()) >> 1 > ids[240]
-    )
-    (root / bad).write_bytes(b"not a png")
+    rng, bad = noise_folder_with_a_late_broken_file(root)
     source = ingest.Source(kind="image_folder", path=str(root))
     config = ingest.Config(source=source, readers=2, strict=True)
     # credentials in the URI: the Ray workers of this test were started without them

@@ -309,11 +309,9 @@ def _aged(path: Path, days: float) -> Path:
 def test_gc_removes_only_what_no_artifact_or_running_step_owns(tmp_path):
     import os
     import signal
-    import subprocess
-    import sys
     import time
 
-    from tests.helpers import cli_env, write_yaml
+    from tests.helpers import start_twostage, write_yaml
 
     root = tmp_path / "store"
     store = Store(str(root))
@@ -329,14 +327,7 @@ def test_gc_removes_only_what_no_artifact_or_running_step_owns(tmp_path):
         f"name: gc\nstore: {root}\nsteps:\n  slow: {{stage: tests.plugin_stages.sleepy, "
         f"seconds: 60, scratch_file: true, marker_dir: {marker}}}\n",
     )
-    run = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", str(config)],
-        cwd=tmp_path,
-        env=cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    run = start_twostage("run", config, cwd=tmp_path)
     try:
         deadline = time.time() + 120
         while not list(marker.glob("attempt-*")):
