@@ -26,6 +26,7 @@ Keys are sha256 over the canonical JSON of (stage type, stage version, stage con
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import hashlib
@@ -90,6 +91,9 @@ def sha256_file(path: Path) -> str:
 _WRITTEN: dict[tuple[str, int, int, int], str] = {}
 _DIRECT_BLOCK = 4096  # O_DIRECT writes whole blocks from block-aligned memory
 _BUFFER_BYTES = 4 << 20
+# full buffers a `NewFile` may hand to its background thread before the caller waits: a Parquet
+# row group (8 MB) arrives as a burst of two, which the thread writes while the caller decodes
+_IN_FLIGHT = 3
 _buffers: list[mmap.mmap] = []  # page-aligned buffers of closed `NewFile`s, reused by the next
 
 
@@ -103,7 +107,8 @@ class NewFile:
     and hosts whose fresh memory is slow to touch pay for every page of it: on a 2-core VM,
     2 GB took 32 s through the page cache and 1.6 s direct (`dd`). Elsewhere (no ``O_DIRECT``,
     tmpfs) the writes are plain. Full buffers are hashed and written by a background thread
-    while the caller fills the next one, so the caller does not wait for the disk. `close`
+    while the caller fills the next ones (up to `_IN_FLIGHT` queued), so the caller does not
+    wait for the disk unless it produces faster than the disk takes the data. `close`
     returns the sha256 and remembers it for this path, so that `Store.commit` need not read
     the file back.
     """
@@ -122,12 +127,12 @@ class NewFile:
         except (AttributeError, OSError):  # no O_DIRECT here, or the filesystem refuses it
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             self._direct = False
-        self._spare = _buffers.pop() if _buffers else mmap.mmap(-1, _BUFFER_BYTES)
         self._buffer = _buffers.pop() if _buffers else mmap.mmap(-1, _BUFFER_BYTES)
         self._fill = 0
+        self._spare: list[mmap.mmap] = []  # buffers whose blocks are written
         self._written = 0  # bytes the background thread has written
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="newfile")
-        self._pending = None  # the background write in progress
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="newfile")  # blocks in order
+        self._pending: collections.deque = collections.deque()  # (future, buffer), oldest first
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
@@ -143,11 +148,20 @@ class NewFile:
         return len(view)
 
     def _hand_over(self) -> None:
-        """Gives the filled buffer to the background thread and goes on in the other one."""
-        if self._pending is not None:
-            self._pending.result()  # the previous block is written (or its error raised here)
-        self._pending = self._thread.submit(self._write_block, self._buffer, self._fill)
-        self._buffer, self._spare, self._fill = self._spare, self._buffer, 0
+        """Gives the filled buffer to the background thread and goes on in a free one: one
+        whose block is written, waiting for the oldest when `_IN_FLIGHT` are queued."""
+        self._pending.append(
+            (self._thread.submit(self._write_block, self._buffer, self._fill), self._buffer)
+        )
+        while self._pending and (self._pending[0][0].done() or len(self._pending) >= _IN_FLIGHT):
+            future, buffer = self._pending.popleft()
+            future.result()  # written (or its error raised here)
+            self._spare.append(buffer)
+        if self._spare:
+            self._buffer = self._spare.pop()
+        else:
+            self._buffer = _buffers.pop() if _buffers else mmap.mmap(-1, _BUFFER_BYTES)
+        self._fill = 0
 
     def _write_block(self, buffer: mmap.mmap, fill: int) -> None:
         """Hashes and writes ``buffer[:fill]``; the last block zero-padded when direct (`close`
@@ -188,15 +202,16 @@ class NewFile:
         try:
             if self._fill:
                 self._hand_over()
-            if self._pending is not None:
-                self._pending.result()
+            for future, _ in self._pending:
+                future.result()
             if self._direct:
                 os.ftruncate(self._fd, self.size)  # drop the last block's padding
         finally:
-            self._thread.shutdown()
+            self._thread.shutdown()  # waits for what is queued
             os.close(self._fd)
             self.closed = True
-            _buffers.extend((self._buffer, self._spare))
+            _buffers.extend([self._buffer, *self._spare, *(b for _, b in self._pending)])
+            self._pending.clear()
         self.sha256 = self._digest.hexdigest() if self._digest is not None else None
         if self.sha256 is not None:
             record_written(self.path, self.sha256)
