@@ -366,7 +366,7 @@ def _ingest_folder(config: Config, out: Path, scratch: str) -> _Tally:
     min_file_rows = max(1, size // 4)  # smaller splits of a part are gathered by the writer
     kept = _PartStore(scratch, meta)
     tags = [kept.tag(part, mode, min_file_rows) for part in parts]
-    done = {i for i, tag in enumerate(tags) if kept.has(tag)}
+    done = kept.stored(tags)
     if done:
         log.info("ingest: resuming: %d of %d parts are stored already", len(done), len(parts))
     node = ray.get_runtime_context().get_node_id()
@@ -430,20 +430,27 @@ class _PartStore:
             digest.update(f"\0{row['relpath']}\0{row['id']}\0{row['split']}".encode())
         return digest.hexdigest()[:24]
 
-    def has(self, tag: str) -> bool:
-        """Whether part `tag` is stored whole (its record readable, every file of it there);
-        anything less is decoded again."""
+    def stored(self, tags: list[str]) -> set[int]:
+        """The indices of the `tags` whose parts are stored whole (the record readable, every
+        file of it there at its size); anything less is decoded again. One listing of the part
+        store, then one read per stored part: an object store answers each request slowly."""
         import pyarrow.fs as pafs
 
-        try:
-            record = self._record(tag)
-            files = {f[2]: f[4] for f in record["files"]}  # path -> size
-            found = self.fs.get_file_info([*files, *record["tables"]])
-        except (OSError, ValueError, KeyError, IndexError, TypeError):
-            return False
-        return all(info.type == pafs.FileType.File for info in found) and all(
-            info.size == files[info.path] for info in found[: len(files)]
-        )
+        selector = pafs.FileSelector(self.root, allow_not_found=True)
+        sizes = {info.path: info.size for info in self.fs.get_file_info(selector)}
+        done = set()
+        for i, tag in enumerate(tags):
+            if f"{self.root}/{tag}.json" not in sizes:
+                continue
+            try:
+                record = self._record(tag)
+                files = {f[2]: f[4] for f in record["files"]}  # path -> size
+                files.update({path: sizes.get(path) for path in record["tables"]})
+            except (OSError, ValueError, KeyError, IndexError, TypeError):
+                continue
+            if all(path in sizes and sizes[path] == size for path, size in files.items()):
+                done.add(i)
+        return done
 
     def save(self, tag: str, part: dict) -> dict:
         """Stores a decode task's result (files from other nodes written here, the smaller
