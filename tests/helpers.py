@@ -123,7 +123,9 @@ def start_twostage(*args, cwd, env=None) -> subprocess.Popen:
     )
 
 
-# a tiny VQ-VAE-2 trained by one Ray Train worker, checkpointed every 20 of its 120 steps
+# a tiny VQ-VAE-2 trained by one Ray Train worker, checkpointed every 20 of its 240 steps (a
+# test that kills it after Ray Train registered two checkpoints needs the room: Ray Train's
+# snapshot of them lags the training by seconds)
 RAY_TRAIN_PIPELINE = """
 name: ray_train
 store: {store}
@@ -133,7 +135,7 @@ steps:
     stage: train_autoencoder
     inputs: {{images: data}}
     model: {{family: vqvae2, in_channels: 1, channels: 16, res_channels: 8, codebook_size: 16}}
-    train: {{steps: 120, batch_size: 16, checkpoint_every: 20, log_every: 20, workers: 1}}
+    train: {{steps: 240, batch_size: 16, checkpoint_every: 20, log_every: 20, workers: 1}}
 """
 
 

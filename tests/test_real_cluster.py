@@ -328,7 +328,7 @@ steps:
     inputs: {{images: data}}
     resources: {{custom: {{head_like: 1}}}}   # the step's task stays on the head
     model: {{family: vqvae2, in_channels: 1, channels: 16, res_channels: 8, codebook_size: 16}}
-    train: {{steps: 120, batch_size: 16, checkpoint_every: 20, log_every: 20,
+    train: {{steps: 240, batch_size: 16, checkpoint_every: 20, log_every: 20,
             worker_resources: {{gpu_like: 1}}}}   # its Ray Train worker on the second node
 """
 
@@ -377,10 +377,11 @@ def test_a_lost_training_node_fails_the_step_in_one_line_and_the_rerun_resumes(
     assert steps["vqvae"]["status"] == "resumed", rerun.stderr[-3000:]
     metrics = json.loads(Path(steps["vqvae"]["uri"], "_MANIFEST.json").read_text())["metrics"]
     assert metrics["resumed_from_step"] == before["metrics"]["step"]
-    assert 20 <= metrics["resumed_from_step"] < newest["metrics"]["step"] < 120
-    assert metrics["step"] == 120
+    # Ray Train's snapshot lags its training by seconds: 240 steps leave room for the kill
+    assert 20 <= metrics["resumed_from_step"] < newest["metrics"]["step"] < 240
+    assert metrics["step"] == 240
     history = json.loads(Path(steps["vqvae"]["uri"], "metrics.json").read_text())["history"]
-    assert [r["step"] for r in history] == list(range(20, 121, 20))  # no step trained twice
+    assert [r["step"] for r in history] == list(range(20, 241, 20))  # no step trained twice
 
 
 def test_a_lost_head_node_ends_the_run_and_a_new_cluster_resumes_from_the_shared_store(
@@ -434,8 +435,8 @@ def test_a_lost_head_node_ends_the_run_and_a_new_cluster_resumes_from_the_shared
         assert steps["data"]["status"] == "cached"
         assert steps["vqvae"]["status"] == "resumed", rerun.stderr[-3000:]
         manifest = json.loads(Path(steps["vqvae"]["uri"], "_MANIFEST.json").read_text())
-        assert 40 <= last <= manifest["metrics"]["resumed_from_step"] < 120
-        assert manifest["metrics"]["step"] == 120
+        assert 40 <= last <= manifest["metrics"]["resumed_from_step"] < 240
+        assert manifest["metrics"]["step"] == 240
     finally:
         for name in ("worker", "head", "new"):
             _kill_under(root / name)
