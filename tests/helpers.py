@@ -123,19 +123,23 @@ def start_twostage(*args, cwd, env=None) -> subprocess.Popen:
     )
 
 
-# a tiny VQ-VAE-2 trained by one Ray Train worker, checkpointed every 20 of its 240 steps (a
-# test that kills it after Ray Train registered two checkpoints needs the room: Ray Train's
-# snapshot of them lags the training by seconds)
-RAY_TRAIN_PIPELINE = """
+def ray_train_pipeline(store: Path, resources: str = "", worker_resources: str = "") -> str:
+    """A pipeline's YAML: embedded MNIST, then a tiny VQ-VAE-2 trained by one Ray Train worker,
+    checkpointed every 20 of its 240 steps (a test that kills it once Ray Train registered two
+    checkpoints needs the room: Ray Train's snapshot of them lags the training by seconds).
+    `resources`, `worker_resources`: flow YAML for the training step and its Ray Train worker."""
+    step = f"\n    resources: {resources}" if resources else ""
+    worker = f", worker_resources: {worker_resources}" if worker_resources else ""
+    return f"""
 name: ray_train
 store: {store}
 steps:
   data: {{stage: ingest, source: {{kind: embedded}}, image_size: 32, limit: 400}}
   vqvae:
     stage: train_autoencoder
-    inputs: {{images: data}}
+    inputs: {{images: data}}{step}
     model: {{family: vqvae2, in_channels: 1, channels: 16, res_channels: 8, codebook_size: 16}}
-    train: {{steps: 240, batch_size: 16, checkpoint_every: 20, log_every: 20, workers: 1}}
+    train: {{steps: 240, batch_size: 16, checkpoint_every: 20, log_every: 20, workers: 1{worker}}}
 """
 
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (
-    RAY_TRAIN_PIPELINE,
     REPO,
     cli_env,
+    ray_train_pipeline,
     registered_checkpoints,
     twostage,
     write_yaml,
@@ -318,26 +318,13 @@ def _stored(config: Path, stage: str):
     return (p for p in (config.parent / "store" / stage).iterdir() if not p.name.startswith("."))
 
 
-NODE_LOSS = """
-name: node_loss
-store: {store}
-steps:
-  data: {{stage: ingest, source: {{kind: embedded}}, image_size: 32, limit: 400}}
-  vqvae:
-    stage: train_autoencoder
-    inputs: {{images: data}}
-    resources: {{custom: {{head_like: 1}}}}   # the step's task stays on the head
-    model: {{family: vqvae2, in_channels: 1, channels: 16, res_channels: 8, codebook_size: 16}}
-    train: {{steps: 240, batch_size: 16, checkpoint_every: 20, log_every: 20,
-            worker_resources: {{gpu_like: 1}}}}   # its Ray Train worker on the second node
-"""
-
-
 def test_a_lost_training_node_fails_the_step_in_one_line_and_the_rerun_resumes(
     real_cluster, tmp_path
 ):
     store = tmp_path / "store"
-    config = write_yaml(tmp_path / "p.yaml", NODE_LOSS.format(store=store))
+    # the step's task stays on the head, its Ray Train worker goes to the second node
+    pipeline = ray_train_pipeline(store, "{custom: {head_like: 1}}", "{gpu_like: 1}")
+    config = write_yaml(tmp_path / "p.yaml", pipeline)
     env = {**real_cluster.env, "RAY_ADDRESS": real_cluster.address}
     run = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "run", str(config), "--json"],
@@ -400,7 +387,7 @@ def test_a_lost_head_node_ends_the_run_and_a_new_cluster_resumes_from_the_shared
     )
     env.pop("RAY_ADDRESS", None)
     store = tmp_path / "store"
-    config = write_yaml(tmp_path / "p.yaml", RAY_TRAIN_PIPELINE.format(store=store))
+    config = write_yaml(tmp_path / "p.yaml", ray_train_pipeline(store))
     snapshot = str(
         store / "_scratch/train_autoencoder/*/ray_train/checkpoint_manager_snapshot.json"
     )
