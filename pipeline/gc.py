@@ -4,10 +4,12 @@ Garbage, by kind:
 
 - ``staging``: a step's staging directory (``<store>/.staging/<stage>-<key>-*``, local stores)
   left by a process that died before it committed or cleaned up;
-- ``scratch``: ``<store>/_scratch/<stage>/<key>`` (a training step's checkpoints) of a key that
-  is committed (the runner removes it on commit; a crash can leave it), or of a key that was
-  never committed and whose newest file is older than the threshold: an interrupted run that
-  nobody resumed (a rerun within the threshold resumes from it, so it is kept until then);
+- ``scratch``: ``<store>/_scratch/<stage>/<key>`` (a training step's checkpoints, an ingest's
+  finished parts) of a key that is committed (the runner removes it on commit; a crash can
+  leave it), or of a key that was never committed and whose newest file is older than the
+  threshold: an interrupted run that nobody resumed (a rerun within the threshold resumes from
+  it, so it is kept until then; so does an ingest of the same images under another key, e.g.
+  once a broken file is fixed);
 - ``upload``: on object stores, an ``attempt-*`` prefix of a key that its manifest does not name
   (a writer that lost a race, or died mid-upload);
 - ``cache``: local copies of object-store files (``$TWOSTAGE_CACHE``) not used for the threshold.
@@ -27,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.store import Store, _cache_dir
+from pipeline.store import SCRATCH, Store, _cache_dir
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw]?)\Z")
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -85,12 +87,12 @@ def find(store: Store, older_than_s: float, now: float | None = None) -> tuple[l
                 "never committed",
                 always=False,
             )
-    for stage in _dirs(store, f"{store.root}/_scratch"):
-        for key in _dirs(store, f"{store.root}/_scratch/{stage}"):
+    for stage in _dirs(store, f"{store.root}/{SCRATCH}"):
+        for key in _dirs(store, f"{store.root}/{SCRATCH}/{stage}"):
             done = (stage, key) in committed
             why = "its artifact is committed" if done else "its key was never committed"
             consider(
-                "scratch", f"{store.root}/_scratch/{stage}/{key}", stage, key, why, always=done
+                "scratch", f"{store.root}/{SCRATCH}/{stage}/{key}", stage, key, why, always=done
             )
     if not store.local:
         for (stage, key), artifact in committed.items():

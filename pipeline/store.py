@@ -47,6 +47,7 @@ from urllib.parse import unquote, urlparse
 MANIFEST = "_MANIFEST.json"
 MANIFEST_FORMAT = 1
 IN_STORE = "_IN_STORE.jsonl"  # in a staging directory: its files already in the store
+SCRATCH = "_scratch"  # <store>/_scratch/<stage>/<key>: a key's resumable state
 _CHUNK = 4 << 20
 _PUTS = 16  # uploads and copies of one commit to an object store at once
 
@@ -765,18 +766,20 @@ class Store:
     # ----- scratch space for resumable stages ----------------------------------------------
 
     def scratch_uri(self, stage: str, key: str) -> str:
-        """Where a stage may keep resumable state (checkpoints) for one key.
+        """Where a stage may keep resumable state (checkpoints) for one key:
+        ``<store>/_scratch/<stage>/<key>`` (`SCRATCH`), so the other keys' scratch of a stage
+        are its siblings.
 
         A local path for local stores; for object stores the URI with its query (endpoint).
         """
         if self.local:
-            return f"{self.root}/_scratch/{stage}/{key}"
+            return f"{self.root}/{SCRATCH}/{stage}/{key}"
         base, _, query = self.spec.partition("?")
-        return f"{base.rstrip('/')}/_scratch/{stage}/{key}" + (f"?{query}" if query else "")
+        return f"{base.rstrip('/')}/{SCRATCH}/{stage}/{key}" + (f"?{query}" if query else "")
 
     def remove_scratch(self, stage: str, key: str) -> None:
         """Deletes a committed key's resumable state (no error if there is none)."""
-        path = f"{self.root}/_scratch/{stage}/{key}"
+        path = f"{self.root}/{SCRATCH}/{stage}/{key}"
         try:
             self.fs.delete_dir(path)
         except (FileNotFoundError, OSError):

@@ -10,7 +10,8 @@ Sources (``source.kind``):
   folder or a pyarrow URI (``s3://bucket/prefix``); read by Ray tasks spread over the cluster
   (`stages.sources.image_folder.decode_part`) that decode, resize and encode parts of the folder
   as finished Parquet files, stored in order as they come, so no process holds the folder;
-  finished parts are kept in the step's scratch, so an interrupted ingest resumes;
+  finished parts are kept in the step's scratch, so an interrupted ingest resumes, also under
+  a new key once a broken file is fixed;
 - ``parquet``: an existing image table (a file or a directory of Parquet files written by this
   stage, e.g. copied out of another store), streamed a row group at a time;
 - ``dsprites``: ``source.count`` procedural dSprites images (`stages.sources.dsprites`, 64x64)
@@ -35,6 +36,9 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
+import posixpath
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -45,7 +49,7 @@ import numpy as np
 
 from pipeline.config import ConfigError, run_option
 from pipeline.stage import Input
-from pipeline.store import write_new_file
+from pipeline.store import SCRATCH, write_new_file
 from stages.formats.images import (
     FILE_BYTES,
     ImageTable,
@@ -369,6 +373,17 @@ def _ingest_folder(config: Config, out: Path, scratch: str) -> _Tally:
     done = kept.stored(tags)
     if done:
         log.info("ingest: resuming: %d of %d parts are stored already", len(done), len(parts))
+    # the same images may have been decoded under another key (the folder's fingerprint
+    # changed: a broken file fixed, a file added or removed elsewhere in it); only files
+    # whose modification times are known can be told apart from an edited copy
+    known = {i for i, part in enumerate(parts) if all(r["mtime"] is not None for r in part)}
+    taken = kept.take_from_others(tags, known - done)
+    if taken:
+        log.info(
+            "ingest: reusing %d part(s) that a run under another key stored (the same files)",
+            len(taken),
+        )
+        done |= taken
     node = ray.get_runtime_context().get_node_id()
 
     def submit(i: int):
@@ -409,8 +424,10 @@ class _PartStore:
 
     A part is its files ``<tag>-<split>.parquet``, the rows of its smaller splits as
     ``<tag>-rows-<split>-00000.parquet``, and ``<tag>.json``, written last: the files, the
-    labels, splits and problems. The tag hashes the part's files and the table's shape, so a
-    part is reused only for the same images decoded the same way."""
+    labels, splits and problems. The tag hashes the part's files (with their sizes and
+    modification times) and the table's shape, so a part is reused only for the same images
+    decoded the same way: by a rerun of the key, or by another key of the stage whose scratch
+    holds it (the folder changed elsewhere, e.g. a broken file was fixed)."""
 
     def __init__(self, scratch: str, meta: ImageTableMeta):
         import pyarrow.fs as pafs
@@ -425,9 +442,15 @@ class _PartStore:
         self.fs.create_dir(self.root)
 
     def tag(self, rows: list[dict], mode: str, min_file_rows: int) -> str:
-        digest = hashlib.sha256(self.meta.to_json() + f"{mode} {min_file_rows}".encode())
+        """The part's name: a hash of its files (path, size, modification time), their ids and
+        splits, the table's shape, the decode's options and the code that decodes."""
+        from PIL import __version__ as pil_version
+
+        head = f"{mode} {min_file_rows} {VERSION} {pil_version}"
+        digest = hashlib.sha256(self.meta.to_json() + head.encode())
         for row in rows:
-            digest.update(f"\0{row['relpath']}\0{row['id']}\0{row['split']}".encode())
+            fields = (row["relpath"], row["id"], row["split"], row["size"], row["mtime"])
+            digest.update("".join(f"\0{f}" for f in fields).encode())
         return digest.hexdigest()[:24]
 
     def stored(self, tags: list[str]) -> set[int]:
@@ -481,6 +504,71 @@ class _PartStore:
             "labels": part["labels"].tolist(),
             "problems": part["problems"],
         }
+        self._write_record(tag, record)
+        return {**part, "files": files}
+
+    def take_from_others(self, tags: list[str], todo: set[int]) -> set[int]:
+        """Of the parts `todo` (indices of `tags`), those stored whole in the part store of
+        another key of this stage (`others`), taken into this one; returns their indices."""
+        taken: set[int] = set()
+        for other in self.others():
+            left = sorted(todo - taken)
+            if not left:
+                break
+            for j in other.stored([tags[i] for i in left]):
+                if self._take(other, tags[left[j]]):
+                    taken.add(left[j])
+        return taken
+
+    def others(self) -> list[_PartStore]:
+        """The part stores of the stage's other keys: the scratch of a key is
+        ``<store>/_scratch/<stage>/<key>`` (`pipeline.store.Store.scratch_uri`), so theirs are
+        its siblings. None for a scratch elsewhere (a stage run outside a store)."""
+        import copy
+
+        import pyarrow.fs as pafs
+
+        mine = posixpath.dirname(self.root)
+        stage_dir = posixpath.dirname(mine)
+        if posixpath.basename(posixpath.dirname(stage_dir)) != SCRATCH:
+            return []
+        found = []
+        for info in self.fs.get_file_info(pafs.FileSelector(stage_dir, allow_not_found=True)):
+            if info.type == pafs.FileType.Directory and info.path.rstrip("/") != mine:
+                other = copy.copy(self)
+                other.root = f"{info.path.rstrip('/')}/parts"
+                found.append(other)
+        return found
+
+    def _take(self, other: _PartStore, tag: str) -> bool:
+        """Part `tag` of `other` (stored whole) copied into this store: hard links on a local
+        disk (the files are never changed once written), copies inside an object store. False
+        when it is gone meanwhile (`twostage gc`); the next run overwrites what was copied."""
+        try:
+            record = other._record(tag)
+            moved = {}
+            for path in [f[2] for f in record["files"]] + list(record["tables"]):
+                moved[path] = f"{self.root}/{posixpath.basename(path)}"
+                if not self.local:
+                    self.fs.copy_file(path, moved[path])
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(moved[path])
+                try:
+                    os.link(path, moved[path])
+                except OSError as e:  # no hard links here
+                    if isinstance(e, FileNotFoundError):
+                        raise
+                    shutil.copyfile(path, moved[path])
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            return False
+        record["files"] = [[*f[:2], moved[f[2]], *f[3:]] for f in record["files"]]
+        record["tables"] = [moved[path] for path in record["tables"]]
+        self._write_record(tag, record)
+        return True
+
+    def _write_record(self, tag: str, record: dict) -> None:
+        """Writes a part's record, last: a part counts as stored once its record is there."""
         if self.local:
             marker = Path(self.root) / f"{tag}.json"
             marker.with_suffix(".tmp").write_text(json.dumps(record))
@@ -488,7 +576,6 @@ class _PartStore:
         else:  # an object appears whole or not at all
             with self.fs.open_output_stream(f"{self.root}/{tag}.json") as f:
                 f.write(json.dumps(record).encode())
-        return {**part, "files": files}
 
     def load(self, tag: str) -> dict:
         import pyarrow.parquet as pq

@@ -1,6 +1,7 @@
 """Ingest stage, run directly (no Ray): every source, the split, resizing, corrupt inputs."""
 
 import gzip
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +16,17 @@ from tests.helpers import noise_folder_with_a_late_broken_file, write_idx
 
 
 def _ingest(tmp_path: Path, **kwargs) -> tuple[dict, object]:
-    """Runs ingest and commits it to a store in tmp_path; returns (metrics, artifact)."""
+    """Runs ingest and commits it to a store in tmp_path as the runner does (the key covers
+    the source's fingerprint; the scratch goes on commit); returns (metrics, artifact)."""
     source = kwargs.pop("source", {"kind": "embedded"})
     config = ingest.Config(source=ingest.Source(**source), **kwargs)
     store = Store(str(tmp_path / "store"))
-    key = f"{abs(hash(repr(config))):064x}"[-64:]
+    digest = hashlib.sha256(f"{config!r}{ingest.fingerprint(config)}".encode())
+    key = digest.hexdigest()
     with store.staging("ingest", key) as out:
-        metrics = ingest.run(config, {}, out, str(tmp_path / "scratch"))
+        metrics = ingest.run(config, {}, out, store.scratch_uri("ingest", key))
         artifact, _ = store.commit("ingest", key, out, {"metrics": metrics})
+    store.remove_scratch("ingest", key)
     return metrics, artifact
 
 
@@ -344,22 +348,29 @@ def test_an_interrupted_image_folder_ingest_decodes_only_the_parts_not_yet_store
     tmp_path, ray_local
 ):
     """A run stopped part-way (here: strict, on a broken file) leaves its finished parts in
-    the step's scratch; the rerun decodes only the rest and writes the same files as a run
-    that was never stopped. (On an S3 store: tests/test_s3.py.)"""
+    the step's scratch. Fixing the file changes the folder's fingerprint and so the step's
+    key; the rerun, under the new key, takes the parts from the old key's scratch, decodes
+    only the rest and writes the same files as a run that was never stopped. (On an S3
+    store: tests/test_s3.py.)"""
     root = tmp_path / "images"
     rng, bad = noise_folder_with_a_late_broken_file(root)
     source = {"kind": "image_folder", "path": str(root)}
     run = tmp_path / "run"
     with pytest.raises(ValueError, match="unreadable image"):
         _ingest(run, source=source, readers=2, strict=True)
-    stored = sorted((run / "scratch" / "parts").glob("*.json"))
+    scratch = run / "store" / "_scratch" / "ingest"
+    (old_key,) = [p.name for p in scratch.iterdir()]
+    stored = sorted((scratch / old_key / "parts").glob("*.json"))
     assert len(stored) >= 3  # the parts before the broken file's
     # a part that lost a file, and one whose record is cut short, are decoded again
     stored[0].with_name(f"{stored[0].stem}-train.parquet").unlink()
     stored[-1].write_text('{"files": [')
     Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / bad)
     metrics, resumed = _ingest(run, source=source, readers=2, strict=True)
+    assert resumed.key != old_key
     assert metrics["resumed_parts"] == len(stored) - 2 and metrics["images"] == 301
+    # the new key's scratch went on commit; the old key's stays for `twostage gc`
+    assert [p.name for p in scratch.iterdir()] == [old_key]
     fresh_metrics, fresh = _ingest(tmp_path / "fresh", source=source, readers=2, strict=True)
     assert fresh_metrics["resumed_parts"] == 0
     assert {n: e["sha256"] for n, e in resumed.files.items()} == {

@@ -195,8 +195,10 @@ def test_an_image_folder_ingest_on_s3_resumes_from_the_parts_in_its_scratch(
 ):
     """On an S3 store the decode tasks upload their parts into the step's scratch in the
     bucket, and the step's node keeps only the small files; a run stopped part-way (strict,
-    on a broken file) goes on from there; the commit copies the parts into the table inside
-    the store. The files are those of a local store, and the scratch goes once committed."""
+    on a broken file) goes on from there, under the new key that fixing the file gives (its
+    parts copied inside the bucket); the commit copies the parts into the table inside the
+    store. The files are those of a local store, and the new key's scratch goes once
+    committed."""
     import numpy as np
     from PIL import Image
 
@@ -212,7 +214,7 @@ def test_an_image_folder_ingest_on_s3_resumes_from_the_parts_in_its_scratch(
     with store.staging("ingest", key) as out, pytest.raises(ValueError, match="unreadable"):
         ingest.run(config, {}, out, store.scratch_uri("ingest", key))
 
-    def scratch() -> list[str]:
+    def scratch(key=key) -> list[str]:
         prefix = f"runs-test/_scratch/ingest/{key}/parts/"
         listed = s3_server["client"].list_objects_v2(Bucket="twostage", Prefix=prefix)
         return [o["Key"][len(prefix) :] for o in listed.get("Contents", [])]
@@ -221,13 +223,14 @@ def test_an_image_folder_ingest_on_s3_resumes_from_the_parts_in_its_scratch(
     assert len(records) >= 3 and sum(n.endswith("-train.parquet") for n in scratch()) >= 3
 
     Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / bad)
-    with store.staging("ingest", key) as out:
-        metrics = ingest.run(config, {}, out, store.scratch_uri("ingest", key))
+    fixed = "6" * 64  # the folder's fingerprint changed with the file, and so the key
+    with store.staging("ingest", fixed) as out:
+        metrics = ingest.run(config, {}, out, store.scratch_uri("ingest", fixed))
         assert not list(out.glob("images-train-*"))  # in the bucket, not here
-        artifact, _ = store.commit("ingest", key, out, {"metrics": metrics})
-    store.remove_scratch("ingest", key)
+        artifact, _ = store.commit("ingest", fixed, out, {"metrics": metrics})
+    store.remove_scratch("ingest", fixed)
     assert metrics["resumed_parts"] == len(records) and metrics["images"] == 301
-    assert artifact.verify() == [] and scratch() == []
+    assert artifact.verify() == [] and scratch(fixed) == [] and len(scratch()) > len(records)
 
     local = Store(str(tmp_path / "local"))
     with local.staging("ingest", key) as out:

@@ -53,9 +53,11 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
 def list_images(
     fs: pafs.FileSystem, root: str, seed: int, val_fraction: float
 ) -> tuple[list[dict], list[str], int]:
-    """(rows ``{path, relpath, id, label, split}`` in id order, class names, other files).
+    """(rows ``{path, relpath, id, label, split, size, mtime}`` in id order, class names,
+    other files).
 
-    ``split`` is ``val`` for a seeded-hash fraction `val_fraction` of the files, else ``train``.
+    ``split`` is ``val`` for a seeded-hash fraction `val_fraction` of the files, else ``train``;
+    ``size`` and ``mtime`` (ns, None where the filesystem has none) tell an edited file apart.
     """
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
@@ -86,6 +88,8 @@ def list_images(
                     "id": _hash(relpath.encode()) >> 1,  # 63 bits: a non-negative int64
                     "label": label,
                     "split": "val" if unit(seed, relpath) < val_fraction else "train",
+                    "size": entry.size,
+                    "mtime": entry.mtime_ns,
                 }
             )
     rows.sort(key=lambda r: r["id"])
