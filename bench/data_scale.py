@@ -11,10 +11,15 @@ folders, some 320x256 and 256x320 that ingest crops), each size in one go:
   the PSS of the whole process tree (the CLI, Ray's GCS, raylet and workers) sampled every
   0.2 s from /proc (less often where a sample costs more than 10% of a core), so Ray's shared
   object store counts once; plus the largest single process;
+- ``rate``: ingest's images/s, measured apart: the ingest run again with no sampler, between
+  two runs of the bare loop (their mean is the reference of ``ingest_vs_pil``: a shared VM's
+  speed drifts within minutes); ``ingest_sampled_vs_pil`` is the sampled run's;
 - at N only: a plain ``pyarrow.parquet.read_table`` of the image table (past 2 GiB of pixels);
 - ``store_cost``: at each size, ingest's decode alone against a decode task's whole work
   (decode, Parquet with page checksums, sha256) on the same images, one process per core as
   the bare loop: the ceiling that storing puts on ingest against a loop that only decodes;
+  ``store_breakdown_us``: where it goes, CPU microseconds per image in one process (decode;
+  Parquet encode, page checksums, sha256, write);
 - ``photos``: N/2 JPEGs of ImageNet's common sizes (500x375, 640x480, ...), ingest and the
   bare loop only: a larger JPEG costs more to decode while storing its 256px image costs the
   same, so this ratio is the one an ImageNet-like folder sees.
@@ -314,6 +319,69 @@ def stage_figures(store, step: dict, sampled: dict) -> dict:
     }
 
 
+def _run_step(
+    out: Path, tag: str, store_dir: Path, steps: dict, name: str, sample: bool = True
+) -> tuple[dict, dict]:
+    """Runs the pipeline of `steps` (those before `name` cached in `store_dir`) through the
+    CLI, its memory sampled when `sample`; returns (step `name`'s --json summary entry, the
+    sampler's figures)."""
+    config = out / f"data_scale_{tag}.yaml"
+    spec = {
+        "name": "data_scale",
+        "store": str(store_dir),
+        "runs_dir": str(out / "runs"),
+        "ray": {"address": None},
+        "steps": steps,
+    }
+    config.write_text(yaml.safe_dump(spec, sort_keys=False))
+    twostage = str(Path(sys.executable).parent / "twostage")
+    command = [twostage, "run", str(config), "--json", "-q"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own
+    summary_path = out / f"summary_{tag}.json"
+    if sample:
+        sampled = run_sampled(command, summary_path, env)
+    else:
+        with open(summary_path, "w") as stdout:
+            sampled = {"returncode": subprocess.run(command, stdout=stdout, env=env).returncode}
+    if sampled["returncode"] != 0:
+        raise RuntimeError(f"twostage run {config} failed: see its output above")
+    summary = json.loads(summary_path.read_text())
+    step = next(s for s in summary["stages"] if s["name"] == name)
+    if step["status"] != "ran":
+        raise RuntimeError(f"step {name!r} was {step['status']}, not ran: no figures")
+    return step, sampled
+
+
+def ingest_rate(out: Path, folder: Path) -> dict:
+    """Ingest's images/s against the bare PIL loop, measured apart from the memory figures:
+    the ingest through the CLI with no sampler (on 2 cores it costs 5-10%), into a store of
+    its own, between two runs of the bare loop, whose mean is the reference (a shared VM's
+    speed drifts by tens of percent within minutes)."""
+    from pipeline.store import Store
+
+    before = pil_rate(folder)
+    store_dir = out / f"store_{folder.name}_rate"
+    shutil.rmtree(store_dir, ignore_errors=True)
+    print(f"twostage run: step 'data' on {folder.name}, not sampled", flush=True)
+    steps = {"data": pipeline_steps(folder)["data"]}
+    step, _ = _run_step(out, f"{folder.name}_rate", store_dir, steps, "data", sample=False)
+    images = Store(str(store_dir)).open("ingest", step["key"]).metrics["images"]
+    shutil.rmtree(store_dir, ignore_errors=True)
+    after = pil_rate(folder)
+    rate = images / step["seconds"]
+    pil = (before["images_per_s"] + after["images_per_s"]) / 2
+    print(f"  ingest {rate:.0f} images/s, bare PIL {pil:.0f}: {rate / pil:.2f}", flush=True)
+    return {
+        "images": images,
+        "stage_s": step["seconds"],
+        "images_per_s": round(rate, 1),
+        "pil_before": before,
+        "pil_after": after,
+        "pil_images_per_s": round(pil, 1),
+        "ingest_vs_pil": round(rate / pil, 3),
+    }
+
+
 def run_pipeline(out: Path, n: int, folder: Path, ingest_only: bool = False) -> dict:
     """Runs ingest, train and encode (or ingest alone) on `folder`, one CLI process each;
     returns their figures."""
@@ -321,31 +389,15 @@ def run_pipeline(out: Path, n: int, folder: Path, ingest_only: bool = False) -> 
 
     store_dir = out / f"store_{folder.name}"
     shutil.rmtree(store_dir, ignore_errors=True)  # every stage must run, not come from a cache
-    twostage = str(Path(sys.executable).parent / "twostage")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own
     steps = pipeline_steps(folder)
     if ingest_only:
         steps = {"data": steps["data"]}
     figures = {}
     for count, name in enumerate(steps, 1):
-        config = out / f"data_scale_{folder.name}_{count}.yaml"
-        spec = {
-            "name": "data_scale",
-            "store": str(store_dir),
-            "runs_dir": str(out / "runs"),
-            "ray": {"address": None},
-            "steps": dict(list(steps.items())[:count]),
-        }
-        config.write_text(yaml.safe_dump(spec, sort_keys=False))
         print(f"twostage run: step {name!r} on {n} images", flush=True)
-        summary_path = out / f"summary_{folder.name}_{count}.json"
-        sampled = run_sampled([twostage, "run", str(config), "--json", "-q"], summary_path, env)
-        if sampled["returncode"] != 0:
-            raise RuntimeError(f"twostage run {config} failed: see its output above")
-        summary = json.loads(summary_path.read_text())
-        step = next(s for s in summary["stages"] if s["name"] == name)
-        if step["status"] != "ran":
-            raise RuntimeError(f"step {name!r} was {step['status']}, not ran: no figures")
+        step, sampled = _run_step(
+            out, f"{folder.name}_{count}", store_dir, dict(list(steps.items())[:count]), name
+        )
         figures[step["stage"]] = stage_figures(Store(str(store_dir)), step, sampled)
         f = figures[step["stage"]]
         print(
@@ -455,6 +507,90 @@ def store_cost(root: Path, rows_per_part: int = 682, parts: int = 3) -> dict:
     return figures
 
 
+def store_breakdown(root: Path, out: Path, rows: int = 680) -> dict:
+    """Where `store_cost`'s ceiling comes from: CPU microseconds per image of each piece of a
+    decode task's work on `rows` images of `root`, in this process, best of three: ingest's
+    decode, then the storing of its pixels: the Parquet encode (without page checksums), the
+    page checksums on top of it, the file's sha256, and writing the file (`NewFile`, past the
+    page cache, unhashed) into `out`."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    from pipeline.store import NewFile
+    from stages.formats.images import (
+        ImageTableMeta,
+        group_rows,
+        parquet_writer,
+        table_schema,
+        to_arrow,
+    )
+    from stages.sources import image_folder
+
+    fs = pafs.LocalFileSystem()
+    listed, classes, _ = image_folder.list_images(fs, str(root), 0, VAL_FRACTION)
+    listed = listed[:rows]
+    meta = ImageTableMeta(height=SIDE, width=SIDE, channels=3, class_names=classes)
+    schema, group, problems = table_schema(meta), group_rows(meta), []
+    starts = range(0, len(listed), group)
+
+    def decode() -> list:
+        return [
+            image_folder._decode_rows(listed[g : g + group], fs, meta, RESIZE, f"b{g}", problems)
+            for g in starts
+        ]
+
+    def best(work) -> float:
+        times = []
+        for _ in range(3):
+            start = time.process_time()
+            work()
+            times.append(time.process_time() - start)
+        return min(times) * 1e6 / len(listed)
+
+    decode()  # warms the buffers and the file cache
+    tables = [to_arrow(t, schema) for t in decode()]
+    buffer = np.empty(sum(t.nbytes for t in tables) + (64 << 20), np.uint8)
+
+    def encode(checksums: bool) -> int:
+        sink = pa.FixedSizeBufferWriter(pa.py_buffer(buffer))
+        writer = parquet_writer(sink, schema, "none", page_checksums=checksums)
+        for table in tables:
+            writer.write_table(table, row_group_size=group)
+        writer.close()
+        return sink.tell()
+
+    data = buffer[: encode(True)]
+    path = out / "store_breakdown.parquet"
+
+    def write() -> None:
+        path.unlink(missing_ok=True)
+        file = NewFile(path, hashed=False)
+        file.write(data)
+        file.close()
+
+    plain = best(lambda: encode(False))
+    figures = {
+        "images": len(listed),
+        "decode": best(decode),
+        "parquet": plain,
+        "page_checksums": best(lambda: encode(True)) - plain,
+        "sha256": best(lambda: hashlib.sha256(data).digest()),
+        "write": best(write),
+    }
+    path.unlink(missing_ok=True)
+    figures = {k: round(v, 1) for k, v in figures.items()}
+    stored = sum(figures[k] for k in ("parquet", "page_checksums", "sha256", "write"))
+    print(
+        f"per image, CPU: decode {figures['decode']:.0f} us; storing {stored:.0f} us: Parquet "
+        f"{figures['parquet']:.0f}, page checksums {figures['page_checksums']:.0f}, sha256 "
+        f"{figures['sha256']:.0f}, write {figures['write']:.0f}",
+        flush=True,
+    )
+    return figures
+
+
 # ----- main -----------------------------------------------------------------------------------
 
 
@@ -473,17 +609,23 @@ def _print_table(figures: dict, sizes: list[int]) -> None:
             f"{f['wall_s']:>9.1f}{f['images_per_s']:>9.1f}{f['bytes_written'] / 1e6:>12.1f}"
         )
 
+    def rate_row(name: str, rate: dict) -> None:
+        print(f"{'':<8}{name:<20}{'':>10}{rate['stage_s']:>9.1f}{'':>9}", end="")
+        print(f"{rate['images_per_s']:>9.1f}   (bare PIL {rate['pil_images_per_s']:.0f} around it)")
+
     for n in sizes:
         run = figures["sizes"][str(n)]
         pil_row(n, "bare PIL", run["pil"])
         for stage in ("ingest", "train_autoencoder", "encode"):
             stage_row(stage, run[stage])
+        rate_row("ingest, unsampled", run["rate"])
     photos = figures["photos"]
     pil_row(photos["pil"]["images"], "bare PIL (photos)", photos["pil"])
     stage_row("ingest (photos)", photos["ingest"])
+    rate_row("ingest, unsampled", photos["rate"])
     print()
     for name, value in figures["ratios"].items():
-        print(f"{name:<40}{value}")
+        print(f"{name:<48}{value}")
     print(json.dumps(figures["accept"], indent=2))
 
 
@@ -506,7 +648,9 @@ def main() -> dict:
         for n in sizes:
             folder = out / f"images_{n}"
             run = {"pil": pil_rate(folder), **run_pipeline(out, n, folder)}
+            run["rate"] = ingest_rate(out, folder)
             run["store_cost"] = store_cost(folder)
+            run["store_breakdown_us"] = store_breakdown(folder, out)
             disk = disk_write_rate(out)
             run["disk_write_mb_s"] = round(disk, 1)
             # the rate at which the disk alone could take the table's pixels
@@ -521,7 +665,9 @@ def main() -> dict:
             "shapes": PHOTO_SHAPES,
             "pil": pil_rate(photos),
             **run_pipeline(out, args.n // 2, photos, ingest_only=True),
+            "rate": ingest_rate(out, photos),
             "store_cost": store_cost(photos),
+            "store_breakdown_us": store_breakdown(photos, out),
         }
     finally:
         if args.out is None and not args.keep:
@@ -531,16 +677,19 @@ def main() -> dict:
     small, large = (figures["sizes"][str(n)] for n in sizes)
     ratios = {}
     for n, run in zip(sizes, (small, large), strict=True):
-        ratios[f"ingest_vs_pil_{n}"] = round(
+        ratios[f"ingest_vs_pil_{n}"] = run["rate"]["ingest_vs_pil"]
+        # the same, from the run whose memory was sampled, against the bare loop before it
+        ratios[f"ingest_sampled_vs_pil_{n}"] = round(
             run["ingest"]["images_per_s"] / run["pil"]["images_per_s"], 3
         )
-        ceiling = min(run["pil"]["images_per_s"], run["disk_ceiling_images_per_s"])
+        ceiling = min(run["rate"]["pil_images_per_s"], run["disk_ceiling_images_per_s"])
         ratios[f"ingest_vs_pil_or_disk_ceiling_{n}"] = round(
-            run["ingest"]["images_per_s"] / ceiling, 3
+            run["rate"]["images_per_s"] / ceiling, 3
         )
         ratios[f"ingest_ceiling_from_store_cost_{n}"] = run["store_cost"]["ceiling_vs_pil"]
     photos = figures["photos"]
-    ratios[f"photos_ingest_vs_pil_{args.n // 2}"] = round(
+    ratios[f"photos_ingest_vs_pil_{args.n // 2}"] = photos["rate"]["ingest_vs_pil"]
+    ratios[f"photos_ingest_sampled_vs_pil_{args.n // 2}"] = round(
         photos["ingest"]["images_per_s"] / photos["pil"]["images_per_s"], 3
     )
     ratios[f"photos_ingest_ceiling_from_store_cost_{args.n // 2}"] = photos["store_cost"][

@@ -273,9 +273,11 @@ def pixel_codec(images: np.ndarray) -> str:
     return "snappy" if pa.compress(sample, "snappy").size < 0.9 * sample.size else "none"
 
 
-def parquet_writer(sink, schema: pa.Schema, pixel_codec: str) -> pq.ParquetWriter:
+def parquet_writer(
+    sink, schema: pa.Schema, pixel_codec: str, page_checksums: bool = True
+) -> pq.ParquetWriter:
     """The Parquet writer of every image-table file: `pixel_codec` for the pixels, zstd for the
-    rest, no statistics on the pixels, page checksums."""
+    rest, no statistics on the pixels, page checksums (off only to measure what they cost)."""
     codecs = {f.name: "zstd" for f in schema}
     return pq.ParquetWriter(
         sink,
@@ -284,7 +286,8 @@ def parquet_writer(sink, schema: pa.Schema, pixel_codec: str) -> pq.ParquetWrite
         use_dictionary=["split", "label"],
         # min/max of every 200 KB pixel value cost the writer a fifth of its time, unused
         write_statistics=[f.name for f in schema if f.name != "image"],
-        write_page_checksum=True,  # streamed reads check pages (they skip the file sha256)
+        # streamed reads check pages (they skip the file sha256)
+        write_page_checksum=page_checksums,
     )
 
 
