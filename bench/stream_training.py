@@ -6,7 +6,10 @@ must not slow the small case down, so on the demo's VQ-VAE-2 (32px, batch 32):
 
 - ``in_memory``: the loop the stage had before streaming (`_in_memory_loop`): the whole train
   split read into one uint8 tensor, each batch drawn with ``torch.randint``, the same model,
-  optimizer, precision and memory format; launched through the stage's own harness
+  optimizer, precision and memory format, and the same step: the loss checked finite, the
+  gradient norm clipped (the stage's default ``grad_clip``) and checked, as the stage had then
+  and has now, so the two differ only in where the batches come from; launched through the
+  stage's own harness
   (`stages.training.harness.launch`), so it gets the same process, threads and Ray Train
   worker as the stage;
 - ``streamed``: the stage itself through the pipeline runner; its ``train_images_per_s``.
@@ -168,9 +171,10 @@ def _in_memory_loop(loop_config: dict, session) -> dict:
         index = torch.randint(len(images), (BATCH,), generator=generator)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = wrapped(to_signed(images[index], device, True))["loss"]
+        loop.check_finite(loss, step, {}, "")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        loop.clip_and_step(optimizer, model.parameters(), loop.TrainConfig().grad_clip, step, "")
     metrics = {
         "step": steps,
         "images_per_s": (steps - LOG_EVERY) * BATCH / (time.perf_counter() - start),
