@@ -248,19 +248,44 @@ def to_arrow(table: ImageTable, schema: pa.Schema, mask: np.ndarray | None = Non
     images = table.images if n == len(table) else table.images[mask]
     pixels = np.ascontiguousarray(images).reshape(-1)
     image_bytes = int(np.prod(table.images.shape[1:]))
-    offsets = pa.array(np.arange(n + 1, dtype=np.int64) * image_bytes, pa.int64())
+    offsets = pa.py_buffer(np.arange(n + 1, dtype=np.int64) * image_bytes)
     columns = [
-        pa.array(table.ids[mask], pa.int64()),
-        pa.array(labels, pa.int16(), mask=labels < 0),
-        pa.array(table.splits[mask].tolist(), pa.string()),
+        _from_numpy(table.ids[mask], pa.int64()),
+        _from_numpy(labels, pa.int16(), valid=labels >= 0),
+        _strings(table.splits[mask].tolist()),
         pa.LargeBinaryArray.from_buffers(
-            pa.large_binary(), n, [None, offsets.buffers()[1], pa.py_buffer(pixels)]
+            pa.large_binary(), n, [None, offsets, pa.py_buffer(pixels)]
         ),
     ]
     columns += [
-        pa.array(table.factors[mask][:, j], pa.int16()) for j in range(len(table.meta.factor_names))
+        _from_numpy(table.factors[mask][:, j], pa.int16())
+        for j in range(len(table.meta.factor_names))
     ]
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+# Columns are built from buffers: ``pa.array`` imports pandas on its first call (when pandas
+# is installed, as Ray Data's dependency), a third of a second of CPU in every fresh process
+# that writes a table, such as each decode task's worker.
+_NUMPY_TYPES = {pa.int16(): np.int16, pa.int64(): np.int64}
+
+
+def _strings(values: list[str]) -> pa.Array:
+    encoded = [v.encode() for v in values]
+    offsets = np.zeros(len(encoded) + 1, np.int32)
+    np.cumsum([len(v) for v in encoded], out=offsets[1:])
+    data = pa.py_buffer(b"".join(encoded))
+    return pa.StringArray.from_buffers(len(encoded), pa.py_buffer(offsets), data)
+
+
+def _from_numpy(values: np.ndarray, type: pa.DataType, valid: np.ndarray | None = None):
+    """`values` as an Arrow array of `type`, null where `valid` is False."""
+    data = pa.py_buffer(np.ascontiguousarray(values, _NUMPY_TYPES[type]))
+    if valid is None or valid.all():
+        return pa.Array.from_buffers(type, len(values), [None, data])
+    bitmap = pa.py_buffer(np.packbits(valid, bitorder="little"))
+    nulls = len(values) - int(valid.sum())
+    return pa.Array.from_buffers(type, len(values), [bitmap, data], null_count=nulls)
 
 
 def pixel_codec(images: np.ndarray) -> str:
