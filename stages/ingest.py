@@ -556,9 +556,9 @@ class _PartStore:
                     os.unlink(moved[path])
                 try:
                     os.link(path, moved[path])
-                except OSError as e:  # no hard links here
-                    if isinstance(e, FileNotFoundError):
-                        raise
+                except FileNotFoundError:
+                    raise
+                except OSError:  # no hard links here
                     shutil.copyfile(path, moved[path])
         except (OSError, ValueError, KeyError, IndexError, TypeError):
             return False
