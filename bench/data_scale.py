@@ -561,7 +561,7 @@ def store_breakdown(root: Path, out: Path, rows: int = 680) -> dict:
         writer.close()
         return sink.tell()
 
-    data = buffer[: encode(True)]
+    data = buffer[: encode(True)].copy()  # the file the last two pieces hash and write
     path = out / "store_breakdown.parquet"
 
     def write() -> None:

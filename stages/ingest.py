@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -41,6 +42,7 @@ import posixpath
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -65,6 +67,7 @@ from stages.sources.mnist import EMBEDDED_DIR, MNIST_CLASSES, read_mnist_dir
 VERSION = "1"
 INPUTS: dict[str, Input] = {}
 PART_BYTES = 128 * 2**20  # pixels per decode task of an image folder: one file of the table
+_TAKES = 16  # parts copied at once from another key's scratch
 # the sequence options the source had before sequence ingest became its own stage, at the only
 # values an image source allowed: folded into the keys so stores written before stay cached
 RETIRED_OPTIONS = {
@@ -212,7 +215,7 @@ class _Tally:
         self.classes = np.zeros(len(writer.meta.class_names), np.int64)
         self.problems: list[str] = []
         self.ignored = 0
-        self.resumed_parts = 0  # parts of an image folder that an interrupted run had stored
+        self.resumed_parts = 0  # parts of an image folder an earlier run stored (any key)
         self.start = self.last_log = time.perf_counter()
 
     def write(self, table: ImageTable) -> None:
@@ -369,13 +372,14 @@ def _ingest_folder(config: Config, out: Path, scratch: str) -> _Tally:
     task = ray.remote(num_cpus=1)(folder.decode_part)
     min_file_rows = max(1, size // 4)  # smaller splits of a part are gathered by the writer
     kept = _PartStore(scratch, meta)
-    tags = [kept.tag(part, mode, min_file_rows) for part in parts]
+    tags = [kept.tag(part, f"{root} {mode} {min_file_rows}") for part in parts]
     done = kept.stored(tags)
     if done:
         log.info("ingest: resuming: %d of %d parts are stored already", len(done), len(parts))
-    # the same images may have been decoded under another key (the folder's fingerprint
-    # changed: a broken file fixed, a file added or removed elsewhere in it); only files
-    # whose modification times are known can be told apart from an edited copy
+    # the same images may have been decoded under another key: the folder's fingerprint
+    # changed with a broken file fixed (every other part is the same), or with a file added
+    # or removed (the parts before it in id order, while the part size stays the same); only
+    # files whose modification times are known can be told apart from an edited copy
     known = {i for i, part in enumerate(parts) if all(r["mtime"] is not None for r in part)}
     taken = kept.take_from_others(tags, known - done)
     if taken:
@@ -441,12 +445,14 @@ class _PartStore:
             self.root = f"{root.rstrip('/')}/parts"
         self.fs.create_dir(self.root)
 
-    def tag(self, rows: list[dict], mode: str, min_file_rows: int) -> str:
+    def tag(self, rows: list[dict], options: str) -> str:
         """The part's name: a hash of its files (path, size, modification time), their ids and
-        splits, the table's shape, the decode's options and the code that decodes."""
+        splits, the table's shape, `options` (the folder, the decode's options) and the code
+        that decodes (this stage's version, Pillow's and its libjpeg-turbo's)."""
         from PIL import __version__ as pil_version
+        from PIL import features
 
-        head = f"{mode} {min_file_rows} {VERSION} {pil_version}"
+        head = f"{options} {VERSION} {pil_version} {features.version('libjpeg_turbo')}"
         digest = hashlib.sha256(self.meta.to_json() + head.encode())
         for row in rows:
             fields = (row["relpath"], row["id"], row["split"], row["size"], row["mtime"])
@@ -515,9 +521,11 @@ class _PartStore:
             left = sorted(todo - taken)
             if not left:
                 break
-            for j in other.stored([tags[i] for i in left]):
-                if self._take(other, tags[left[j]]):
-                    taken.add(left[j])
+            found = [left[j] for j in sorted(other.stored([tags[i] for i in left]))]
+            # an object store answers each copy slowly: many at once
+            with ThreadPoolExecutor(_TAKES) as pool:
+                took = pool.map(self._take, [other] * len(found), [tags[i] for i in found])
+                taken |= {i for i, ok in zip(found, took, strict=True) if ok}
         return taken
 
     def others(self) -> list[_PartStore]:
@@ -556,10 +564,10 @@ class _PartStore:
                     os.unlink(moved[path])
                 try:
                     os.link(path, moved[path])
-                except FileNotFoundError:
-                    raise
-                except OSError:  # no hard links here
-                    shutil.copyfile(path, moved[path])
+                except OSError as e:
+                    if e.errno == errno.ENOENT:  # gone meanwhile
+                        raise
+                    shutil.copyfile(path, moved[path])  # no hard links here
         except (OSError, ValueError, KeyError, IndexError, TypeError):
             return False
         record["files"] = [[*f[:2], moved[f[2]], *f[3:]] for f in record["files"]]

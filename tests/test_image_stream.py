@@ -144,3 +144,25 @@ def test_shuffled_batches_draw_each_row_once_from_a_bounded_buffer():
     assert not (np.diff(ids) > 0).all()  # shuffled
     again = list(image_stream.shuffled_batches(iter(blocks), 32, 200, seed=1))
     assert all((a["id"] == b["id"]).all() for a, b in zip(batches, again, strict=True))
+
+
+def test_table_rows_keep_null_labels_and_refuse_labels_past_int16():
+    """`to_arrow` builds its columns from buffers: null labels stay null, and a label the
+    int16 column cannot hold is an error, not a wrapped value."""
+    from stages.formats.images import ImageTable, ImageTableMeta, table_schema, to_arrow
+
+    meta = ImageTableMeta(height=2, width=2, channels=1, class_names=["a", "b"])
+    splits = np.array(["train", "val", "train"], dtype=object)
+    table = ImageTable(
+        meta, np.arange(3), np.array([1, -1, 0]), splits, np.zeros((3, 2, 2, 1), np.uint8)
+    )
+    rows = to_arrow(table, table_schema(meta), np.array([False, True, True]))
+    rows.validate(full=True)
+    assert rows.column("label").to_pylist() == [None, 0]
+    assert rows.column("split").to_pylist() == ["val", "train"]
+    assert (
+        rows.column("id").to_pylist() == [1, 2] and rows.column("image").type == pa.large_binary()
+    )
+    table.labels[0] = 40_000
+    with pytest.raises(ValueError, match="do not fit in int16"):
+        to_arrow(table, table_schema(meta))

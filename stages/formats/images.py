@@ -278,9 +278,14 @@ def _strings(values: list[str]) -> pa.Array:
     return pa.StringArray.from_buffers(len(encoded), pa.py_buffer(offsets), data)
 
 
-def _from_numpy(values: np.ndarray, type: pa.DataType, valid: np.ndarray | None = None):
-    """`values` as an Arrow array of `type`, null where `valid` is False."""
-    data = pa.py_buffer(np.ascontiguousarray(values, _NUMPY_TYPES[type]))
+def _from_numpy(values: np.ndarray, type: pa.DataType, valid: np.ndarray | None = None) -> pa.Array:
+    """`values` as an Arrow array of `type`, null where `valid` is False (ValueError for a
+    value the type cannot hold, as ``pa.array`` gives)."""
+    dtype = _NUMPY_TYPES[type]
+    held = values if valid is None else values[valid]
+    if held.size and (held.min() < np.iinfo(dtype).min or held.max() > np.iinfo(dtype).max):
+        raise ValueError(f"values from {held.min()} to {held.max()} do not fit in {type}")
+    data = pa.py_buffer(np.ascontiguousarray(values, dtype))
     if valid is None or valid.all():
         return pa.Array.from_buffers(type, len(values), [None, data])
     bitmap = pa.py_buffer(np.packbits(valid, bitorder="little"))
