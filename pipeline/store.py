@@ -274,6 +274,17 @@ def record_written(path: Path | str, sha256: str) -> None:
     _WRITTEN[(str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)] = sha256
 
 
+def link_or_copy(src: Path | str, dst: Path | str) -> None:
+    """`dst` as a hard link to `src` (files written once are never changed), or a copy where
+    the filesystem refuses links; FileNotFoundError when `src` is gone."""
+    try:
+        os.link(src, dst)
+    except FileNotFoundError:
+        raise
+    except OSError:  # another filesystem, or no hard links there
+        shutil.copyfile(src, dst)
+
+
 def write_new_file(path: Path, data, sha256: str | None = None) -> None:
     """Writes `data` (bytes-like) as the new file `path` (see `NewFile`) and remembers its
     sha256: `sha256`, computed where the data was made, or here."""

@@ -33,13 +33,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import errno
 import hashlib
 import json
 import logging
 import os
 import posixpath
-import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -51,7 +49,7 @@ import numpy as np
 
 from pipeline.config import ConfigError, run_option
 from pipeline.stage import Input
-from pipeline.store import SCRATCH, write_new_file
+from pipeline.store import SCRATCH, link_or_copy, write_new_file
 from stages.formats.images import (
     FILE_BYTES,
     ImageTable,
@@ -372,7 +370,8 @@ def _ingest_folder(config: Config, out: Path, scratch: str) -> _Tally:
     task = ray.remote(num_cpus=1)(folder.decode_part)
     min_file_rows = max(1, size // 4)  # smaller splits of a part are gathered by the writer
     kept = _PartStore(scratch, meta)
-    tags = [kept.tag(part, f"{root} {mode} {min_file_rows}") for part in parts]
+    options = f"{root} {mode} {min_file_rows} {VERSION} {folder.decoder_version()}"
+    tags = [kept.tag(part, options) for part in parts]
     done = kept.stored(tags)
     if done:
         log.info("ingest: resuming: %d of %d parts are stored already", len(done), len(parts))
@@ -447,13 +446,9 @@ class _PartStore:
 
     def tag(self, rows: list[dict], options: str) -> str:
         """The part's name: a hash of its files (path, size, modification time), their ids and
-        splits, the table's shape, `options` (the folder, the decode's options) and the code
-        that decodes (this stage's version, Pillow's and its libjpeg-turbo's)."""
-        from PIL import __version__ as pil_version
-        from PIL import features
-
-        head = f"{options} {VERSION} {pil_version} {features.version('libjpeg_turbo')}"
-        digest = hashlib.sha256(self.meta.to_json() + head.encode())
+        splits, the table's shape and `options` (the folder, the decode's options, the version
+        of the code that decodes)."""
+        digest = hashlib.sha256(self.meta.to_json() + options.encode())
         for row in rows:
             fields = (row["relpath"], row["id"], row["split"], row["size"], row["mtime"])
             digest.update("".join(f"\0{f}" for f in fields).encode())
@@ -562,12 +557,7 @@ class _PartStore:
                     continue
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(moved[path])
-                try:
-                    os.link(path, moved[path])
-                except OSError as e:
-                    if e.errno == errno.ENOENT:  # gone meanwhile
-                        raise
-                    shutil.copyfile(path, moved[path])  # no hard links here
+                link_or_copy(path, moved[path])
         except (OSError, ValueError, KeyError, IndexError, TypeError):
             return False
         record["files"] = [[*f[:2], moved[f[2]], *f[3:]] for f in record["files"]]

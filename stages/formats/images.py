@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,6 +36,7 @@ from pipeline.store import (
     CorruptArtifactError,
     HashedStream,
     NewFile,
+    link_or_copy,
     record_written,
     stage_in_store,
 )
@@ -162,10 +161,7 @@ class ImageTableWriter:
         if not keep:
             Path(path).rename(self.out / name)
         else:
-            try:
-                os.link(path, self.out / name)
-            except OSError:  # another filesystem, or no hard links there
-                shutil.copyfile(path, self.out / name)
+            link_or_copy(path, self.out / name)
         if sha256 is not None:
             record_written(self.out / name, sha256)
         self.rows += rows

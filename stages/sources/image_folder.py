@@ -96,6 +96,14 @@ def list_images(
     return rows, classes, others
 
 
+def decoder_version() -> str:
+    """The versions of what decodes the images (Pillow and its libjpeg-turbo): a part decoded
+    by other versions may hold other pixels."""
+    from PIL import __version__, features
+
+    return f"Pillow {__version__} libjpeg-turbo {features.version('libjpeg_turbo')}"
+
+
 def _hash(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
